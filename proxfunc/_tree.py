@@ -1,0 +1,187 @@
+"""Pytree helpers over ``torch.utils._pytree``: flattening with validation, and groups.
+
+Group semantics (the contract of every group operator): group ``i`` is the slice ``i``
+along ``group_dim`` of **every** leaf. ``group_dim`` is an int (the same dim of every
+leaf, negative values counting from the end) or a pytree of ints with the structure of
+``params``. All leaves must have the same size along their group dims.
+
+``None`` leaves are allowed anywhere in ``params`` (a layer without bias) and come back
+as ``None``; they take part in no group and in no norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "Tree",
+    "flatten",
+    "group_dims",
+    "group_count",
+    "reduce_except",
+    "along",
+    "acc_dtype",
+    "total",
+]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+class Tree:
+    """Structure of a flattened ``params`` tree: spec, positions of ``None`` leaves, paths."""
+
+    __slots__ = ("spec", "slots", "n_all", "_params")
+
+    def __init__(self, spec: pytree.TreeSpec, slots: list[int], n_all: int, params: Any):
+        self.spec = spec  # spec of the full tree (None leaves included)
+        self.slots = slots  # positions of tensor leaves among all leaves
+        self.n_all = n_all
+        self._params = params
+
+    def unflatten(self, leaves: list[torch.Tensor]) -> Any:
+        if len(self.slots) == self.n_all:
+            return pytree.tree_unflatten(list(leaves), self.spec)
+        full: list[Any] = [None] * self.n_all
+        for i, leaf in zip(self.slots, leaves):
+            full[i] = leaf
+        return pytree.tree_unflatten(full, self.spec)
+
+    @property
+    def paths(self) -> list[str]:
+        """Readable paths of the tensor leaves, e.g. ``['linear1.weight']`` or ``[0]``."""
+        flat, _ = pytree.tree_flatten_with_path(self._params)
+        names = [pytree.keystr(k) or "<root>" for k, _ in flat]
+        return [names[i] for i in self.slots]
+
+
+def flatten(params: Any, owner: str) -> tuple[list[torch.Tensor], Tree]:
+    """Flatten ``params`` into its tensor leaves, checking each is a floating tensor."""
+    if isinstance(params, torch.Tensor):  # the common fast path
+        _check_leaf(params, owner, "params")
+        return [params], Tree(_LEAF_SPEC, [0], 1, params)
+    all_leaves, spec = pytree.tree_flatten(params)
+    leaves: list[torch.Tensor] = []
+    slots: list[int] = []
+    for i, leaf in enumerate(all_leaves):
+        if leaf is None:
+            continue
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            path = _path_of(params, i)
+            _check_leaf(leaf, owner, f"params{path}")
+        leaves.append(leaf)
+        slots.append(i)
+    return leaves, Tree(spec, slots, len(all_leaves), params)
+
+
+_LEAF_SPEC = pytree.tree_flatten(torch.empty(0))[1]
+
+
+def _path_of(params: Any, i: int) -> str:
+    flat, _ = pytree.tree_flatten_with_path(params)
+    return pytree.keystr(flat[i][0])
+
+
+def _check_leaf(leaf: Any, owner: str, where: str) -> None:
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"{owner}: {where} must be a tensor (or None), got {type(leaf).__name__}")
+    if not leaf.is_floating_point():
+        raise TypeError(f"{owner}: {where} must be a floating tensor, got dtype {leaf.dtype}")
+
+
+def group_dims(group_dim: Any, leaves: list[torch.Tensor], tree: Tree, owner: str) -> list[int]:
+    """Normalise ``group_dim`` (int or pytree of ints matching params) to one dim per leaf."""
+    if isinstance(group_dim, int) and not isinstance(group_dim, bool):
+        dims = [group_dim] * len(leaves)
+    else:
+        gd_all, gd_spec = pytree.tree_flatten(group_dim)
+        if gd_spec != tree.spec:
+            raise ValueError(
+                f"{owner}: group_dim must be an int or a pytree of ints with the structure of "
+                f"params; got structure {gd_spec} for params of structure {tree.spec}"
+            )
+        dims = [gd_all[i] for i in tree.slots]
+        for d, path in zip(dims, tree.paths):
+            if isinstance(d, bool) or not isinstance(d, int):
+                raise TypeError(f"{owner}: group_dim{path} must be an int, got {type(d).__name__}")
+    out = []
+    for d, leaf, k in zip(dims, leaves, range(len(leaves))):
+        nd = leaf.dim()
+        if not -nd <= d < nd:
+            path = tree.paths[k]
+            raise ValueError(
+                f"{owner}: group_dim {d} is out of range for leaf params{path} with shape {tuple(leaf.shape)}"
+            )
+        out.append(d % nd)
+    return out
+
+
+def group_count(leaves: list[torch.Tensor], dims: list[int], tree: Tree, owner: str) -> int:
+    """The number of groups; every leaf must have that size along its group dim."""
+    sizes = [leaf.shape[d] for leaf, d in zip(leaves, dims)]
+    if not sizes:
+        return 0
+    if any(s != sizes[0] for s in sizes):
+        desc = ", ".join(f"params{p} has {s} along dim {d}" for p, s, d in zip(tree.paths, sizes, dims))
+        raise ValueError(f"{owner}: leaves have different numbers of groups: {desc}")
+    return int(sizes[0])
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32 for float16/bfloat16 leaves, the leaf's dtype otherwise."""
+    return torch.float32 if t.dtype in _LOW else t.dtype
+
+
+def reduce_except(t: torch.Tensor, d: int | None, fn: str) -> torch.Tensor:
+    """Reduce ``t`` over every dim except ``d`` (``d=None``: over all dims, one group).
+
+    ``fn`` is ``"sum"``, ``"sumsq"``, ``"abssum"`` or ``"amax_abs"``. The result has one entry
+    per group (shape ``(t.shape[d],)``, or ``(1,)``), in the accumulation dtype. Empty
+    groups reduce to 0.
+    """
+    x = t.to(acc_dtype(t))
+    if fn == "sumsq":
+        x = x * x
+    elif fn in ("abssum", "amax_abs"):
+        x = x.abs()
+    if d is None:
+        x = x.reshape(1, -1)
+        d = 0
+    dims = [i for i in range(x.dim()) if i != d]
+    if not dims:
+        return x
+    if fn == "amax_abs":
+        if x.numel() == 0:
+            return x.new_zeros(x.shape[d])
+        return x.amax(dim=dims)
+    return x.sum(dim=dims)
+
+
+def along(v: torch.Tensor, t: torch.Tensor, d: int | None) -> torch.Tensor:
+    """View the per-group vector ``v`` so that it broadcasts along dim ``d`` of ``t``."""
+    if d is None:
+        return v.reshape(())
+    shape = [1] * t.dim()
+    shape[d] = -1
+    return v.reshape(shape)
+
+
+def total(parts: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
+    """Sum 0-d (or per-group) partial results of several leaves in a common dtype."""
+    if not parts:
+        dtype = torch.get_default_dtype()
+        return torch.zeros((), dtype=dtype)
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    out = parts[0].to(dtype)
+    for p in parts[1:]:
+        out = out + p.to(dtype)
+    return out
+
+
+def map_leaves(fn: Callable[..., torch.Tensor], *lists: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [fn(*xs) for xs in zip(*lists)]

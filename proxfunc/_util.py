@@ -1,0 +1,51 @@
+"""Small numerical helpers shared by the operator families (no operator lives here)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import Hyper, is_concrete
+from ._tree import acc_dtype
+
+__all__ = ["safe_norm", "traceable", "mul", "indicator", "feasible_tol", "inf_like", "zeros_like_value"]
+
+
+def safe_norm(sq: torch.Tensor) -> torch.Tensor:
+    """``sqrt(sq)`` with a zero (not NaN) gradient where ``sq == 0``."""
+    pos = sq > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def traceable(*tensors: object) -> bool:
+    """True when some tensor is being traced or transformed (no host reads allowed)."""
+    return any(isinstance(t, torch.Tensor) and not is_concrete(t) for t in tensors)
+
+
+def mul(a: Hyper, b: Hyper) -> Hyper:
+    """Product of two hyperparameters (float * float stays a float)."""
+    return a * b
+
+
+def indicator(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``ok`` holds, ``inf`` elsewhere (a 0-d tensor of ``dtype``)."""
+    zero = torch.zeros((), dtype=dtype, device=ok.device)
+    return torch.where(ok, zero, torch.full((), float("inf"), dtype=dtype, device=ok.device))
+
+
+def feasible_tol(x: torch.Tensor, n: int) -> float:
+    """Relative tolerance for a feasibility test on a reduction over ``n`` entries."""
+    return float(torch.finfo(acc_dtype(x)).eps) * (8 + 2 * n)
+
+
+def inf_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full((), float("inf"), dtype=t.dtype, device=t.device)
+
+
+def zeros_like_value(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d zero in the value dtype of ``leaves`` (float32 for half types)."""
+    if not leaves:
+        return torch.zeros(())
+    dtype = acc_dtype(leaves[0])
+    for x in leaves[1:]:
+        dtype = torch.promote_types(dtype, acc_dtype(x))
+    return torch.zeros((), dtype=dtype, device=leaves[0].device)

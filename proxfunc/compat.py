@@ -1,0 +1,273 @@
+"""In-place use of proxfunc operators: modules, state_dicts, the seed's API, optimizers.
+
+This is the only part of proxfunc that writes into tensors. Every write happens under
+``torch.no_grad()`` and is all-or-nothing: all new values are computed (and checked) before
+the first one is copied, so an exception leaves every tensor as it was.
+
+Migrating from ProxGradPyTorch is one import line::
+
+    import proxfunc.compat as pg          # was: import proximalGradient as pg
+    pg.linf1(model.linear1.weight, model.linear1.bias, reg=0.005)
+
+The drop-ins keep the seed's signatures ``(parameter, bias=None, reg=0.01, lr=0.1)`` and
+apply, in place, the exact prox of ``reg * g`` with step ``lr`` to ``parameter`` (and
+``bias``, which joins row ``i`` of ``parameter`` in group ``i`` for the group penalties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import groups as _groups
+from . import norms as _norms
+from ._base import Hyper, Prox
+
+__all__ = [
+    "apply_",
+    "ProxOptimizer",
+    "l1",
+    "l2",
+    "l21",
+    "linf",
+    "linf1",
+    "elasticnet",
+    "logbarrier",
+]
+
+
+def _targets(target: Any) -> tuple[Any, Any]:
+    """(the pytree handed to the operator, the matching pytree of tensors to write into)."""
+    if isinstance(target, nn.Module):
+        named = dict(target.named_parameters())
+        return {k: v.detach() for k, v in named.items()}, named
+    if isinstance(target, torch.Tensor):
+        return target.detach(), target
+    if isinstance(target, Mapping):
+        named = {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        return {k: v.detach() for k, v in named.items()}, named
+    if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
+        items = list(target)
+        for i, t in enumerate(items):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"apply_: target[{i}] must be a tensor, got {type(t).__name__}")
+        return tuple(None if t is None else t.detach() for t in items), tuple(items)
+    raise TypeError(
+        "apply_: target must be an nn.Module, a state_dict (mapping of names to tensors), "
+        f"a tensor or a sequence of tensors, got {type(target).__name__}"
+    )
+
+
+def _pairs(new: Any, dest: Any, where: str = "") -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    if isinstance(dest, torch.Tensor):
+        return [(dest, new, where or "<tensor>")]
+    if isinstance(dest, Mapping):
+        out = []
+        for k, d in dest.items():
+            out += _pairs(new[k], d, f"{where}[{k!r}]")
+        return out
+    out = []
+    for i, d in enumerate(dest):
+        if d is not None:
+            out += _pairs(new[i], d, f"{where}[{i}]")
+    return out
+
+
+def apply_(op: Prox, target: Any, step: Hyper) -> Any:
+    """Apply ``op`` in place: ``target <- op(target, step)``, all-or-nothing.
+
+    ``target`` is an ``nn.Module`` (its ``named_parameters()``, as a dict keyed by name, the
+    form :func:`proxfunc.partition` expects), a state_dict (its floating tensors), a tensor,
+    or a sequence of tensors (``None`` entries allowed, e.g. a missing bias). Returns
+    ``target``. Nothing is written unless every new value was computed and has the shape,
+    dtype and device of the tensor it replaces.
+    """
+    if not isinstance(op, Prox):
+        raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
+    params, dest = _targets(target)
+    with torch.no_grad():
+        new = op(params, step)
+        pairs = _pairs(new, dest)
+        for d, n, where in pairs:
+            if not isinstance(n, torch.Tensor) or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
+                raise RuntimeError(f"apply_: {op!r} returned a mismatched value for {where}")  # pragma: no cover
+        for d, n, _ in pairs:
+            if n is not d and not (n.data_ptr() == d.data_ptr() and n.stride() == d.stride()):
+                d.copy_(n)
+    return target
+
+
+# ----------------------------------------------------------------- seed drop-ins
+def _seed(make: Callable[[], Prox], parameter: torch.Tensor, bias: torch.Tensor | None, lr: Hyper) -> None:
+    if not isinstance(parameter, torch.Tensor):
+        raise TypeError(f"parameter must be a tensor, got {type(parameter).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    op = make()
+    apply_(op, parameter if bias is None else (parameter, bias), lr)
+
+
+def l1(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: Hyper = 0.01, lr: Hyper = 0.1) -> None:
+    """In place: the prox of ``reg * ||(parameter, bias)||_1`` with step ``lr`` (soft thresholding)."""
+    _seed(lambda: _norms.l1(reg), parameter, bias, lr)
+
+
+def l2(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: Hyper = 0.01, lr: Hyper = 0.1) -> None:
+    """In place: the prox of ``reg * ||(parameter, bias)||_2``, one norm over both tensors."""
+    _seed(lambda: _norms.l2(reg), parameter, bias, lr)
+
+
+def l21(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: Hyper = 0.01, lr: Hyper = 0.1) -> None:
+    """In place: the prox of ``reg * sum_i ||(parameter[i, :], bias[i])||_2`` (rows are groups)."""
+    _seed(lambda: _groups.l21(reg), parameter, bias, lr)
+
+
+def linf(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: Hyper = 0.01, lr: Hyper = 0.1) -> None:
+    """In place: the prox of ``reg * max |(parameter, bias)|`` over both tensors."""
+    _seed(lambda: _norms.linf(reg), parameter, bias, lr)
+
+
+def linf1(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: Hyper = 0.01, lr: Hyper = 0.1) -> None:
+    """In place: the prox of ``reg * sum_i max |(parameter[i, :], bias[i])|`` (rows are groups)."""
+    _seed(lambda: _groups.linf1(reg), parameter, bias, lr)
+
+
+def elasticnet(
+    parameter: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    reg: Hyper = 0.01,
+    lr: Hyper = 0.1,
+    gamma: Hyper = 1.0,
+) -> None:
+    """In place: the prox of ``reg * (||z||_1 + gamma/2 ||z||^2)`` on ``(parameter, bias)``."""
+    _seed(lambda: _norms.elastic_net(reg, gamma), parameter, bias, lr)
+
+
+def logbarrier(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: Hyper = 0.01, lr: Hyper = 0.1) -> None:
+    """In place: the prox of ``-reg * sum log z`` on ``(parameter, bias)``."""
+    _seed(lambda: _norms.log_barrier(reg), parameter, bias, lr)
+
+
+# ----------------------------------------------------------------- optimizer wrapper
+class ProxOptimizer(torch.optim.Optimizer):
+    """Any ``torch.optim`` optimizer followed by a proximal step.
+
+    After the wrapped optimizer's ``step()``, the prox is applied in place with ``step`` equal
+    to the **current** ``lr`` of the param group (so learning-rate schedulers apply; attach
+    the scheduler to this wrapper or to the inner optimizer, they share ``param_groups``).
+
+    Two ways to say which operator acts on what:
+
+    * ``ProxOptimizer(opt, prox, params=model)``: ``prox`` receives the named parameters of
+      ``model`` (or a given ``{name: parameter}`` dict) as a dict, e.g. a
+      :func:`proxfunc.partition`. The parameters it changes must share one ``lr``.
+    * a ``"prox"`` entry in a param group: ``SGD([{"params": lin.parameters(), "prox":
+      pf.l21(1e-3)}], lr=0.1)``; the operator receives that group's parameters as a list.
+
+    ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
+    the wrapped optimizer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, prox: Prox | None = None, params: Any = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"ProxOptimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if prox is not None and not isinstance(prox, Prox):
+            raise TypeError(f"ProxOptimizer: prox must be a proxfunc operator, got {type(prox).__name__}")
+        if (prox is None) != (params is None):
+            raise ValueError(
+                "ProxOptimizer: give prox and params together (or neither, using per-group 'prox' entries)"
+            )
+        for i, g in enumerate(optimizer.param_groups):
+            if "prox" in g and not isinstance(g["prox"], Prox):
+                raise TypeError(f"ProxOptimizer: param_groups[{i}]['prox'] must be a proxfunc operator")
+        named: dict[str, torch.Tensor] | None = None
+        if params is not None:
+            if isinstance(params, nn.Module):
+                named = dict(params.named_parameters())
+            elif isinstance(params, Mapping):
+                named = dict(params)
+            else:
+                raise TypeError("ProxOptimizer: params must be an nn.Module or a {name: parameter} mapping")
+        self.optimizer = optimizer
+        self.prox = prox
+        self.named = named
+        # Share the wrapped optimizer's groups and state: a scheduler attached here and one
+        # attached to the inner optimizer see the same lr.
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"ProxOptimizer({self.optimizer!r}, prox={self.prox!r})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def _lr_of(self, tensors: list[torch.Tensor]) -> Hyper:
+        ids = {id(t) for t in tensors}
+        lrs = []
+        for i, g in enumerate(self.param_groups):
+            if any(id(p) in ids for p in g["params"]):
+                lrs.append((i, g["lr"]))
+        if not lrs:
+            raise ValueError("ProxOptimizer: the prox's parameters are in no param group of the optimizer")
+        first = lrs[0][1]
+        for _, lr in lrs[1:]:
+            if (lr != first) if not isinstance(lr, torch.Tensor) else bool((lr != first).any()):
+                raise ValueError(
+                    f"ProxOptimizer: the prox spans param groups with different lr ({lrs}); "
+                    "use a 'prox' entry per param group instead"
+                )
+        return first
+
+    def prox_step(self) -> None:
+        """Apply the proximal step(s) now, with the current learning rates."""
+        for g in self.param_groups:
+            op = g.get("prox")
+            if op is not None:
+                apply_(op, list(g["params"]), g["lr"])
+        if self.prox is not None and self.named is not None:
+            apply_(self.prox, self.named, self._lr_of(list(self.named.values())))
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.prox_step()
+        return loss
