@@ -1,0 +1,90 @@
+"""Registry of operator instances for the cross-cutting tests (torch.func, compile, contract).
+
+Every public operator appears here at least once. ``make_params(dtype)`` returns a valid
+input pytree (small, random, seeded) for that operator. Tests that apply to every operator
+(purity, structure, torch.func transforms, torch.compile, gradients) iterate over CASES;
+family-specific exactness tests live in their own files.
+
+Flags:
+  convex      -- the prox of a closed convex function (non-expansive, Moreau applies)
+  projection  -- prox of an indicator (step is ignored)
+  smooth_grad -- the prox is differentiable almost everywhere in params (gradcheck away from kinks)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import proxfunc as pf
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mat(dtype=torch.float64, shape=(5, 4), seed=0, scale=1.0):
+    return torch.randn(*shape, generator=_g(seed), dtype=torch.float64).to(dtype) * scale
+
+
+def layer(dtype=torch.float64, seed=0):
+    """(W, b) of a Linear(4 -> 6): the seed's (weight, bias) argument."""
+    return (mat(dtype, (6, 4), seed), mat(dtype, (6,), seed + 1))
+
+
+def neuron_tree(dtype=torch.float64, seed=0):
+    """{'w1': (6, 4), 'b1': (6,), 'w2': (3, 6)} with groups along (0, 0, 1)."""
+    return {"w1": mat(dtype, (6, 4), seed), "b1": mat(dtype, (6,), seed + 1), "w2": mat(dtype, (3, 6), seed + 2)}
+
+
+def named(dtype=torch.float64, seed=0):
+    """A flat {name: tensor} dict like dict(model.named_parameters())."""
+    return {
+        "linear1.weight": mat(dtype, (6, 4), seed),
+        "linear1.bias": mat(dtype, (6,), seed + 1),
+        "linear2.weight": mat(dtype, (3, 6), seed + 2),
+        "linear2.bias": mat(dtype, (3,), seed + 3),
+    }
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make_op: Callable[[], pf.Prox]
+    make_params: Callable[[torch.dtype], Any] = layer
+    convex: bool = True
+    projection: bool = False
+    smooth_grad: bool = True
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+CASES: list[Case] = [
+    Case("l1", lambda: pf.l1(0.3)),
+    Case("l2", lambda: pf.l2(0.5)),
+    Case("linf", lambda: pf.linf(0.4)),
+    Case("elastic_net", lambda: pf.elastic_net(0.3, gamma=0.7)),
+    Case("log_barrier", lambda: pf.log_barrier(0.2)),
+    Case("l21", lambda: pf.l21(0.5)),
+    Case("l21_neuron", lambda: pf.l21(0.5, group_dim={"w1": 0, "b1": 0, "w2": 1}), neuron_tree),
+    Case("linf1", lambda: pf.linf1(0.4)),
+    Case("linf1_neuron", lambda: pf.linf1(0.4, group_dim={"w1": 0, "b1": 0, "w2": 1}), neuron_tree),
+    Case("box", lambda: pf.box(-0.5, 0.7), projection=True),
+    Case("nonneg", lambda: pf.nonneg(), projection=True),
+    Case("simplex", lambda: pf.simplex(2.0), projection=True),
+    Case("l1_ball", lambda: pf.l1_ball(1.5), projection=True),
+    Case("l2_ball", lambda: pf.l2_ball(1.0), projection=True),
+    Case("linf_ball", lambda: pf.linf_ball(0.5), projection=True),
+    Case("identity", lambda: pf.identity()),
+    Case("chain_sparse_group", lambda: pf.chain(pf.l1(0.1), pf.l21(0.3))),
+    Case(
+        "partition",
+        lambda: pf.partition({("linear1.weight", "linear1.bias"): pf.linf1(0.3), "linear2.weight": pf.l1(0.1)}),
+        named,
+    ),
+]
