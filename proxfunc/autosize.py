@@ -526,6 +526,7 @@ def find_neurons(model: nn.Module) -> Plan:
         if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in covered:
             if name in mha:
                 reason = f"projection inside the attention module {mha[name]} (not a hidden layer)"
+                plan.outputs.add(name)
             elif name in ffn_consumers:
                 reason = "consumer of a transformer feed-forward block (its outputs leave the block)"
                 plan.outputs.add(name)
@@ -616,7 +617,7 @@ def _neuron_masks(g: NeuronGroup, model: nn.Module, params: Mapping[str, torch.T
     zero_in = w.reshape(g.neurons, -1).eq(0).all(1)
     wc = _tensor(model, params, f"{g.consumer}.weight").detach()
     out_dim = wc.shape[0]
-    wc3 = wc.reshape(out_dim, g.neurons, -1) if wc.dim() == 2 else wc.reshape(out_dim, g.neurons, -1)
+    wc3 = wc.reshape(out_dim, g.neurons, -1)  # (O, n, columns per neuron or kernel entries)
     zero_out = wc3.eq(0).all(-1).all(0)
     return zero_in, zero_out, wc3.shape[-1]
 
@@ -727,10 +728,13 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
         if dead:
             problems.append(f"{name} has {dead} neurons with zero incoming weights but cannot be shrunk: {reason}")
 
-    # shapes of every producer output (for replaying the chain on constants)
+    # shapes of every Conv2d producer output (for replaying the chain on constant maps; the
+    # steps after a Linear act on each entry alone, so one row (1, n) is enough there)
     shapes: dict[str, torch.Size] = {}
     hooks = []
     for g in plan.groups:
+        if g.kind != "conv2d":
+            continue
         m = new.get_submodule(g.producer)
         hooks.append(m.register_forward_hook(lambda mod, a, out, _n=g.producer: shapes.__setitem__(_n, out.shape)))
     try:
@@ -752,7 +756,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
 
     for g in plan.groups:
         n = g.neurons
-        if g.producer not in shapes:
+        if g.kind == "conv2d" and g.producer not in shapes:
             problems.append(f"{g.name} is not called by forward on example_inputs")
             continue
         wp, bp, wc = weights[g.producer], biases[g.producer], weights[g.consumer]
@@ -763,10 +767,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
         cand = zero_in & ~zero_out
         fold = None
         if bool(cand.any()):
-            shape = list(shapes[g.producer])
-            shape[0] = 1
+            shape = [1, *shapes[g.producer][1:]] if g.kind == "conv2d" else [1, n]
             pre = bp if bp is not None else torch.zeros(n, dtype=wp.dtype, device=wp.device)
-            view = [1, n] + [1] * (len(shape) - 2) if g.kind == "conv2d" else [1] * (len(shape) - 1) + [n]
+            view = [1, n] + [1] * (len(shape) - 2)
             x0 = pre.reshape(view).expand(shape).contiguous()
             reason = ""
             try:
@@ -783,14 +786,18 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
                 if isinstance(cons, nn.Conv2d):
                     uniform = (z3 == z3[:, :1]).all(1)
                     zval = z3[:, 0]
-                    ok = uniform & ((zval == 0) | torch.tensor(not _padded(cons)))
+                    padded = (zval != 0) & torch.tensor(_padded(cons))
+                    ok = uniform & ~padded
                     contrib = wc3.sum(-1) * zval  # (O, n)
-                    if not bool(ok[cand].all()):
-                        bad = int((cand & ~ok).sum())
-                        reason = (
-                            f"{bad} constant channels feed the zero-padded {g.consumer}, where a constant "
-                            "input is not constant at the border"
+                    why = []
+                    if bool((cand & ~uniform).any()):
+                        why.append(f"{int((cand & ~uniform).sum())} constant channels are not uniform after {g.chain}")
+                    if bool((cand & uniform & padded).any()):
+                        why.append(
+                            f"{int((cand & uniform & padded).sum())} constant channels feed the zero-padded "
+                            f"{g.consumer}, where a constant input is not constant at the border"
                         )
+                    reason = "; ".join(why)
                     ok = ok & torch.isfinite(zval)
                 else:
                     contrib = (wc3 * z3.unsqueeze(0)).sum(-1)  # (O, n)

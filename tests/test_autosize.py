@@ -252,7 +252,7 @@ class ConvNet(nn.Module):
 def randomise_bn(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g))
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -454,3 +454,42 @@ def test_report_numbers_and_table():
 def test_find_neurons_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         autosize.find_neurons({"w": torch.zeros(2)})
+
+
+class AvgPoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)  # count_include_pad: borders see zeros
+        self.c2 = nn.Conv2d(4, 3, 3)
+
+    def forward(self, x):
+        return self.c2(self.pool(F.relu(self.c1(x))))
+
+
+def test_constant_made_non_uniform_by_padded_pooling_is_refused():
+    torch.manual_seed(4)
+    net = AvgPoolNet()
+    with torch.no_grad():
+        net.c1.weight[1] = 0
+        net.c1.bias[1] = 0.7  # relu(0.7) = 0.7, but the padded average is smaller at the border
+    with pytest.raises(NotImplementedError, match="not uniform"):
+        autosize.shrink(net, torch.randn(1, 2, 7, 7))
+    with torch.no_grad():
+        net.c1.bias[1] = -0.7  # relu(-0.7) = 0: a dead channel, removed
+    small = autosize.shrink(net, torch.randn(1, 2, 7, 7))
+    assert small.c1.out_channels == 3 and small.c2.in_channels == 3
+    assert_same_function(net, small, torch.randn(2, 2, 9, 9))
+
+
+def test_linear_batchnorm1d_mlp():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ELU(), nn.Linear(6, 2))
+    randomise_bn(model, 5)
+    plan = autosize.find_neurons(model)
+    assert plan.groups[0].incoming == ("0.weight", "0.bias", "1.weight", "1.bias")
+    with torch.no_grad():
+        model[0].weight[[2, 3]] = 0
+    small = autosize.shrink(model, torch.randn(5, 4))
+    assert small[0].out_features == small[1].num_features == small[3].in_features == 4
+    assert_same_function(model, small, torch.randn(7, 4))
