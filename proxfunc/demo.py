@@ -87,10 +87,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Auto-size a neural network with proximal group regularisation (Murray & Chiang 2015), "
             "then physically shrink it and compare accuracy and latency."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Defaults depend on --task and are given as (digits: ..., xor: ...).",
     )
     p.add_argument(
-        "--task", choices=sorted(DEFAULTS), default="digits", help="digits: sklearn digits MLP; xor: seed README"
+        "--task",
+        choices=sorted(DEFAULTS),
+        default="digits",
+        help="digits (default): an MLP on sklearn's bundled digits; xor: the seed README's example",
     )
     p.add_argument(
         "--prox",
@@ -100,7 +103,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--reg", type=float, default=None, help="regularisation strength (digits: 0.007, xor: 0.005)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (digits: 40, xor: 5000)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate = prox step (digits: 0.3, xor: 0.01)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (digits: 0.3, xor: 0.01)")
     p.add_argument(
         "--hidden", type=str, default=None, help="hidden widths, comma separated (digits: 128,128; xor: 100)"
     )
@@ -111,11 +114,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="step of the prox (default: the learning rate; xor: 0.1, the seed's pg.linf1 default lr)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (digits: 32, xor: 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (initialisation and batch order)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed: initialisation, split and batch order (default: 0)"
+    )
     p.add_argument("--outgoing", action="store_true", help="also put each neuron's outgoing weights in its group")
     p.add_argument("--compile", action="store_true", help="compile the training step with torch.compile")
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of live neurons per layer against epoch")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the run (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     for k, v in DEFAULTS[args.task].items():
@@ -320,17 +325,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "",
         table(rows),
         "",
-        table(
-            [
-                ["test accuracy", "value"],
-                ["regularised (before shrink)", pct(acc_reg)],
-                [
-                    "shrunk",
-                    f"{pct(acc_small)} (same predictions: {'yes' if same else 'NO'}, max |diff| {max_diff:.1e})",
-                ],
-                ["unregularised, same architecture", pct(acc_base)],
-            ]
-        ),
+        "test accuracy",
+        f"  regularised (before shrink)        {pct(acc_reg):>6}",
+        f"  shrunk                             {pct(acc_small):>6}  "
+        f"(same predictions: {'yes' if same else 'NO'}, max |output diff| {max_diff:.1e})",
+        f"  unregularised, same architecture   {pct(acc_base):>6}",
         "",
         f"inference latency (batch of {nte}, median of 300 runs): original {lat_orig * 1e6:.1f} us, "
         f"shrunk {lat_small * 1e6:.1f} us ({lat_orig / lat_small:.2f}x)",
