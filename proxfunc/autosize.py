@@ -382,10 +382,9 @@ def _analyze_graph(root: nn.Module, prefix: str, plan: Plan, reasons: dict[str, 
                 break
             u = users[0]
             if u.op == "output":
+                where = f"the module {prefix[:-1]}" if prefix else "the model"
                 why = (
-                    "output layer: its outputs leave the model"
-                    if cur is node
-                    else "its neurons feed the model's output"
+                    f"output layer: its outputs leave {where}" if cur is node else f"its neurons feed {where}'s output"
                 )
                 if cur is node:
                     plan.outputs.add(name)

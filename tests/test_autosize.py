@@ -493,3 +493,30 @@ def test_linear_batchnorm1d_mlp():
     small = autosize.shrink(model, torch.randn(5, 4))
     assert small[0].out_features == small[1].num_features == small[3].in_features == 4
     assert_same_function(model, small, torch.randn(7, 4))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace forward, but it can trace the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Softplus(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.body(x)
+        return self.body(-x)
+
+
+def test_untraceable_model_falls_back_to_its_children():
+    torch.manual_seed(6)
+    net = Untraceable()
+    plan = autosize.find_neurons(net)
+    assert [(g.producer, g.consumer) for g in plan.groups] == [("body.0", "body.2")]
+    assert plan.skipped == {"body.2": "output layer: its outputs leave the module body"}
+    with torch.no_grad():
+        net.body[0].weight[[0, 5]] = 0
+    small = autosize.shrink(net, torch.randn(3, 4))
+    assert small.body[0].out_features == 6
+    assert_same_function(net, small, torch.randn(10, 4))
+    assert_same_function(net, small, -torch.rand(10, 4))
