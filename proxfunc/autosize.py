@@ -156,10 +156,11 @@ class _Step:
 class NeuronGroup:
     """One hidden layer's neurons: rows of ``producer`` feeding columns of ``consumer``.
 
-    ``incoming``/``incoming_dims`` are the parameter names of each neuron's incoming weights,
-    bias and ``BatchNorm`` scale/shift with the dim that indexes neurons in each (0);
-    ``outgoing`` is the consumer's weight (neurons along dim 1), or ``None`` when the group
-    cannot include it (``flatten`` in between, or it is another group's incoming weight).
+    ``incoming`` are the names of the parameters holding each neuron's incoming weights, bias
+    and ``BatchNorm`` scale/shift (neurons along dim 0 of each); ``outgoing`` is the consumer's
+    weight (neurons along dim 1), or ``None`` when ``flatten`` lies in between (a neuron then
+    owns ``H*W`` columns, which ``group_dim`` cannot express). :meth:`Plan.rule_names` also
+    leaves it out when it is another group's incoming weight.
     """
 
     name: str
@@ -560,6 +561,8 @@ def neuron_prox(model: nn.Module, op: Prox | Callable[..., Prox], *, outgoing: b
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerReport:
+    """One row of a :class:`Report`."""
+
     name: str
     kind: str
     alive: int  # neurons with some nonzero incoming weight and some nonzero outgoing weight
