@@ -354,7 +354,6 @@ def _analyze_graph(root: nn.Module, prefix: str, plan: Plan, reasons: dict[str, 
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    claimed_consumers: set[str] = set()
     for node in graph.nodes:
         if node.op != "call_module":
             continue
@@ -426,7 +425,6 @@ def _analyze_graph(root: nn.Module, prefix: str, plan: Plan, reasons: dict[str, 
         if consumer is None:
             reasons[name] = why
             continue
-        claimed_consumers.add(consumer)
         incoming = [f"{name}.weight"] + ([f"{name}.bias"] if mod.bias is not None else [])
         for bn_name in norms:
             bn = root.get_submodule(bn_name[len(prefix) :])
