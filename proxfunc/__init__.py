@@ -7,6 +7,7 @@ In-place use on modules, the seed's API and an optimizer wrapper live in
 :mod:`proxfunc.compat`.
 """
 
+from . import autosize
 from ._base import Prox
 from .calculus import chain, identity, partition
 from .groups import l21, linf1
@@ -37,4 +38,6 @@ __all__ = [
     "identity",
     "chain",
     "partition",
+    # auto-sizing (module analysis, report, shrink)
+    "autosize",
 ]
