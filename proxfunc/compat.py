@@ -152,6 +152,12 @@ def logbarrier(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: H
 
 
 # ----------------------------------------------------------------- optimizer wrapper
+def _zero(lr: Any) -> bool:
+    if isinstance(lr, torch.Tensor):
+        return bool((lr == 0).all())
+    return lr == 0
+
+
 class ProxOptimizer(torch.optim.Optimizer):
     """Any ``torch.optim`` optimizer followed by a proximal step.
 
@@ -259,13 +265,22 @@ class ProxOptimizer(torch.optim.Optimizer):
         return first
 
     def prox_step(self) -> None:
-        """Apply the proximal step(s) now, with the current learning rates."""
-        for g in self.param_groups:
+        """Apply the proximal step(s) now, with the current learning rates.
+
+        A group whose current ``lr`` is 0 (e.g. the end of ``CosineAnnealingLR`` with
+        ``eta_min=0``) is left as it is: the prox with a zero step is the identity.
+        """
+        for i, g in enumerate(self.param_groups):
             op = g.get("prox")
             if op is not None:
-                apply_(op, list(g["params"]), g["lr"])
+                if not isinstance(op, Prox):
+                    raise TypeError(f"ProxOptimizer: param_groups[{i}]['prox'] must be a proxfunc operator")
+                if not _zero(g["lr"]):
+                    apply_(op, list(g["params"]), g["lr"])
         if self.prox is not None and self.named is not None:
-            apply_(self.prox, self.named, self._lr_of(list(self.named.values())))
+            lr = self._lr_of(list(self.named.values()))
+            if not _zero(lr):
+                apply_(self.prox, self.named, lr)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
