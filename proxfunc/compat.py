@@ -175,6 +175,24 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
     the wrapped optimizer.
+
+    Works with every ``torch.optim`` optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
+    ``Adagrad``, ...; ``LBFGS`` through ``step(closure)``, the prox then follows the whole
+    L-BFGS step) and every learning-rate scheduler (``StepLR``, ``CosineAnnealingLR``,
+    ``OneCycleLR``, ``ReduceLROnPlateau``, ...). A group whose current ``lr`` is 0 is left
+    unchanged (the prox with a zero step is the identity).
+
+    The prox step is the group's ``lr`` also for adaptive optimizers such as Adam, whose update
+    is ``lr * m_hat / (sqrt(v_hat) + eps)``: ``reg`` is then measured against that normalised
+    update (see :class:`proxfunc.prox_adam` for the alternative, a step in the loss's units).
+
+    Example (auto-sizing a hidden layer with Adam and a cosine schedule)::
+
+        prox = pf.partition({("0.weight", "0.bias", "2.weight"): pf.l21(2.0, group_dim=(0, 0, 1))})
+        opt = ProxOptimizer(torch.optim.Adam(model.parameters(), lr=0.02), prox, params=model)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        for x, y in batches:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, prox: Prox | None = None, params: Any = None):
