@@ -206,6 +206,11 @@ class ProximalGradient:
 
     ``state.error`` is the norm of the gradient mapping at the point where the gradient was
     taken, ``||y - prox(y - s grad fun(y), s)|| / s``, which is 0 exactly at a minimiser.
+
+    Differentiable unrolling: the iterates are not detached, so when the data in ``args`` (or
+    captured by ``fun``) or a tensor hyperparameter of ``prox`` requires grad, ``state.params`` can be
+    back-propagated through the iterations (the line-search and restart decisions are
+    constants). The bookkeeping scalars (``value``, ``error``, ...) are detached.
     """
 
     def __init__(
@@ -295,8 +300,9 @@ class ProximalGradient:
     def _step_at(self, y: Any, g: Any, fy: torch.Tensor, s: Hyper, *args: Any):
         x_new = self.prox(_axpy(-s, g, y), s)
         d = _sub(x_new, y)
-        f_new = self.fun(x_new, *args).reshape(()).to(fy.dtype)
-        bound = fy + _vdot(g, d).to(fy.dtype) + _sqnorm(d).to(fy.dtype) / (2 * s)
+        f_new = self.fun(x_new, *args).detach().reshape(()).to(fy.dtype)
+        with torch.no_grad():
+            bound = fy + _vdot(g, d).to(fy.dtype) + _sqnorm(d).to(fy.dtype) / (2 * s)
         return x_new, f_new, bound, d
 
     def _slack(self, fy: torch.Tensor) -> torch.Tensor:
@@ -344,7 +350,6 @@ class ProximalGradient:
         g, fy = grad_and_value(self.fun)(y, *args)
         vd = state.value.dtype
         fy = fy.detach().reshape(()).to(vd)
-        g = _map(torch.Tensor.detach, g)
         if self.stepsize is None:
             s0 = torch.clamp(state.stepsize * self.increase_factor, max=torch.finfo(vd).max)
             x_new, f_new, bound, d, s, trials = self._line_search(y, g, fy, s0, *args)
@@ -356,7 +361,8 @@ class ProximalGradient:
             x_new, f_new, bound, d = self._step_at(y, g, fy, s_cur, *args)
             s = _scalar_like(s_cur, state.stepsize) if not isinstance(s_cur, torch.Tensor) else s_cur.to(vd)
             trials = torch.ones_like(state.trials)
-        error = torch.sqrt(_sqnorm(d).to(vd)) / s
+        with torch.no_grad():
+            error = torch.sqrt(_sqnorm(d).to(vd)) / s
         value = f_new + self.prox.value(x_new).detach().to(vd)
         if self.acceleration:
             x_old = state.params
@@ -393,7 +399,7 @@ class ProximalGradient:
         if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
             raise ValueError(f"proximal_gradient: maxiter must be a non-negative int, got {maxiter!r}")
         tol = float(check_hyper("proximal_gradient", "tol", tol))
-        params = _map(torch.Tensor.detach, params)
+        params = _map(torch.Tensor.detach, params)  # the start is a constant
         state = self.init(params, *args)
         hist: dict[str, list] | None = None
         if history:
