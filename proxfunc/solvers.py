@@ -192,7 +192,10 @@ class ProximalGradient:
         init_stepsize: the first trial step of the line search.
         decrease_factor: the line search multiplies a rejected step by this (in ``(0, 1)``).
         increase_factor: each iteration's line search starts from the last accepted step times
-            this (``>= 1``; 1 keeps the steps non-increasing, as in Beck & Teboulle).
+            this (``>= 1``; 1 keeps the steps non-increasing, as in Beck & Teboulle). ``None``
+            (default) means 1.2, except for FISTA without restart, where it means 1: growing
+            steps break FISTA's momentum schedule and, without a restart to reset it, the
+            iterates can oscillate instead of converging.
         maxls: maximum number of trial steps per line search. Under ``torch.compile`` the
             search always evaluates ``maxls`` trials (masked), so keep it small there.
 
@@ -223,7 +226,7 @@ class ProximalGradient:
         restart: str | None = "gradient",
         init_stepsize: float = 1.0,
         decrease_factor: float = 0.5,
-        increase_factor: float = 1.2,
+        increase_factor: float | None = None,
         maxls: int = 30,
     ):
         name = "proximal_gradient"
@@ -242,6 +245,8 @@ class ProximalGradient:
         check_hyper(name, "init_stepsize", init_stepsize, strict=True)
         if not 0.0 < float(decrease_factor) < 1.0:
             raise ValueError(f"{name}: decrease_factor must be in (0, 1), got {decrease_factor}")
+        if increase_factor is None:
+            increase_factor = 1.0 if (acceleration and restart is None) else 1.2
         if not float(increase_factor) >= 1.0 or math.isinf(float(increase_factor)):
             raise ValueError(f"{name}: increase_factor must be a finite number >= 1, got {increase_factor}")
         if isinstance(maxls, bool) or not isinstance(maxls, int) or maxls < 1:
