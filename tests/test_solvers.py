@@ -190,6 +190,21 @@ def test_fista_needs_markedly_fewer_iterations_than_ista(digits):
     assert fista_ls.converged and not ista_ls.converged
 
 
+def test_adaptive_restart_speeds_up_fista(digits):
+    # O'Donoghue & Candes (2015): restarting the momentum recovers linear convergence on
+    # (locally) strongly convex problems; plain FISTA oscillates.
+    fun, Xt = _digits_lasso(digits)
+    L = float(torch.linalg.matrix_norm(Xt, ord=2) ** 2 / Xt.shape[0])
+    w0, prox = torch.zeros(64, dtype=D), pf.l1(1e-3)
+    its = {}
+    for restart in (None, "gradient", "function"):
+        res = proximal_gradient(fun, w0, prox, stepsize=1 / L, restart=restart, tol=1e-4, maxiter=5000, history=True)
+        assert res.converged
+        assert any(res.history["restarted"]) == (restart is not None)
+        its[restart] = res.iterations
+    assert its["gradient"] * 1.5 < its[None] and its["function"] * 1.5 < its[None], its
+
+
 @pytest.mark.parametrize("acceleration", [False, True])
 def test_line_search_respects_sufficient_decrease(digits, acceleration):
     fun, _ = _digits_lasso(digits)
