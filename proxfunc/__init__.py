@@ -13,6 +13,7 @@ from .calculus import chain, identity, partition
 from .groups import l21, linf1
 from .norms import elastic_net, l1, l2, linf, log_barrier
 from .projections import box, l1_ball, l2_ball, linf_ball, nonneg, simplex
+from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
 
 __version__ = "0.1.0.dev0"
 
@@ -40,4 +41,11 @@ __all__ = [
     "partition",
     # auto-sizing (module analysis, report, shrink)
     "autosize",
+    # solvers and training-loop steps
+    "proximal_gradient",
+    "ProximalGradient",
+    "ProxGradState",
+    "ProxGradResult",
+    "prox_sgd",
+    "prox_adam",
 ]

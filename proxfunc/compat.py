@@ -152,6 +152,12 @@ def logbarrier(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: H
 
 
 # ----------------------------------------------------------------- optimizer wrapper
+def _zero(lr: Any) -> bool:
+    if isinstance(lr, torch.Tensor):
+        return bool((lr == 0).all())
+    return lr == 0
+
+
 class ProxOptimizer(torch.optim.Optimizer):
     """Any ``torch.optim`` optimizer followed by a proximal step.
 
@@ -169,6 +175,24 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
     the wrapped optimizer.
+
+    Works with every ``torch.optim`` optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
+    ``Adagrad``, ...; ``LBFGS`` through ``step(closure)``, the prox then follows the whole
+    L-BFGS step) and every learning-rate scheduler (``StepLR``, ``CosineAnnealingLR``,
+    ``OneCycleLR``, ``ReduceLROnPlateau``, ...). A group whose current ``lr`` is 0 is left
+    unchanged (the prox with a zero step is the identity).
+
+    The prox step is the group's ``lr`` also for adaptive optimizers such as Adam, whose update
+    is ``lr * m_hat / (sqrt(v_hat) + eps)``: ``reg`` is then measured against that normalised
+    update (see :class:`proxfunc.prox_adam` for the alternative, a step in the loss's units).
+
+    Example (auto-sizing a hidden layer with Adam and a cosine schedule)::
+
+        prox = pf.partition({("0.weight", "0.bias", "2.weight"): pf.l21(2.0, group_dim=(0, 0, 1))})
+        opt = ProxOptimizer(torch.optim.Adam(model.parameters(), lr=0.02), prox, params=model)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        for x, y in batches:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, prox: Prox | None = None, params: Any = None):
@@ -259,13 +283,22 @@ class ProxOptimizer(torch.optim.Optimizer):
         return first
 
     def prox_step(self) -> None:
-        """Apply the proximal step(s) now, with the current learning rates."""
-        for g in self.param_groups:
+        """Apply the proximal step(s) now, with the current learning rates.
+
+        A group whose current ``lr`` is 0 (e.g. the end of ``CosineAnnealingLR`` with
+        ``eta_min=0``) is left as it is: the prox with a zero step is the identity.
+        """
+        for i, g in enumerate(self.param_groups):
             op = g.get("prox")
             if op is not None:
-                apply_(op, list(g["params"]), g["lr"])
+                if not isinstance(op, Prox):
+                    raise TypeError(f"ProxOptimizer: param_groups[{i}]['prox'] must be a proxfunc operator")
+                if not _zero(g["lr"]):
+                    apply_(op, list(g["params"]), g["lr"])
         if self.prox is not None and self.named is not None:
-            apply_(self.prox, self.named, self._lr_of(list(self.named.values())))
+            lr = self._lr_of(list(self.named.values()))
+            if not _zero(lr):
+                apply_(self.prox, self.named, lr)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()

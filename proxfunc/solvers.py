@@ -1,0 +1,658 @@
+"""Proximal gradient solvers (ISTA / FISTA) on pytrees, and proximal training steps.
+
+:func:`proximal_gradient` minimises a composite objective
+
+    F(x) = fun(x) + g(x),
+
+where ``fun`` is smooth (its gradient comes from :func:`torch.func.grad_and_value`) and ``g`` is
+the function a proxfunc operator names (``prox.value``). ``x`` is a tensor or any pytree of
+tensors (a dict of named tensors is the common case). jaxopt's ``ProximalGradient`` is the
+model: the same iteration, stopping rule and result, on PyTorch pytrees, plus adaptive restart
+and a line search that grows the step again.
+
+:class:`ProximalGradient` exposes the same solver as a pure ``init`` / ``update`` pair whose
+state is a tuple of tensors, so one iteration can be compiled with ``torch.compile`` and driven
+by the user's own loop.
+
+:class:`prox_sgd` and :class:`prox_adam` are functional optimizers for ``torch.func`` training
+loops: a gradient update followed by the prox, pure functions of ``(params, grads, state)``.
+
+References:
+    A. Beck and M. Teboulle, *A Fast Iterative Shrinkage-Thresholding Algorithm for Linear
+    Inverse Problems*, SIAM J. Imaging Sciences 2(1), 2009 (ISTA/FISTA, backtracking).
+    B. O'Donoghue and E. Candes, *Adaptive Restart for Accelerated Gradient Schemes*,
+    Foundations of Computational Mathematics 15, 2015 (gradient and function restart).
+    N. Parikh and S. Boyd, *Proximal Algorithms*, 2014, section 4.2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import grad_and_value
+from torch.utils import _pytree as pytree
+
+from ._base import Hyper, Prox, _is_compiling, check_hyper
+from .calculus import identity
+
+__all__ = [
+    "proximal_gradient",
+    "ProximalGradient",
+    "ProxGradState",
+    "ProxGradResult",
+    "prox_sgd",
+    "prox_adam",
+    "ProxSGDState",
+    "ProxAdamState",
+]
+
+Stepsize = float | Callable[[Any], Hyper] | None
+
+
+# --------------------------------------------------------------------------- pytree arithmetic
+def _map(fn: Callable[..., torch.Tensor], tree: Any, *rest: Any) -> Any:
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _vdot(a: Any, b: Any) -> torch.Tensor:
+    """``<a, b>`` summed over all leaves (in the leaves' common dtype)."""
+    parts = [(x * y).sum() for x, y in zip(_leaves(a), _leaves(b))]
+    if not parts:
+        return torch.zeros(())
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def _sqnorm(a: Any) -> torch.Tensor:
+    return _vdot(a, a)
+
+
+def _axpy(alpha: Hyper, x: Any, y: Any) -> Any:
+    """``y + alpha * x`` leafwise."""
+    return _map(lambda xi, yi: yi + alpha * xi, x, y)
+
+
+def _sub(a: Any, b: Any) -> Any:
+    return _map(torch.sub, a, b)
+
+
+def _where(cond: torch.Tensor, a: Any, b: Any) -> Any:
+    return _map(lambda x, y: torch.where(cond, x, y), a, b)
+
+
+def _scalar_like(value: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=dtype or like.dtype, device=like.device).detach().clone()
+
+
+def _first_leaf(params: Any, owner: str) -> torch.Tensor:
+    leaves = _leaves(params)
+    if not leaves:
+        raise ValueError(f"{owner}: params has no tensor leaves")
+    for x in leaves:
+        if not x.is_floating_point():
+            raise TypeError(f"{owner}: every leaf of params must be a floating tensor, got dtype {x.dtype}")
+    return leaves[0]
+
+
+# --------------------------------------------------------------------------------- the solver
+class ProxGradState(NamedTuple):
+    """State of :class:`ProximalGradient` (a tuple of tensors: ``torch.compile`` friendly).
+
+    Attributes:
+        params: the current iterate ``x_k``.
+        y: the point where the next gradient is taken (``x_k`` for ISTA, the extrapolated
+            point for FISTA).
+        momentum: FISTA's ``t_k`` (1 after a restart; unused by ISTA).
+        stepsize: the last accepted step (the line search starts from it, grown).
+        iteration: number of updates done (0-d int64 tensor).
+        error: the gradient-mapping norm ``||y - prox(y - s grad f(y), s)|| / s`` of the last
+            update (``inf`` before the first).
+        value: ``F(x_k) = fun(x_k) + g(x_k)``.
+        smooth: ``fun(x_k)``.
+        bound: the sufficient-decrease bound the last step met,
+            ``fun(y) + <grad f(y), x_k - y> + ||x_k - y||^2 / (2 s)`` (``inf`` before the first).
+        restarted: whether the last update restarted the momentum (bool tensor).
+        trials: number of prox evaluations the last line search used (0-d int64 tensor).
+    """
+
+    params: Any
+    y: Any
+    momentum: torch.Tensor
+    stepsize: torch.Tensor
+    iteration: torch.Tensor
+    error: torch.Tensor
+    value: torch.Tensor
+    smooth: torch.Tensor
+    bound: torch.Tensor
+    restarted: torch.Tensor
+    trials: torch.Tensor
+
+
+@dataclass
+class ProxGradResult:
+    """What :func:`proximal_gradient` returns.
+
+    Attributes:
+        params: the solution (same pytree structure, shapes and dtypes as the input).
+        iterations: number of iterations run.
+        error: the final gradient-mapping norm (the stopping criterion).
+        value: ``fun(params) + prox.value(params)`` (a Python float).
+        converged: ``error < tol``.
+        stepsize: the last step used.
+        state: the final :class:`ProxGradState` (to resume with :meth:`ProximalGradient.update`).
+        history: with ``history=True``, a dict of per-iteration lists: ``value``, ``smooth``,
+            ``bound``, ``error``, ``stepsize``, ``restarted``, ``trials``; otherwise ``None``.
+    """
+
+    params: Any
+    iterations: int
+    error: float
+    value: float
+    converged: bool
+    stepsize: float
+    state: ProxGradState
+    history: dict[str, list] | None = field(default=None, repr=False)
+
+
+class ProximalGradient:
+    """Proximal gradient descent (ISTA) and its accelerated form (FISTA) as ``init``/``update``.
+
+    Minimises ``F(x) = fun(x, *args) + g(x)`` where ``g`` is the function ``prox`` names::
+
+        x_{k+1} = prox(y_k - s_k * grad fun(y_k), s_k)
+                = argmin_z g(z) + ||z - (y_k - s_k grad fun(y_k))||^2 / (2 s_k),
+
+    with ``y_k = x_k`` (ISTA) or the FISTA extrapolation ``y_{k+1} = x_{k+1} +
+    (t_k - 1)/t_{k+1} (x_{k+1} - x_k)``, ``t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2``
+    (Beck & Teboulle 2009).
+
+    Args:
+        fun: smooth part, ``fun(params, *args) -> 0-d tensor``; differentiated with
+            :func:`torch.func.grad_and_value`, so it must be written functionally
+            (``torch.func.functional_call`` for a module).
+        prox: a proxfunc operator (``None``: ``g = 0``, plain gradient descent).
+        stepsize: ``None`` (default) for backtracking line search; a positive float for a fixed
+            step (``1/L`` for an ``L``-Lipschitz gradient); or a callable ``k -> step`` (a
+            schedule, called with the iteration number: a Python int, or a 0-d tensor under
+            ``torch.compile``).
+        acceleration: ``True`` for FISTA, ``False`` for ISTA.
+        restart: FISTA's adaptive restart (O'Donoghue & Candes 2015): ``"gradient"`` (default:
+            restart when ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0``), ``"function"`` (when
+            ``F(x_{k+1}) > F(x_k)``) or ``None``. A restart sets ``t = 1`` and ``y = x_{k+1}``.
+        init_stepsize: the first trial step of the line search.
+        decrease_factor: the line search multiplies a rejected step by this (in ``(0, 1)``).
+        increase_factor: each iteration's line search starts from the last accepted step times
+            this (``>= 1``; 1 keeps the steps non-increasing, as in Beck & Teboulle). ``None``
+            (default) means 1.2, except for FISTA without restart, where it means 1: growing
+            steps break FISTA's momentum schedule and, without a restart to reset it, the
+            iterates can oscillate instead of converging.
+        maxls: maximum number of trial steps per line search. Under ``torch.compile`` the
+            search always evaluates ``maxls`` trials (masked), so keep it small there.
+
+    Line search: a trial step ``s`` is accepted when ``x+ = prox(y - s grad, s)`` satisfies
+    the sufficient-decrease test on the smooth part
+
+        fun(x+) <= fun(y) + <grad fun(y), x+ - y> + ||x+ - y||^2 / (2 s)
+
+    (with a relative slack of a few ulps of ``|fun(y)|`` against rounding). If no trial passes
+    within ``maxls``, the last (smallest) one is taken.
+
+    ``state.error`` is the norm of the gradient mapping at the point where the gradient was
+    taken, ``||y - prox(y - s grad fun(y), s)|| / s``, which is 0 exactly at a minimiser.
+
+    Differentiable unrolling: the iterates are not detached, so when the data in ``args`` (or
+    captured by ``fun``) or a tensor hyperparameter of ``prox`` requires grad, ``state.params`` can be
+    back-propagated through the iterations (the line-search and restart decisions are
+    constants). The bookkeeping scalars (``value``, ``error``, ...) are detached.
+    """
+
+    def __init__(
+        self,
+        fun: Callable[..., torch.Tensor],
+        prox: Prox | None = None,
+        *,
+        stepsize: Stepsize = None,
+        acceleration: bool = True,
+        restart: str | None = "gradient",
+        init_stepsize: float = 1.0,
+        decrease_factor: float = 0.5,
+        increase_factor: float | None = None,
+        maxls: int = 30,
+    ):
+        name = "proximal_gradient"
+        if not callable(fun):
+            raise TypeError(f"{name}: fun must be callable, got {type(fun).__name__}")
+        if prox is None:
+            prox = identity()
+        if not isinstance(prox, Prox):
+            raise TypeError(f"{name}: prox must be a proxfunc operator or None, got {type(prox).__name__}")
+        if stepsize is not None and not callable(stepsize):
+            stepsize = check_hyper(name, "stepsize", stepsize, strict=True)
+        if restart not in (None, "gradient", "function"):
+            raise ValueError(f"{name}: restart must be None, 'gradient' or 'function', got {restart!r}")
+        if not isinstance(acceleration, bool):
+            raise TypeError(f"{name}: acceleration must be a bool")
+        check_hyper(name, "init_stepsize", init_stepsize, strict=True)
+        if not 0.0 < float(decrease_factor) < 1.0:
+            raise ValueError(f"{name}: decrease_factor must be in (0, 1), got {decrease_factor}")
+        if increase_factor is None:
+            increase_factor = 1.0 if (acceleration and restart is None) else 1.2
+        if not float(increase_factor) >= 1.0 or math.isinf(float(increase_factor)):
+            raise ValueError(f"{name}: increase_factor must be a finite number >= 1, got {increase_factor}")
+        if isinstance(maxls, bool) or not isinstance(maxls, int) or maxls < 1:
+            raise ValueError(f"{name}: maxls must be a positive int, got {maxls!r}")
+        self.fun = fun
+        self.prox = prox
+        self.stepsize = stepsize
+        self.acceleration = acceleration
+        self.restart = restart
+        self.init_stepsize = float(init_stepsize)
+        self.decrease_factor = float(decrease_factor)
+        self.increase_factor = float(increase_factor)
+        self.maxls = maxls
+
+    def __repr__(self) -> str:
+        kind = "FISTA" if self.acceleration else "ISTA"
+        step = "line search" if self.stepsize is None else self.stepsize
+        return f"ProximalGradient({kind}, prox={self.prox!r}, stepsize={step!r}, restart={self.restart!r})"
+
+    # ------------------------------------------------------------------------- pieces
+    def objective(self, params: Any, *args: Any) -> torch.Tensor:
+        """``F(params) = fun(params, *args) + prox.value(params)``."""
+        return self.fun(params, *args) + self.prox.value(params)
+
+    def _value_dtype(self, like: torch.Tensor) -> torch.dtype:
+        return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+
+    def init(self, params: Any, *args: Any) -> ProxGradState:
+        """The state before the first iteration (evaluates ``fun`` once)."""
+        like = _first_leaf(params, "proximal_gradient")
+        vd = self._value_dtype(like)
+        f0 = self.fun(params, *args)
+        if not isinstance(f0, torch.Tensor) or f0.numel() != 1:
+            raise TypeError("proximal_gradient: fun must return a scalar (0-d) tensor")
+        f0 = f0.detach().reshape(()).to(vd)
+        v0 = f0 + self.prox.value(params).detach().to(vd)
+        s0 = self.init_stepsize if self.stepsize is None else self._scheduled(0)
+        return ProxGradState(
+            params=params,
+            y=params,
+            momentum=_scalar_like(1.0, like, vd),
+            stepsize=_scalar_like(s0, like, vd),
+            iteration=_scalar_like(0, like, torch.int64),
+            error=_scalar_like(float("inf"), like, vd),
+            value=v0,
+            smooth=f0,
+            bound=_scalar_like(float("inf"), like, vd),
+            restarted=_scalar_like(False, like, torch.bool),
+            trials=_scalar_like(0, like, torch.int64),
+        )
+
+    def _scheduled(self, k: Any) -> Hyper:
+        s = self.stepsize
+        return s(k) if callable(s) else s  # type: ignore[operator,return-value]
+
+    def _step_at(self, y: Any, g: Any, fy: torch.Tensor, s: Hyper, *args: Any):
+        x_new = self.prox(_axpy(-s, g, y), s)
+        d = _sub(x_new, y)
+        f_new = self.fun(x_new, *args).detach().reshape(()).to(fy.dtype)
+        with torch.no_grad():
+            bound = fy + _vdot(g, d).to(fy.dtype) + _sqnorm(d).to(fy.dtype) / (2 * s)
+        return x_new, f_new, bound, d
+
+    def _slack(self, fy: torch.Tensor) -> torch.Tensor:
+        return 16 * torch.finfo(fy.dtype).eps * fy.abs()
+
+    def _line_search(self, y: Any, g: Any, fy: torch.Tensor, s0: torch.Tensor, *args: Any):
+        dec = self.decrease_factor
+        if not _is_compiling():
+            s = float(s0)
+            for trial in range(1, self.maxls + 1):
+                x_new, f_new, bound, d = self._step_at(y, g, fy, s, *args)
+                if bool(f_new <= bound + self._slack(fy)) or trial == self.maxls:
+                    return x_new, f_new, bound, d, s0.new_tensor(s), trial
+                s *= dec
+        # Traced: a fixed number of masked trials, keeping the first accepted one.
+        s = s0
+        accepted = torch.zeros((), dtype=torch.bool, device=s0.device)
+        trials = torch.zeros((), dtype=torch.int64, device=s0.device)
+        best = None
+        for trial in range(self.maxls):
+            cand = self._step_at(y, g, fy, s, *args)
+            ok = cand[1] <= cand[2] + self._slack(fy)
+            if trial == self.maxls - 1:
+                ok = torch.ones_like(ok)
+            take = ok & ~accepted
+            if best is None:
+                best = (cand[0], cand[1], cand[2], cand[3], s)
+            else:
+                best = (
+                    _where(take, cand[0], best[0]),
+                    torch.where(take, cand[1], best[1]),
+                    torch.where(take, cand[2], best[2]),
+                    _where(take, cand[3], best[3]),
+                    torch.where(take, s, best[4]),
+                )
+            trials = trials + (~accepted).to(torch.int64)
+            accepted = accepted | ok
+            s = torch.where(accepted, s, s * dec)
+        assert best is not None
+        return best[0], best[1], best[2], best[3], best[4], trials
+
+    def update(self, state: ProxGradState, *args: Any) -> ProxGradState:
+        """One ISTA/FISTA iteration: a pure function of ``state`` (and ``args``)."""
+        y = state.y
+        g, fy = grad_and_value(self.fun)(y, *args)
+        vd = state.value.dtype
+        fy = fy.detach().reshape(()).to(vd)
+        if self.stepsize is None:
+            s0 = torch.clamp(state.stepsize * self.increase_factor, max=torch.finfo(vd).max)
+            x_new, f_new, bound, d, s, trials = self._line_search(y, g, fy, s0, *args)
+            if not isinstance(trials, torch.Tensor):
+                trials = state.trials.new_tensor(trials)
+        else:
+            k = state.iteration if _is_compiling() else int(state.iteration)
+            s_cur = self._scheduled(k)
+            x_new, f_new, bound, d = self._step_at(y, g, fy, s_cur, *args)
+            s = _scalar_like(s_cur, state.stepsize) if not isinstance(s_cur, torch.Tensor) else s_cur.to(vd)
+            trials = torch.ones_like(state.trials)
+        with torch.no_grad():
+            error = torch.sqrt(_sqnorm(d).to(vd)) / s
+        value = f_new + self.prox.value(x_new).detach().to(vd)
+        if self.acceleration:
+            x_old = state.params
+            t = state.momentum
+            if self.restart == "gradient":
+                restart = _vdot(_map(torch.neg, d), _sub(x_new, x_old)).to(vd) > 0
+            elif self.restart == "function":
+                restart = value > state.value
+            else:
+                restart = torch.zeros((), dtype=torch.bool, device=t.device)
+            t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+            beta = torch.where(restart, torch.zeros_like(t), (t - 1) / t_next)
+            y_next = _map(lambda xn, xo: xn + beta.to(xn.dtype) * (xn - xo), x_new, x_old)
+            t_next = torch.where(restart, torch.ones_like(t), t_next)
+        else:
+            restart = torch.zeros((), dtype=torch.bool, device=state.momentum.device)
+            y_next, t_next = x_new, state.momentum
+        return ProxGradState(
+            params=x_new,
+            y=y_next,
+            momentum=t_next,
+            stepsize=s.reshape(()).to(vd),
+            iteration=state.iteration + 1,
+            error=error,
+            value=value,
+            smooth=f_new,
+            bound=bound,
+            restarted=restart,
+            trials=trials,
+        )
+
+    def run(self, params: Any, *args: Any, maxiter: int = 500, tol: float = 1e-6, history: bool = False):
+        """Iterate from ``params`` until ``error < tol`` or ``maxiter``; return a :class:`ProxGradResult`."""
+        if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+            raise ValueError(f"proximal_gradient: maxiter must be a non-negative int, got {maxiter!r}")
+        tol = float(check_hyper("proximal_gradient", "tol", tol))
+        params = _map(torch.Tensor.detach, params)  # the start is a constant
+        state = self.init(params, *args)
+        hist: dict[str, list] | None = None
+        if history:
+            hist = {k: [] for k in ("value", "smooth", "bound", "error", "stepsize", "restarted", "trials")}
+        for _ in range(maxiter):
+            state = self.update(state, *args)
+            if hist is not None:
+                hist["value"].append(float(state.value))
+                hist["smooth"].append(float(state.smooth))
+                hist["bound"].append(float(state.bound))
+                hist["error"].append(float(state.error))
+                hist["stepsize"].append(float(state.stepsize))
+                hist["restarted"].append(bool(state.restarted))
+                hist["trials"].append(int(state.trials))
+            if float(state.error) < tol:
+                break
+        err = float(state.error)
+        return ProxGradResult(
+            params=state.params,
+            iterations=int(state.iteration),
+            error=err,
+            value=float(state.value),
+            converged=err < tol,
+            stepsize=float(state.stepsize),
+            state=state,
+            history=hist,
+        )
+
+
+def proximal_gradient(
+    fun: Callable[..., torch.Tensor],
+    params: Any,
+    prox: Prox | None = None,
+    *,
+    args: tuple = (),
+    stepsize: Stepsize = None,
+    acceleration: bool = True,
+    restart: str | None = "gradient",
+    maxiter: int = 500,
+    tol: float = 1e-6,
+    history: bool = False,
+    **options: Any,
+) -> ProxGradResult:
+    """Minimise ``fun(params, *args) + prox.value(params)`` by proximal gradient (FISTA by default).
+
+    ``fun`` is smooth and written functionally (its gradient comes from
+    :func:`torch.func.grad_and_value`); ``params`` is the starting point, a tensor or any pytree
+    of tensors (not modified); ``prox`` is a proxfunc operator (``None`` for ``g = 0``).
+
+    Stops when the gradient-mapping norm ``||y - prox(y - t grad fun(y), t)|| / t < tol`` (``y``
+    the point where the gradient was taken; ``y = x_k`` for ISTA) or after ``maxiter``
+    iterations. ``stepsize=None`` is backtracking line search (sufficient decrease on the
+    smooth part; the step is grown again after each success); a float is a fixed step; a
+    callable ``k -> step`` a schedule. ``acceleration=False`` gives ISTA. ``restart`` and the
+    line-search ``options`` (``init_stepsize``, ``decrease_factor``, ``increase_factor``,
+    ``maxls``) are those of :class:`ProximalGradient`.
+
+    Returns a :class:`ProxGradResult` with ``.params``, ``.iterations``, ``.error``, ``.value``
+    (and ``.history`` when ``history=True``).
+
+    Example (the lasso ``||X w - y||^2 / (2n) + alpha ||w||_1``)::
+
+        fun = lambda w: 0.5 * ((X @ w - y) ** 2).mean()
+        res = pf.proximal_gradient(fun, torch.zeros(X.shape[1]), pf.l1(alpha), tol=1e-8)
+        res.params, res.iterations, res.value
+
+    Beck & Teboulle (2009); O'Donoghue & Candes (2015) for the restarts.
+    """
+    solver = ProximalGradient(fun, prox, stepsize=stepsize, acceleration=acceleration, restart=restart, **options)
+    if not isinstance(args, tuple):
+        raise TypeError(f"proximal_gradient: args must be a tuple, got {type(args).__name__}")
+    return solver.run(params, *args, maxiter=maxiter, tol=tol, history=history)
+
+
+# ------------------------------------------------------------------- training-loop optimizers
+class ProxSGDState(NamedTuple):
+    """State of :class:`prox_sgd`: the momentum buffer (a pytree, or ``None``) and the step count."""
+
+    momentum: Any
+    count: torch.Tensor
+
+
+class ProxAdamState(NamedTuple):
+    """State of :class:`prox_adam`: first and second moment pytrees and the step count."""
+
+    mu: Any
+    nu: Any
+    count: torch.Tensor
+
+
+def _warm(prox: Prox, params: Any) -> None:
+    # One eager evaluation fills the operators' host-side caches (e.g. the name resolution of
+    # pf.partition), so that a torch.compile-d step that uses them traces no Python matching.
+    if not _is_compiling():
+        with torch.no_grad():
+            prox.value(params)
+
+
+def _lr(owner: str, lr: Any) -> Hyper:
+    if callable(lr):
+        raise TypeError(f"{owner}: lr must be a float or a 0-d tensor (evaluate your schedule first)")
+    return check_hyper(owner, "lr", lr, strict=True)
+
+
+class prox_sgd:  # noqa: N801
+    """Proximal SGD for ``torch.func`` loops: ``x <- prox(x - lr * d, lr)``.
+
+    ``d`` is the gradient (plus ``weight_decay * x``), or with ``momentum`` the heavy-ball
+    buffer ``b <- momentum * b + d`` (``d + momentum * b`` with ``nesterov``), exactly as
+    ``torch.optim.SGD`` computes its update. The prox is then taken with ``step = lr``: one
+    iteration of the proximal gradient method on ``loss + g`` (Parikh & Boyd 2014, 4.2).
+
+    Pure and functional, so it can sit inside a ``torch.compile``-d train step::
+
+        opt = pf.prox_sgd(pf.partition({...}), lr=0.1, momentum=0.9)
+        state = opt.init(params)
+
+        @torch.compile
+        def train_step(params, state, x, y, lr):
+            g = torch.func.grad(loss_fn)(params, x, y)
+            return opt.step(params, g, state, lr=lr)
+
+    ``lr`` given to :meth:`step` overrides the default (pass a 0-d tensor under
+    ``torch.compile`` so that a changing schedule does not recompile).
+    """
+
+    def __init__(
+        self,
+        prox: Prox | None = None,
+        lr: Hyper = 0.1,
+        *,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        if prox is not None and not isinstance(prox, Prox):
+            raise TypeError(f"prox_sgd: prox must be a proxfunc operator or None, got {type(prox).__name__}")
+        self.prox = identity() if prox is None else prox
+        self.lr = _lr("prox_sgd", lr)
+        self.momentum = float(check_hyper("prox_sgd", "momentum", momentum))
+        self.weight_decay = float(check_hyper("prox_sgd", "weight_decay", weight_decay))
+        if nesterov and self.momentum == 0:
+            raise ValueError("prox_sgd: nesterov needs momentum > 0")
+        self.nesterov = bool(nesterov)
+
+    def init(self, params: Any) -> ProxSGDState:
+        like = _first_leaf(params, "prox_sgd")
+        _warm(self.prox, params)
+        buf = _map(torch.zeros_like, params) if self.momentum else None
+        return ProxSGDState(buf, _scalar_like(0, like, torch.int64))
+
+    def step(self, params: Any, grads: Any, state: ProxSGDState, lr: Hyper | None = None) -> tuple[Any, ProxSGDState]:
+        """One step: ``(new_params, new_state)``; nothing is modified in place."""
+        lr = self.lr if lr is None else _lr("prox_sgd", lr)
+        d = grads
+        if self.weight_decay:
+            d = _axpy(self.weight_decay, params, d)
+        buf = state.momentum
+        if self.momentum:
+            first = state.count == 0
+            # torch.optim.SGD initialises the buffer with the first gradient
+            buf = _map(lambda b, di: torch.where(first, di, self.momentum * b + di), buf, d)
+            d = _axpy(self.momentum, buf, d) if self.nesterov else buf
+        new = self.prox(_axpy(-lr, d, params), lr)
+        return new, ProxSGDState(buf, state.count + 1)
+
+
+class prox_adam:  # noqa: N801
+    """Proximal Adam for ``torch.func`` loops: an Adam(W) update, then the prox.
+
+    The moments and the update ``u = m_hat / (sqrt(v_hat) + eps)`` are those of
+    ``torch.optim.Adam`` (``decoupled_weight_decay=True``: AdamW). Then
+
+        x <- prox(x - lr * u, step)
+
+    with the **prox step** chosen by ``prox_step``:
+
+    * ``"lr"`` (default): ``step = lr``, what :class:`proxfunc.compat.ProxOptimizer` does
+      around ``torch.optim.Adam``. Adam's update has magnitude about ``lr`` per entry
+      whatever the scale of the loss, so ``reg`` is measured against that normalised update:
+      it does not change if the loss is multiplied by a constant.
+    * ``"scaled"``: ``step = lr / mean(sqrt(v_hat) + eps)`` over all entries, the step of the
+      metric ``diag(sqrt(v_hat) + eps) / lr`` that Adam uses, averaged to one number (an
+      operator's step is a scalar). ``reg`` is then in the units of the loss, as for
+      :func:`proximal_gradient` and SGD: multiplying the loss and ``reg`` by the same
+      constant gives the same iterates. When the preconditioner is uniform this is the exact
+      prox in Adam's metric, so the fixed points are stationary points of ``loss + g``.
+
+    Pure and functional (usable inside ``torch.compile``); see :class:`prox_sgd` for the loop.
+    """
+
+    def __init__(
+        self,
+        prox: Prox | None = None,
+        lr: Hyper = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        prox_step: str = "lr",
+    ):
+        if prox is not None and not isinstance(prox, Prox):
+            raise TypeError(f"prox_adam: prox must be a proxfunc operator or None, got {type(prox).__name__}")
+        self.prox = identity() if prox is None else prox
+        self.lr = _lr("prox_adam", lr)
+        b1, b2 = betas
+        for name, b in (("betas[0]", b1), ("betas[1]", b2)):
+            if not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"prox_adam: {name} must be in [0, 1), got {b}")
+        self.betas = (float(b1), float(b2))
+        self.eps = float(check_hyper("prox_adam", "eps", eps))
+        self.weight_decay = float(check_hyper("prox_adam", "weight_decay", weight_decay))
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+        if prox_step not in ("lr", "scaled"):
+            raise ValueError(f"prox_adam: prox_step must be 'lr' or 'scaled', got {prox_step!r}")
+        self.prox_step = prox_step
+
+    def init(self, params: Any) -> ProxAdamState:
+        like = _first_leaf(params, "prox_adam")
+        _warm(self.prox, params)
+        return ProxAdamState(
+            _map(torch.zeros_like, params), _map(torch.zeros_like, params), _scalar_like(0, like, torch.int64)
+        )
+
+    def step(self, params: Any, grads: Any, state: ProxAdamState, lr: Hyper | None = None) -> tuple[Any, ProxAdamState]:
+        """One step: ``(new_params, new_state)``; nothing is modified in place."""
+        lr = self.lr if lr is None else _lr("prox_adam", lr)
+        b1, b2 = self.betas
+        count = state.count + 1
+        if self.weight_decay and self.decoupled_weight_decay:
+            params = _map(lambda x: x * (1 - lr * self.weight_decay), params)
+        elif self.weight_decay:
+            grads = _axpy(self.weight_decay, params, grads)
+        mu = _map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+        nu = _map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+        cf = count.to(torch.float64)
+        c1 = 1 - torch.pow(torch.full_like(cf, b1), cf)
+        c2 = 1 - torch.pow(torch.full_like(cf, b2), cf)
+        denom = _map(lambda v: torch.sqrt(v / c2.to(v.dtype)) + self.eps, nu)
+        upd = _map(lambda m, dn: (m / c1.to(m.dtype)) / dn, mu, denom)
+        moved = _axpy(-lr, upd, params)
+        if self.prox_step == "lr":
+            step = lr
+        else:
+            dl = _leaves(denom)
+            total = sum(x.sum().to(torch.float64) for x in dl)
+            n = sum(x.numel() for x in dl)
+            step = (lr / (total / n)).to(dl[0].dtype if dl[0].dtype == torch.float64 else torch.float32)
+        new = self.prox(moved, step)
+        return new, ProxAdamState(mu, nu, count)
