@@ -501,8 +501,10 @@ def _ind(ok: torch.Tensor, dtype) -> torch.Tensor:
     return indicator(ok, dtype)
 
 
-def _le(a: torch.Tensor, r: Any) -> torch.Tensor:
-    tol = feasible_tol(a, 64)
+def _le(a: torch.Tensor, r: Any, leaves: list[torch.Tensor]) -> torch.Tensor:
+    from .sets import set_tol
+
+    tol = set_tol(leaves, sum(x.numel() for x in leaves)) if leaves else feasible_tol(a, 1)
     return a <= r + tol * (a.abs() + abs(r))
 
 
@@ -511,15 +513,15 @@ def _conj_table() -> dict[type, Any]:
 
     def c_l1(op, leaves, tree):
         v = _flatv(leaves)
-        return _ind(_le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg), v.dtype)
+        return _ind(_le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg, leaves), v.dtype)
 
     def c_l2(op, leaves, tree):
         v = _flatv(leaves)
-        return _ind(_le(v.norm(), op.reg), v.dtype)
+        return _ind(_le(v.norm(), op.reg, leaves), v.dtype)
 
     def c_linf(op, leaves, tree):
         v = _flatv(leaves)
-        return _ind(_le(v.abs().sum(), op.reg), v.dtype)
+        return _ind(_le(v.abs().sum(), op.reg, leaves), v.dtype)
 
     def c_ridge(op, leaves, tree):
         v = _flatv(leaves)
@@ -527,7 +529,7 @@ def _conj_table() -> dict[type, Any]:
 
     def c_huber(op, leaves, tree):
         v = _flatv(leaves)
-        ok = _le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg * op.delta)
+        ok = _le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg * op.delta, leaves)
         return torch.where(ok, (v * v).sum() / (2 * op.reg), torch.full((), float("inf"), dtype=v.dtype))
 
     def c_quadratic(op, leaves, tree):
@@ -539,27 +541,29 @@ def _conj_table() -> dict[type, Any]:
         v = _flatv(leaves)
         return op.reg * torch.exp(v / op.reg - 1).sum()
 
+    from .sets import set_tol
+
     def c_max(op, leaves, tree):  # indicator of reg * simplex
         v = _flatv(leaves)
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         ok = (v >= 0).all() & ((v.sum() - op.reg).abs() <= tol * (v.abs().sum() + op.reg))
         return _ind(ok, v.dtype)
 
     def c_sumk(op, leaves, tree):  # indicator of {0 <= y <= reg, sum y = k reg}
         v = _flatv(leaves)
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         ok = (
             (v >= 0).all()
-            & _le(v.max(), op.reg)
+            & _le(v.max(), op.reg, leaves)
             & ((v.sum() - op.k * op.reg).abs() <= tol * (v.abs().sum() + op.k * op.reg))
         )
         return _ind(ok, v.dtype)
 
     def c_nuclear(op, leaves, tree):
-        return _ind(_le(matrix.spectral(1.0)._value(leaves, tree), op.reg), zeros_like_value(leaves).dtype)
+        return _ind(_le(matrix.spectral(1.0)._value(leaves, tree), op.reg, leaves), zeros_like_value(leaves).dtype)
 
     def c_spectral(op, leaves, tree):
-        return _ind(_le(matrix.nuclear(1.0)._value(leaves, tree), op.reg), zeros_like_value(leaves).dtype)
+        return _ind(_le(matrix.nuclear(1.0)._value(leaves, tree), op.reg, leaves), zeros_like_value(leaves).dtype)
 
     def c_l1_ball(op, leaves, tree):
         return op.radius * norms.linf(1.0)._value(leaves, tree)
@@ -577,12 +581,12 @@ def _conj_table() -> dict[type, Any]:
     def c_l21(op, leaves, tree):
         dims, _ = op.groups(leaves, tree)
         n = groups.l21(1.0, group_dim=op.group_dim)._norms(leaves, dims)
-        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg), n.dtype)
+        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg, leaves), n.dtype)
 
     def c_linf1(op, leaves, tree):
         dims, _ = op.groups(leaves, tree)
         n = _tree_total_abs(leaves, dims)
-        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg), n.dtype)
+        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg, leaves), n.dtype)
 
     def c_scale(op, leaves, tree):  # (a f)*(y) = a f*(y / a)
         inner = conjugate(op.op)

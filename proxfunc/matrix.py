@@ -23,10 +23,10 @@ import torch
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import feasible_tol, indicator, traceable, zeros_like_value
+from ._util import indicator, traceable, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
-from .sets import check_k
+from .sets import check_k, set_tol
 
 __all__ = ["nuclear", "nuclear_ball", "spectral", "rank_k"]
 
@@ -122,7 +122,7 @@ class nuclear_ball(Projection):  # noqa: N801
         if not leaves:
             return zeros_like_value(leaves)
         n = _tree.total([_svals(x).sum() for x in leaves], leaves)
-        tol = feasible_tol(leaves[0], sum(x.numel() for x in leaves))
+        tol = set_tol(leaves, sum(x.numel() for x in leaves))
         return indicator(n <= self.radius + tol * (n + abs(self.radius)), n.dtype)
 
 
@@ -201,6 +201,6 @@ class rank_k(Projection):  # noqa: N801
         for x in leaves:
             s = _svals(x)
             if s.shape[-1] > self.k:
-                tol = feasible_tol(s, s.shape[-1]) * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
+                tol = set_tol([x], x.shape[-1] * x.shape[-2]) * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
                 ok = ok.to(s.device) & (s[..., self.k :] <= tol).all()
         return indicator(ok, dtype)

@@ -61,6 +61,21 @@ def unflat(v: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.reshape(x.shape).to(x.dtype) for p, x in zip(parts, leaves)]
 
 
+def set_tol(leaves: list[torch.Tensor], n: int) -> float:
+    """Relative feasibility tolerance of a set test on ``leaves`` (``n`` entries reduced).
+
+    :func:`proxfunc._util.feasible_tol` covers the rounding of the test itself (in the
+    accumulation dtype); a float16/bfloat16 leaf also carries the rounding of the point to its own
+    dtype (``eps/2`` relative per entry, at most ``eps/2 * sqrt(n)`` for spectral quantities).
+    """
+    tol = feasible_tol(leaves[0], n) if leaves else 0.0
+    for x in leaves:
+        tol = max(tol, feasible_tol(x, n))
+        if x.dtype != _tree.acc_dtype(x):
+            tol = max(tol, 4 * float(torch.finfo(x.dtype).eps) * (1 + n**0.5))
+    return tol
+
+
 def _vec(owner: str, name: str, a, *, nonzero: bool = False) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         raise TypeError(f"{owner}: {name} must be a floating tensor, got {type(a).__name__}")
@@ -120,7 +135,7 @@ class hyperplane(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         a, gap = self._gap(v)
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         scale = a.abs() @ v.abs() + abs(_hyper_as(self.b, v))
         return indicator(gap.abs() <= tol * scale, v.dtype)
 
@@ -149,7 +164,7 @@ class halfspace(hyperplane):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         a, gap = self._gap(v)
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         return indicator(gap <= tol * (a.abs() @ v.abs() + abs(_hyper_as(self.b, v))), v.dtype)
 
 
@@ -208,7 +223,7 @@ class affine(Projection):  # noqa: N801
         A = self.A.to(device=v.device, dtype=v.dtype)
         b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype)
         r = (A @ v - b).abs()
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         return indicator((r <= tol * (A.abs() @ v.abs() + b.abs()) + tol).all(), v.dtype)
 
 
@@ -250,7 +265,7 @@ class soc(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v, y, s = self._parts(leaves)
         ny = safe_norm((y * y).sum())
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         return indicator(ny <= s + tol * (ny + s.abs()), v.dtype)
 
 
@@ -293,7 +308,7 @@ class psd(Projection):  # noqa: N801
         for x in leaves:
             xa = x.to(_tree.acc_dtype(x))
             n = x.shape[-1]
-            tol = feasible_tol(xa, n * n)
+            tol = set_tol([x], n * n)
             scale = xa.abs().amax(dim=(-1, -2), keepdim=True) if xa.numel() else xa.new_zeros(())
             sym = ((xa - xa.transpose(-1, -2)).abs() <= tol * scale).all()
             lam = torch.linalg.eigvalsh(0.5 * (xa + xa.transpose(-1, -2)))
@@ -333,7 +348,7 @@ class l2_sphere(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         n = safe_norm((v * v).sum())
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         return indicator((n - self.radius).abs() <= tol * (n + abs(self.radius)), v.dtype)
 
 
@@ -373,7 +388,7 @@ class l1_sphere(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         s = v.abs().sum()
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         return indicator((s - self.radius).abs() <= tol * (s + abs(self.radius)), v.dtype)
 
 
@@ -466,7 +481,7 @@ class box_hyperplane(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         a, lo, hi, b = self._data(v)
-        tol = feasible_tol(v, v.numel())
+        tol = set_tol(leaves, v.numel())
         inbox = ((v >= lo - tol * lo.abs()) & (v <= hi + tol * hi.abs())).all()
         on = ((a * v).sum() - b).abs() <= tol * ((a * v).abs().sum() + b.abs())
         return indicator(inbox & on, v.dtype)

@@ -1,0 +1,99 @@
+"""Properties every catalog operator must have, over its registered example (tests/cases.py).
+
+* convex operators: non-expansive, and the prox optimality inequality
+  ``f(y) >= f(p) + <(x - p)/t, y - p>`` for points ``y`` of ``dom f`` (``y`` is itself a prox
+  output, so it lies in the domain);
+* every operator: ``value`` finite at its own output (the output lies in ``dom f``), inputs
+  untouched, dtype kept and results finite for float32/bfloat16 and for inputs scaled by
+  1e-9..1e9, projections idempotent, the prox beats the input on the prox objective.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+
+from tests.cases import CASES
+
+SET = settings(max_examples=25, deadline=None)
+_FIRST = [c.name for c in CASES].index("ridge")
+CATALOG = CASES[_FIRST:]
+CONVEX = [c for c in CATALOG if c.convex]
+
+
+def leaves(t):
+    return [x for x in pytree.tree_leaves(t) if x is not None]
+
+
+def flat(t):
+    return torch.cat([x.reshape(-1).double() for x in leaves(t)])
+
+
+def dot(a, b):
+    return (flat(a) * flat(b)).sum()
+
+
+def sub(a, b):
+    return pytree.tree_map(lambda u, v: u - v, a, b)
+
+
+def scaled(t, s):
+    return pytree.tree_map(lambda u: u * s, t)
+
+
+@pytest.mark.parametrize("case", CONVEX, ids=repr)
+@SET
+@given(seed=st.integers(0, 10_000), t=st.sampled_from([0.1, 0.7, 3.0]), s=st.sampled_from([0.3, 1.0, 4.0]))
+def test_convex_nonexpansive_and_optimality(case, seed, t, s):
+    op = case.make_op()
+    x = scaled(case.make_params(torch.float64, seed), s)
+    w = scaled(case.make_params(torch.float64, seed + 1), s)
+    p, q = op(x, t), op(w, t)
+    assert (flat(p) - flat(q)).norm() <= (flat(x) - flat(w)).norm() * (1 + 1e-9) + 1e-12
+    # q is in dom f; f(q) >= f(p) + <(x - p)/t, q - p>
+    fp, fq = op.value(p), op.value(q)
+    assert torch.isfinite(fp) and torch.isfinite(fq)
+    lhs = fq
+    rhs = fp + dot(sub(x, p), sub(q, p)) / t
+    assert lhs >= rhs - 1e-9 * (1 + lhs.abs() + rhs.abs())
+
+
+@pytest.mark.parametrize("case", CATALOG, ids=repr)
+def test_output_in_domain_beats_input_and_idempotent(case):
+    op = case.make_op()
+    x = case.make_params(torch.float64, 3)
+    t = 0.7
+    p = op(x, t)
+    fp = op.value(p)
+    assert torch.isfinite(fp)
+    fx = op.value(x)
+    if torch.isfinite(fx):  # the prox objective at p is no worse than at x
+        assert fp + (flat(p) - flat(x)).pow(2).sum() / (2 * t) <= fx + 1e-10 * (1 + fx.abs())
+    if case.projection:
+        p2 = op(p, 2 * t)
+        for a, b in zip(leaves(p), leaves(p2)):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CATALOG, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_dtype_and_finite(case, dtype):
+    op = case.make_op()
+    x = case.make_params(dtype, 5)
+    out = op(x, 0.7)
+    for a, b in zip(leaves(x), leaves(out)):
+        assert b.dtype == dtype and b.shape == a.shape and torch.isfinite(b).all()
+    assert torch.isfinite(op.value(out))
+
+
+@pytest.mark.parametrize("case", CATALOG, ids=repr)
+@pytest.mark.parametrize("s", [1e-9, 1e9])
+def test_extreme_scales_finite(case, s):
+    op = case.make_op()
+    x = scaled(case.make_params(torch.float64, 7), s)
+    out = op(x, 0.7)
+    for b in leaves(out):
+        assert torch.isfinite(b).all()
