@@ -97,3 +97,16 @@ def test_extreme_scales_finite(case, s):
     out = op(x, 0.7)
     for b in leaves(out):
         assert torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("case", CATALOG, ids=repr)
+def test_pickle_repr_hash(case):
+    import pickle
+
+    op = case.make_op()
+    op2 = pickle.loads(pickle.dumps(op))
+    assert type(op2) is type(op) and repr(op2) == repr(op)
+    hash(op)
+    x = case.make_params(torch.float64, 2)
+    for a, b in zip(leaves(op(x, 0.5)), leaves(op2(x, 0.5))):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

@@ -315,3 +315,16 @@ def test_validation_errors_name_the_argument():
         pf.box_hyperplane(0.0, 1.0, 0.5, a=torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="entries"):
         pf.hyperplane(torch.ones(3), 0.0)(torch.zeros(4))
+
+
+@SET
+@given(x=vecs, s=scales)
+def test_soc_moreau_decomposition_with_polar_cone(x, s):
+    """K = SOC is self-dual, so its polar is -K: x = P_K(x) - P_K(-x), with orthogonal parts."""
+    x = x * s
+    op = pf.soc()
+    p, q = op(x), -op(-x)
+    assert torch.allclose(p + q, x, rtol=1e-12, atol=1e-12 * s)
+    assert abs(float(torch.dot(p, q))) <= 1e-12 * float(x.norm()) ** 2 + 1e-300
+    # the polar part lies in -K: ||q_y|| <= -q_s
+    assert q[:-1].norm() <= -q[-1] + 1e-12 * s
