@@ -406,9 +406,11 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
     """
     bl = (x - hi) / a  # below bl: clamp at hi
     bh = (x - lo) / a  # above bh: clamp at lo
+    eager = not traceable(x, a, lo, hi, b)
+    if not eager and iters is None:
+        return knapsack_lambda_sort(x, a, lo, hi, b)
     lo_l = bl.min()
     hi_l = bh.max()
-    eager = not traceable(x, a, lo, hi, b)
     if iters is None:
         iters = 64 if x.dtype == torch.float64 else 40
 
@@ -433,6 +435,32 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
     num = torch.where(free, a * x, torch.zeros_like(x)).sum() + torch.where(free, 0, a * fixed).sum() - b
     lam = torch.where(af2 > 0, num / torch.where(af2 > 0, af2, torch.ones_like(af2)), mid)
     return torch.clamp(lam, lo_l, hi_l)
+
+
+def knapsack_lambda_sort(x, a, lo, hi, b):
+    """The same multiplier as :func:`knapsack_lambda`, exactly, by sorting the ``2n`` breakpoints.
+
+    Fixed shapes and no data-dependent control flow (used under ``torch.compile`` and
+    ``torch.func`` transforms, where it compiles far faster than an unrolled bisection). Passing
+    the breakpoint ``(x_i - hi_i)/a_i`` frees entry ``i`` (intercept ``+a_i (x_i - hi_i)``, slope
+    ``-a_i^2``); passing ``(x_i - lo_i)/a_i`` pins it at ``lo_i`` (intercept ``+a_i (lo_i - x_i)``,
+    slope ``+a_i^2``). Cumulative sums give ``g = C_k + S_k lam`` on every segment; the segment
+    where ``g`` crosses ``b`` gives ``lam = (b - C_k) / S_k``.
+    """
+    n = x.numel()
+    p = torch.cat([(x - hi) / a, (x - lo) / a])
+    dC = torch.cat([a * (x - hi), a * (lo - x)])
+    dS = torch.cat([-a * a, a * a])
+    p, order = torch.sort(p)
+    C = (a * hi).sum() + torch.cumsum(dC[order], 0)
+    S = torch.cumsum(dS[order], 0)
+    gk = C + S * p
+    idx = torch.arange(2 * n, device=x.device)
+    k = torch.where(gk >= b, idx, torch.zeros_like(idx)).max().reshape(1)
+    Ck, Sk, pk = (t.gather(0, k)[0] for t in (C, S, p))  # gather: no data-dependent indexing
+    lam = torch.where(Sk < 0, (b - Ck) / torch.where(Sk < 0, Sk, -torch.ones_like(Sk)), pk)
+    hi_p = p.gather(0, torch.clamp(k + 1, max=2 * n - 1))[0]
+    return torch.clamp(lam, pk, torch.maximum(hi_p, pk))
 
 
 class box_hyperplane(Projection):  # noqa: N801

@@ -328,3 +328,20 @@ def test_soc_moreau_decomposition_with_polar_cone(x, s):
     assert abs(float(torch.dot(p, q))) <= 1e-12 * float(x.norm()) ** 2 + 1e-300
     # the polar part lies in -K: ||q_y|| <= -q_s
     assert q[:-1].norm() <= -q[-1] + 1e-12 * s
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_knapsack_sort_and_bisection_agree(seed):
+    """The traced (sort) and eager (bisection) multipliers give the same projection, ties included."""
+    from proxfunc.sets import knapsack_lambda, knapsack_lambda_sort
+
+    r = rng(seed)
+    n = 9
+    x = t64(np.round(r.normal(size=n), 1 if seed % 2 else 6))
+    a = t64(0.5 + r.random(n)) if seed % 3 else torch.ones(n, dtype=D)
+    lo, hi = t64(-r.random(n)), t64(r.random(n))
+    b = torch.tensor(float((a * (lo + (hi - lo) * r.random())).sum()), dtype=D)
+    z1 = torch.clamp(x - knapsack_lambda(x, a, lo, hi, b) * a, lo, hi)
+    z2 = torch.clamp(x - knapsack_lambda_sort(x, a, lo, hi, b) * a, lo, hi)
+    assert torch.allclose(z1, z2, atol=1e-12)
+    assert abs(float((a * z2).sum() - b)) < 1e-12
