@@ -22,7 +22,7 @@ import torch
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import indicator, zeros_like_value
+from ._util import indicator, safe_norm, zeros_like_value
 from .groups import GroupProx, _check_group_dim
 from .norms import Elementwise
 from .sets import _hyper_as, check_k, k_sparse, keep_largest
@@ -82,21 +82,24 @@ class group_l0(GroupProx):  # noqa: N801
 
     _public_name = "group_l0"
 
-    def _norms(self, leaves, dims):
+    def _sq(self, leaves, dims):
         return _tree.total([_tree.reduce_except(x, d, "sumsq") for x, d in zip(leaves, dims)], leaves)
+
+    def _norms(self, leaves, dims):  # group_norms(): the l2 norm of every group (for reports)
+        return safe_norm(self._sq(leaves, dims))
 
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
         dims, _ = self.groups(leaves, tree)
-        keep = self._norms(leaves, dims) > 2.0 * self.reg * step
+        keep = self._sq(leaves, dims) > 2.0 * self.reg * step
         return [torch.where(_tree.along(keep, x, d), x, torch.zeros_like(x)) for x, d in zip(leaves, dims)]
 
     def _value(self, leaves, tree):
         if not leaves:
             return zeros_like_value(leaves)
         dims, _ = self.groups(leaves, tree)
-        return self.reg * (self._norms(leaves, dims) > 0).sum().to(zeros_like_value(leaves).dtype)
+        return self.reg * (self._sq(leaves, dims) > 0).sum().to(zeros_like_value(leaves).dtype)
 
 
 class top_k(k_sparse):  # noqa: N801
