@@ -40,11 +40,78 @@ def _check_mats(owner: str, leaves, tree) -> None:
 
 
 def _svd(x: torch.Tensor):
-    return torch.linalg.svd(x.to(_tree.acc_dtype(x)), full_matrices=False)
+    """Thin SVD in the accumulation dtype. Only ``s`` stays in the autograd graph (the singular
+    vectors are detached; :class:`_SpectralApply` differentiates through them safely)."""
+    U, s, Vh = torch.linalg.svd(x.to(_tree.acc_dtype(x)), full_matrices=False)
+    return U.detach(), s, Vh.detach()
 
 
-def _rebuild(U, s, Vh, like):
-    return ((U * s.unsqueeze(-2)) @ Vh).to(like.dtype)
+class _SpectralApply(torch.autograd.Function):
+    """``Y = U diag(fs) V^T`` for ``X = U diag(s) V^T``, with a backward that stays finite.
+
+    ``fs = f(s)`` is computed by the caller in the graph (so gradients reach ``s``, and through
+    ``s`` the input, and any hyperparameter of ``f``); this function adds the part that flows
+    through the singular vectors. For ``A = U^T G V`` that part is
+
+        U (K_s o sym(A) + K_a o skew(A))_{offdiag} V^T
+        + (I - U U^T) G V diag(fs/s) V^T + U diag(fs/s) U^T G (I - V V^T),
+
+    ``K_s = (f_i - f_j)/(s_i - s_j)``, ``K_a = (f_i + f_j)/(s_i + s_j)`` (Lewis & Sendov 2005). At
+    equal (or zero) singular values the divided differences take their limit, the local slope of
+    ``f`` given in ``slope`` — where PyTorch's SVD backward divides by ``s_i^2 - s_j^2 = 0`` and
+    returns NaN (zero matrices, pruned layers, thresholded ties).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(X, U, s, Vh, fs, slope):
+        return (U * fs.unsqueeze(-2)) @ Vh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        X, U, s, Vh, fs, slope = inputs
+        ctx.save_for_backward(U, s, Vh, fs, slope)
+        ctx.shape = X.shape
+
+    @staticmethod
+    def backward(ctx, G):
+        U, s, Vh, fs, slope = ctx.saved_tensors
+        V = Vh.transpose(-1, -2)
+        Ut = U.transpose(-1, -2)
+        A = Ut @ G @ V
+        gfs = torch.diagonal(A, dim1=-2, dim2=-1)
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        fi, fj = fs.unsqueeze(-1), fs.unsqueeze(-2)
+        mean_slope = 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2))
+        tol = torch.finfo(s.dtype).eps * 8 * (s.amax(dim=-1, keepdim=True).unsqueeze(-1) + torch.finfo(s.dtype).tiny)
+        dif, tot = si - sj, si + sj
+        ks = torch.where(
+            dif.abs() > tol, (fi - fj) / torch.where(dif.abs() > tol, dif, torch.ones_like(dif)), mean_slope
+        )
+        ka = torch.where(tot > tol, (fi + fj) / torch.where(tot > tol, tot, torch.ones_like(tot)), mean_slope)
+        sym, skew = 0.5 * (A + A.transpose(-1, -2)), 0.5 * (A - A.transpose(-1, -2))
+        inner = ks * sym + ka * skew
+        k = s.shape[-1]
+        eye = torch.eye(k, dtype=s.dtype, device=s.device)
+        inner = inner * (1 - eye)
+        gX = U @ inner @ Vh
+        tol1 = tol.squeeze(-1)
+        ratio = torch.where(s > tol1, fs / torch.where(s > tol1, s, torch.ones_like(s)), slope)
+        m, n = ctx.shape[-2], ctx.shape[-1]
+        if m > k:
+            GV = G @ V
+            gX = gX + ((GV - U @ (Ut @ GV)) * ratio.unsqueeze(-2)) @ Vh
+        if n > k:
+            UtG = Ut @ G
+            gX = gX + (U * ratio.unsqueeze(-2)) @ (UtG - (UtG @ V) @ Vh)
+        return gX, None, None, None, gfs, None
+
+
+def _spectral(x: torch.Tensor, U, s, Vh, fs, slope) -> torch.Tensor:
+    """``U diag(fs) Vh`` cast like ``x``, differentiable through the singular vectors safely."""
+    xa = x.to(s.dtype)
+    return _SpectralApply.apply(xa, U, s, Vh, fs, slope.to(s.dtype)).to(x.dtype)
 
 
 def _svals(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +146,8 @@ class nuclear(Prox):  # noqa: N801
         out = []
         for x in leaves:
             U, s, Vh = _svd(x)
-            out.append(_rebuild(U, torch.clamp_min(s - self.reg * step, 0), Vh, x))
+            t = self.reg * step
+            out.append(_spectral(x, U, s, Vh, torch.clamp_min(s - t, 0), s > t))
         return out
 
     def _value(self, leaves, tree):
@@ -113,7 +181,7 @@ class nuclear_ball(Projection):  # noqa: N801
         tau = _joint_tau([s for _, s, _ in svd], self.radius, leaves)
         inside = tau <= 0
         return [
-            torch.where(inside, x, _rebuild(U, torch.clamp_min(s - tau, 0), Vh, x))
+            torch.where(inside, x, _spectral(x, U, s, Vh, torch.clamp_min(s - tau, 0), s > tau))
             for x, (U, s, Vh) in zip(leaves, svd)
         ]
 
@@ -149,7 +217,7 @@ class spectral(Prox):  # noqa: N801
             return []
         svd = [_svd(x) for x in leaves]
         tau = _joint_tau([s for _, s, _ in svd], self.reg * step, leaves)
-        return [_rebuild(U, torch.minimum(s, tau), Vh, x) for x, (U, s, Vh) in zip(leaves, svd)]
+        return [_spectral(x, U, s, Vh, torch.minimum(s, tau), s < tau) for x, (U, s, Vh) in zip(leaves, svd)]
 
     def _value(self, leaves, tree):
         _check_mats(self._name(), leaves, tree)
@@ -190,8 +258,8 @@ class rank_k(Projection):  # noqa: N801
         out = []
         for x in leaves:
             U, s, Vh = _svd(x)
-            keep = torch.arange(s.shape[-1], device=s.device) < self.k
-            out.append(_rebuild(U, torch.where(keep, s, torch.zeros_like(s)), Vh, x))
+            keep = (torch.arange(s.shape[-1], device=s.device) < self.k).expand(s.shape)
+            out.append(_spectral(x, U, s, Vh, torch.where(keep, s, torch.zeros_like(s)), keep))
         return out
 
     def _value(self, leaves, tree):
