@@ -509,8 +509,10 @@ class box_hyperplane(Projection):  # noqa: N801
         if not traceable(v, a, lo, hi, b):
             smin, smax = float((a * lo).sum()), float((a * hi).sum())
             tol = feasible_tol(v, v.numel()) * (abs(smin) + abs(smax))
-            if not smin - tol <= float(b) <= smax + tol:
-                raise ValueError(f"box_hyperplane: b={float(b)} is outside [<a, lower>, <a, upper>] = [{smin}, {smax}]")
+            if not smin - tol <= float(b.detach()) <= smax + tol:
+                raise ValueError(
+                    f"box_hyperplane: b={float(b.detach())} is outside [<a, lower>, <a, upper>] = [{smin}, {smax}]"
+                )
         lam = knapsack_lambda(v, a, lo, hi, b)
         return unflat(torch.clamp(v - lam * a, lo, hi), leaves)
 

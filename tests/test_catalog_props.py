@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
+import proxfunc as pf
 from tests.cases import CASES
 
 SET = settings(max_examples=25, deadline=None)
@@ -110,3 +111,45 @@ def test_pickle_repr_hash(case):
     x = case.make_params(torch.float64, 2)
     for a, b in zip(leaves(op(x, 0.5)), leaves(op2(x, 0.5))):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+_HYPER = {
+    "ridge": lambda r: pf.ridge(r),
+    "huber.reg": lambda r: pf.huber(r, 0.5),
+    "huber.delta": lambda r: pf.huber(0.7, r),
+    "neg_entropy": lambda r: pf.neg_entropy(r),
+    "sum_largest": lambda r: pf.sum_largest(3, r),
+    "max_entry": lambda r: pf.max_entry(r),
+    "l2_sphere": lambda r: pf.l2_sphere(r),
+    "l1_sphere": lambda r: pf.l1_sphere(r),
+    "box_hyperplane.b": lambda r: pf.box_hyperplane(-1.0, 1.0, r),
+    "hyperplane.b": lambda r: pf.hyperplane(torch.ones(24, dtype=torch.float64), r),
+    "index_l21": lambda r: pf.index_l21(torch.arange(24) % 5, r),
+    "index_linf1": lambda r: pf.index_linf1(torch.arange(24) % 5, r),
+    "sparse_group_lasso": lambda r: pf.sparse_group_lasso(r, 0.3),
+    "nuclear": lambda r: pf.nuclear(r),
+    "nuclear_ball": lambda r: pf.nuclear_ball(3 * r),
+    "spectral": lambda r: pf.spectral(r),
+    "scad": lambda r: pf.scad(r),
+    "mcp": lambda r: pf.mcp(r),
+    "scale": lambda r: pf.scale(pf.l1(0.3), r),
+    "precompose": lambda r: pf.precompose(pf.l1(0.3), r, 0.1),
+    "add_quadratic": lambda r: pf.add_quadratic(pf.l1(0.3), r, 0.2),
+    "moreau_env": lambda r: pf.moreau_env(pf.l1(0.3), r),
+}
+
+
+@pytest.mark.parametrize("name", list(_HYPER), ids=str)
+def test_hyperparameter_gradient_matches_finite_difference(name):
+    """A tensor hyperparameter may require grad (hyperparameter learning through the prox)."""
+    f = _HYPER[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    r = torch.tensor(0.61, dtype=torch.float64, requires_grad=True)
+    (gr,) = torch.autograd.grad((f(r)(x, 0.7) * w).sum(), r)
+    h = 1e-6
+    up = (f(torch.tensor(0.61 + h, dtype=torch.float64))(x, 0.7) * w).sum()
+    dn = (f(torch.tensor(0.61 - h, dtype=torch.float64))(x, 0.7) * w).sum()
+    fd = (up - dn) / (2 * h)
+    assert abs(float(gr) - float(fd)) <= 1e-5 * (1 + abs(float(fd)))
