@@ -426,9 +426,10 @@ class conjugate(Prox):  # noqa: N801
         op(x, t) = x - t * f.prox(x / t, 1 / t).
 
     Exact for every closed convex ``f``. ``value`` uses the closed form of ``f*`` for the operators
-    whose conjugate is known (norms <-> dual-norm balls, ridge, Huber, quadratic with ``A`` positive
-    definite, negative entropy, max entry, sum of k largest, nuclear <-> spectral, cones, scale,
-    conjugate); for others it raises ``NotImplementedError`` (the prox still works).
+    whose conjugate is known (norms <-> dual-norm balls, elastic net, log barrier, ridge, Huber,
+    quadratic with ``A`` positive definite, negative entropy, max entry, sum of k largest, nuclear
+    <-> spectral, box and simplex (support functions), nonneg / PSD / SOC cones (polar cones),
+    l21, linf1, scale, conjugate); for others it raises ``NotImplementedError`` (the prox still works).
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
     """
 
@@ -509,7 +510,7 @@ def _le(a: torch.Tensor, r: Any, leaves: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _conj_table() -> dict[type, Any]:
-    from . import groups, matrix, norms, projections, smooth
+    from . import groups, matrix, norms, projections, sets, smooth
 
     def c_l1(op, leaves, tree):
         v = _flatv(leaves)
@@ -599,7 +600,53 @@ def _conj_table() -> dict[type, Any]:
         v = _flatv(leaves)
         return _ind((v == 0).all(), v.dtype)
 
+    def c_elastic(op, leaves, tree):  # sum (|y| - reg)_+^2 / (2 reg gamma); gamma = 0: ind(|y| <= reg)
+        v = _flatv(leaves)
+        ex = torch.clamp_min(v.abs() - op.reg, 0)
+        if isinstance(op.gamma, float) and op.gamma == 0.0:
+            return _ind(_le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg, leaves), v.dtype)
+        return (ex * ex).sum() / (2 * op.reg * op.gamma)
+
+    def c_log_barrier(op, leaves, tree):  # sum -reg + reg log(reg) - reg log(-y), y < 0
+        v = _flatv(leaves)
+        neg = v < 0
+        val = (-op.reg + op.reg * torch.log(torch.as_tensor(op.reg, dtype=v.dtype))) * v.numel()
+        val = val - op.reg * torch.log(torch.where(neg, -v, torch.ones_like(v))).sum()
+        return torch.where(neg.all(), val, torch.full_like(val, float("inf")))
+
+    def c_box(op, leaves, tree):  # support function: sum max(lower*y, upper*y)
+        parts = []
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            lo, hi = op._bound(op.lower, xa), op._bound(op.upper, xa)
+            lo_t = torch.as_tensor(lo, dtype=xa.dtype, device=xa.device)
+            hi_t = torch.as_tensor(hi, dtype=xa.dtype, device=xa.device)
+            # 0 * inf = nan: an entry y_j = 0 contributes 0 whatever the bound
+            a = torch.where(xa > 0, xa * hi_t, torch.where(xa < 0, xa * lo_t, torch.zeros_like(xa)))
+            parts.append(a.sum())
+        return total(parts, leaves)
+
+    def c_simplex(op, leaves, tree):
+        return op.radius * _flatv(leaves).max()
+
+    def c_nuclear_ball(op, leaves, tree):
+        return op.radius * matrix.spectral(1.0)._value(leaves, tree)
+
+    def c_psd(op, leaves, tree):  # polar cone in the space of all matrices: {Y : sym(Y) NSD}
+        neg = [-0.5 * (x + x.transpose(-1, -2)) for x in leaves]
+        return sets.psd()._value(neg, tree)
+
+    def c_soc(op, leaves, tree):  # polar cone of the (self-dual) SOC is -SOC
+        return sets.soc()._value([(-x) for x in leaves], tree)
+
     return {
+        norms.elastic_net: c_elastic,
+        norms.log_barrier: c_log_barrier,
+        projections.box: c_box,
+        projections.simplex: c_simplex,
+        matrix.nuclear_ball: c_nuclear_ball,
+        sets.psd: c_psd,
+        sets.soc: c_soc,
         norms.l1: c_l1,
         norms.l2: c_l2,
         norms.linf: c_linf,

@@ -154,10 +154,20 @@ def test_conjugate_values_vs_numerical_sup(y):
     ent = conj_sup(lambda z: reg * z * np.log(np.maximum(z, 1e-300)), y, 1e-300, 1e3).sum()
     assert np.isclose(float(pf.conjugate(pf.neg_entropy(reg)).value(t64(y))), ent, rtol=1e-6)
     # Fenchel-Young at the prox: f(p) + f*(u) = <p, u> with p = prox_f(x), u = x - p
-    for f in (pf.ridge(reg), pf.huber(reg, 0.5), pf.l1(reg), pf.l2(reg), pf.linf(reg), pf.sum_largest(2, reg)):
+    fs = (pf.ridge(reg), pf.huber(reg, 0.5), pf.l1(reg), pf.l2(reg), pf.linf(reg), pf.sum_largest(2, reg))
+    fs += (pf.elastic_net(reg, 0.5), pf.log_barrier(reg), pf.box(-0.5, 2.0), pf.simplex(2.0), pf.soc())
+    fs += (pf.max_entry(reg), pf.neg_entropy(reg), pf.scale(pf.l2(reg), 2.0), pf.l2_ball(1.3), pf.linf_ball(0.4))
+    for f in fs:
         x = t64(y)
         p = f(x, 1.0)
         u = x - p
+        fy = f.value(p) + pf.conjugate(f).value(u)
+        assert torch.allclose(fy, (p * u).sum(), rtol=1e-9, atol=1e-9), f
+    # matrices: nuclear <-> spectral ball, nuclear ball <-> spectral norm, PSD <-> NSD
+    X = t64(np.resize(y, 9)).reshape(3, 3)
+    for f in (pf.nuclear(reg), pf.spectral(reg), pf.nuclear_ball(1.1), pf.psd()):
+        p = f(X, 1.0)
+        u = X - p
         fy = f.value(p) + pf.conjugate(f).value(u)
         assert torch.allclose(fy, (p * u).sum(), rtol=1e-9, atol=1e-9), f
 
@@ -170,7 +180,7 @@ def test_scale_of_conjugate_and_projection_flags():
     assert torch.allclose(pf.conjugate(pf.scale(pf.l1(0.5), 2.0)).value(x * 0.1), torch.tensor(0.0, dtype=D))
     assert torch.isinf(pf.conjugate(pf.scale(pf.l1(0.5), 2.0)).value(x))
     with pytest.raises(NotImplementedError, match="no closed form"):
-        pf.conjugate(pf.log_barrier(1.0)).value(x)
+        pf.conjugate(pf.halfspace(torch.ones(2, dtype=D), 1.0)).value(x)
 
 
 def test_pytrees_and_partition_inside_rules():
