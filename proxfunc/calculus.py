@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._base import Hyper, Prox, check_hyper, check_step
+from ._base import Hyper, Prox, check_hyper, check_step, is_concrete
 from ._tree import acc_dtype, flatten, total
 from ._util import feasible_tol, indicator, zeros_like_value
 
@@ -340,7 +340,9 @@ class precompose(Prox):  # noqa: N801
 
     def __init__(self, op: Prox, alpha: Hyper = 1.0, b: Any = 0.0):
         alpha = check_hyper("precompose", "alpha", alpha, min_value=None)
-        if isinstance(alpha, float) and alpha == 0.0:
+        if (isinstance(alpha, float) and alpha == 0.0) or (
+            isinstance(alpha, torch.Tensor) and is_concrete(alpha) and bool(alpha.detach() == 0)
+        ):
             raise ValueError("precompose: alpha must be non-zero")
         self._set(op=_as_op("precompose", "op", op), alpha=alpha, b=_check_arg("precompose", "b", b))
 

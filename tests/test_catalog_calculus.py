@@ -203,6 +203,8 @@ def test_validation():
         pf.scale(pf.l1(), 0.0)
     with pytest.raises(ValueError, match="alpha must be non-zero"):
         pf.precompose(pf.l1(), 0.0)
+    with pytest.raises(ValueError, match="alpha must be non-zero"):
+        pf.precompose(pf.l1(), torch.tensor(0.0))
     with pytest.raises(ValueError, match="rho"):
         pf.add_quadratic(pf.l1(), -1.0)
     with pytest.raises(ValueError, match="mu"):
