@@ -507,7 +507,8 @@ def _ind(ok: torch.Tensor, dtype) -> torch.Tensor:
 def _le(a: torch.Tensor, r: Any, leaves: list[torch.Tensor]) -> torch.Tensor:
     from .sets import set_tol
 
-    tol = set_tol(leaves, sum(x.numel() for x in leaves)) if leaves else feasible_tol(a, 1)
+    # generous (8x): the argument is often a difference x - prox(x), rounded relative to x
+    tol = 8 * (set_tol(leaves, sum(x.numel() for x in leaves)) if leaves else feasible_tol(a, 1))
     return a <= r + tol * (a.abs() + abs(r))
 
 
@@ -635,8 +636,15 @@ def _conj_table() -> dict[type, Any]:
         return op.radius * matrix.spectral(1.0)._value(leaves, tree)
 
     def c_psd(op, leaves, tree):  # polar cone in the space of all matrices: {Y : sym(Y) NSD}
-        neg = [-0.5 * (x + x.transpose(-1, -2)) for x in leaves]
-        return sets.psd()._value(neg, tree)
+        sets.psd()._check(leaves, tree)
+        ok = torch.ones((), dtype=torch.bool)
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            n = x.shape[-1]
+            lam = torch.linalg.eigvalsh(0.5 * (xa + xa.transpose(-1, -2)))
+            scale = n * xa.abs().amax(dim=(-1, -2)).unsqueeze(-1)  # the whole Y, skew part included
+            ok = ok.to(x.device) & (lam <= set_tol([x], n * n) * n * scale).all()
+        return _ind(ok, zeros_like_value(leaves).dtype)
 
     def c_soc(op, leaves, tree):  # polar cone of the (self-dual) SOC is -SOC
         return sets.soc()._value([(-x) for x in leaves], tree)

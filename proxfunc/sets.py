@@ -196,13 +196,14 @@ class affine(Projection):  # noqa: N801
             U, s, Vh = torch.linalg.svd(Ad, full_matrices=False)
             tol = max(A.shape) * torch.finfo(torch.float64).eps * (s.max() if s.numel() else 0.0)
             keep = s > tol
+            cond = float(s[0] / s[keep][-1]) if bool(keep.any()) else 1.0
             V = Vh[keep].T  # (n, r)
             W = U[:, keep].T / s[keep].unsqueeze(1)  # (r, m) = S^-1 U^T
             bd = b.detach().double().reshape(-1)
             resid = bd - U[:, keep] @ (U[:, keep].T @ bd)
             if float(resid.norm()) > 1e-9 * (1.0 + float(bd.norm())):
                 raise ValueError("affine: b is not in the range of A; the set {z : A z = b} is empty")
-        self._set(_cache_V=V, _cache_W=W)
+        self._set(_cache_V=V, _cache_W=W, _cache_cond=cond)
 
     def _prox(self, leaves, step, tree):
         if not leaves:
@@ -223,7 +224,7 @@ class affine(Projection):  # noqa: N801
         A = self.A.to(device=v.device, dtype=v.dtype)
         b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype)
         r = (A @ v - b).abs()
-        tol = set_tol(leaves, v.numel())
+        tol = set_tol(leaves, v.numel()) * (1 + self._cache_cond)  # a projection's residual grows with cond(A)
         return indicator((r <= tol * (A.abs() @ v.abs() + b.abs()) + tol).all(), v.dtype)
 
 
@@ -308,8 +309,10 @@ class psd(Projection):  # noqa: N801
         for x in leaves:
             xa = x.to(_tree.acc_dtype(x))
             n = x.shape[-1]
-            tol = set_tol([x], n * n)
-            scale = xa.abs().amax(dim=(-1, -2), keepdim=True) if xa.numel() else xa.new_zeros(())
+            # eigh's error is ~eps * n * ||X||: measure against the Frobenius norm, times n
+            tol = set_tol([x], n * n) * n
+            # n * max|x| bounds the Frobenius norm without squaring (no underflow for tiny X)
+            scale = n * xa.abs().amax(dim=(-1, -2), keepdim=True) if xa.numel() else xa.new_zeros(())
             sym = ((xa - xa.transpose(-1, -2)).abs() <= tol * scale).all()
             lam = torch.linalg.eigvalsh(0.5 * (xa + xa.transpose(-1, -2)))
             pos = (lam >= -tol * scale.squeeze(-1)).all() if lam.numel() else torch.ones((), dtype=torch.bool)
@@ -383,6 +386,7 @@ class l1_sphere(Projection):  # noqa: N801
         c = (r - a.sum()) / max(v.numel(), 1)
         sgn = torch.where(v < 0, -torch.ones_like(v), torch.ones_like(v))
         out = torch.where(a.sum() >= r, ball, v + c * sgn)
+        out = torch.where(torch.as_tensor(r) == 0, torch.zeros_like(out), out)  # the sphere is {0}
         return unflat(out, leaves)
 
     def _value(self, leaves, tree):

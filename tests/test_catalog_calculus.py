@@ -160,14 +160,15 @@ def test_conjugate_values_vs_numerical_sup(y):
     for f in fs:
         x = t64(y)
         p = f(x, 1.0)
-        u = x - p
+        u = -f(-x, 1.0) if isinstance(f, pf.soc) else x - p  # cone: u = P_polar(x) (Moreau)
         fy = f.value(p) + pf.conjugate(f).value(u)
         assert torch.allclose(fy, (p * u).sum(), rtol=1e-9, atol=1e-9), f
     # matrices: nuclear <-> spectral ball, nuclear ball <-> spectral norm, PSD <-> NSD
     X = t64(np.resize(y, 9)).reshape(3, 3)
     for f in (pf.nuclear(reg), pf.spectral(reg), pf.nuclear_ball(1.1), pf.psd()):
         p = f(X, 1.0)
-        u = X - p
+        # for the cone, u = P_polar(X) = -P(-X) (Moreau): X - p is only NSD up to rounding of X
+        u = -f(-X, 1.0) if isinstance(f, pf.psd) else X - p
         fy = f.value(p) + pf.conjugate(f).value(u)
         assert torch.allclose(fy, (p * u).sum(), rtol=1e-9, atol=1e-9), f
 
