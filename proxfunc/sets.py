@@ -405,9 +405,12 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
     lies strictly inside the bracket, ``g`` is linear on it and the free set at the midpoint gives
     ``lam`` in closed form (the exact finish). Eagerly the bisection stops as soon as the active
     pattern is the same at both ends of the bracket; under tracing (``torch.compile``,
-    ``torch.func``) it runs a fixed number of steps (64 in float64, 40 otherwise: the bracket is
-    then below one ulp of ``lam`` and the closed form, clamped to the bracket, is exact).
+    ``torch.func``) the exact sort-based :func:`knapsack_lambda_sort` is used instead (or, with an
+    explicit ``iters``, that many steps). float32 inputs are solved in float64.
     """
+    if x.dtype == torch.float32:  # sums over n terms decide the root: accumulate in float64
+        args = (t.to(torch.float64) for t in (x, a, lo, hi, torch.as_tensor(b, device=x.device)))
+        return knapsack_lambda(*args, iters=iters).to(x.dtype)
     bl = (x - hi) / a  # below bl: clamp at hi
     bh = (x - lo) / a  # above bh: clamp at lo
     eager = not traceable(x, a, lo, hi, b)
@@ -416,7 +419,7 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
     lo_l = bl.min()
     hi_l = bh.max()
     if iters is None:
-        iters = 64 if x.dtype == torch.float64 else 40
+        iters = 64
 
     def g(lam):
         return (a * torch.clamp(x - lam * a, lo, hi)).sum()
@@ -451,6 +454,9 @@ def knapsack_lambda_sort(x, a, lo, hi, b):
     slope ``+a_i^2``). Cumulative sums give ``g = C_k + S_k lam`` on every segment; the segment
     where ``g`` crosses ``b`` gives ``lam = (b - C_k) / S_k``.
     """
+    if x.dtype == torch.float32:  # cumulative sums over 2n terms: accumulate in float64
+        lam = knapsack_lambda_sort(*(t.to(torch.float64) for t in (x, a, lo, hi, torch.as_tensor(b, device=x.device))))
+        return lam.to(x.dtype)
     n = x.numel()
     p = torch.cat([(x - hi) / a, (x - lo) / a])
     dC = torch.cat([a * (x - hi), a * (lo - x)])
