@@ -18,7 +18,7 @@ import torch
 
 from ._base import Hyper, Prox, check_hyper
 from ._util import safe_norm, traceable, zeros_like_value
-from .groups import l21
+from .groups import _check_group_dim, l21
 from .kernels import threshold
 from .norms import l1
 from .sets import flat, unflat
@@ -154,7 +154,7 @@ class sparse_group_lasso(Prox):  # noqa: N801
         self._set(
             reg_l1=check_hyper(name, "reg_l1", reg_l1),
             reg_group=check_hyper(name, "reg_group", reg_group),
-            group_dim=group_dim,
+            group_dim=_check_group_dim(name, group_dim),
         )
         self._set(_cache_ops=(l1(self.reg_l1), l21(self.reg_group, group_dim=group_dim)))
 
