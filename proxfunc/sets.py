@@ -214,9 +214,11 @@ class affine(Projection):  # noqa: N801
             raise ValueError(f"affine: A has {self.A.shape[1]} columns but params has {n} entries")
         A = self.A.to(device=v.device, dtype=v.dtype)
         b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype)
+        r = A @ v - b
+        if self.A.requires_grad:  # hyperparameter learning in A: differentiate the pseudo-inverse
+            return unflat(v - torch.linalg.pinv(A) @ r, leaves)
         V = self._cache_V.to(device=v.device, dtype=v.dtype)
         W = self._cache_W.to(device=v.device, dtype=v.dtype)
-        r = A @ v - b
         return unflat(v - V @ (W @ r), leaves)
 
     def _value(self, leaves, tree):

@@ -356,3 +356,19 @@ def test_radius_zero_with_tied_entries():
         assert pf.l1_ball(0.0)(x).abs().max() <= 1e-15 * x.abs().max()
         assert torch.allclose(pf.max_entry(0.0)(x, 1.0), x, rtol=1e-15, atol=0)
         assert torch.allclose(pf.spectral(0.0)(x.reshape(2, 3), 1.0), x.reshape(2, 3), rtol=1e-12, atol=0)
+
+
+def test_affine_gradient_in_A_and_b():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(2, 5, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(2, generator=g, dtype=D, requires_grad=True)
+    x, w = torch.randn(5, generator=g, dtype=D), torch.randn(5, generator=g, dtype=D)
+    gA, gb = torch.autograd.grad((pf.affine(A, b)(x) * w).sum(), (A, b))
+    h = 1e-6
+    E = torch.zeros(2, 5, dtype=D)
+    E[1, 3] = h
+    fd = ((pf.affine(A.detach() + E, b.detach())(x) - pf.affine(A.detach() - E, b.detach())(x)) * w).sum() / (2 * h)
+    assert abs(float(gA[1, 3]) - float(fd)) < 1e-6
+    e = torch.tensor([0.0, h], dtype=D)
+    fd = ((pf.affine(A.detach(), b.detach() + e)(x) - pf.affine(A.detach(), b.detach() - e)(x)) * w).sum() / (2 * h)
+    assert abs(float(gb[1]) - float(fd)) < 1e-6
