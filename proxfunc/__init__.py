@@ -9,11 +9,16 @@ In-place use on modules, the seed's API and an optimizer wrapper live in
 
 from . import autosize
 from ._base import Prox
-from .calculus import chain, identity, partition
+from .calculus import add_linear, add_quadratic, chain, conjugate, identity, moreau_env, partition, precompose, scale
 from .groups import l21, linf1
+from .index_groups import index_l21, index_linf1, sparse_group_lasso
+from .matrix import nuclear, nuclear_ball, rank_k, spectral
+from .nonconvex import group_l0, group_top_k, l0, mcp, scad, top_k
 from .norms import elastic_net, l1, l2, linf, log_barrier
 from .projections import box, l1_ball, l2_ball, linf_ball, nonneg, simplex
 from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
+from .sets import affine, box_hyperplane, halfspace, hyperplane, k_sparse, l1_sphere, l2_sphere, psd, soc
+from .smooth import huber, max_entry, neg_entropy, quadratic, ridge, sum_largest
 
 __version__ = "0.1.0.dev0"
 
@@ -48,4 +53,44 @@ __all__ = [
     "ProxGradResult",
     "prox_sgd",
     "prox_adam",
+    # catalog: smooth terms and order statistics
+    "ridge",
+    "quadratic",
+    "huber",
+    "neg_entropy",
+    "sum_largest",
+    "max_entry",
+    # catalog: sets
+    "hyperplane",
+    "halfspace",
+    "affine",
+    "soc",
+    "psd",
+    "l2_sphere",
+    "l1_sphere",
+    "box_hyperplane",
+    "k_sparse",
+    # catalog: index groups
+    "index_l21",
+    "index_linf1",
+    "sparse_group_lasso",
+    # catalog: matrices
+    "nuclear",
+    "nuclear_ball",
+    "spectral",
+    "rank_k",
+    # catalog: non-convex (pruning)
+    "l0",
+    "group_l0",
+    "top_k",
+    "group_top_k",
+    "scad",
+    "mcp",
+    # catalog: calculus rules
+    "scale",
+    "precompose",
+    "add_linear",
+    "add_quadratic",
+    "conjugate",
+    "moreau_env",
 ]

@@ -11,11 +11,21 @@ from typing import Any
 
 import torch
 
-from ._base import Hyper, Prox, check_step
-from ._tree import flatten, total
-from ._util import zeros_like_value
+from ._base import Hyper, Prox, check_hyper, check_step, is_concrete
+from ._tree import acc_dtype, flatten, total
+from ._util import feasible_tol, indicator, zeros_like_value
 
-__all__ = ["identity", "chain", "partition"]
+__all__ = [
+    "identity",
+    "chain",
+    "partition",
+    "scale",
+    "precompose",
+    "add_linear",
+    "add_quadratic",
+    "conjugate",
+    "moreau_env",
+]
 
 
 class identity(Prox):  # noqa: N801
@@ -244,3 +254,443 @@ def _known(names: tuple[str, ...]) -> str:
     shown = ", ".join(repr(n) for n in names[:8])
     more = f" and {len(names) - 8} more" if len(names) > 8 else ""
     return f"known names: {shown}{more}" if names else "params is empty"
+
+
+# =============================================================================================
+# Calculus rules (Parikh & Boyd 2014, section 2.2): operators built from operators.
+# =============================================================================================
+
+
+def _apply(op: Prox, leaves: list[torch.Tensor], step: Hyper, tree: Any) -> list[torch.Tensor]:
+    """``op`` on the tree rebuilt from ``leaves``; the result's tensor leaves."""
+    return flatten(op(tree.unflatten(leaves), step), op._name())[0]
+
+
+def _val(op: Prox, leaves: list[torch.Tensor], tree: Any) -> torch.Tensor:
+    return op.value(tree.unflatten(leaves))
+
+
+def _tree_arg(owner: str, name: str, v: Any, leaves: list[torch.Tensor], tree: Any) -> list[Any]:
+    """A float / 0-d tensor (broadcast to every leaf) or a pytree with the structure of params."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [float(v)] * len(leaves)
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        return [v] * len(leaves)
+    vl, _ = flatten(v, owner)
+    if len(vl) != len(leaves):
+        raise ValueError(f"{owner}: {name} must be a number or a pytree with the structure of params")
+    for a, x, p in zip(vl, leaves, tree.paths):
+        if a.shape != x.shape:
+            raise ValueError(f"{owner}: {name}{p} has shape {tuple(a.shape)}, params{p} has {tuple(x.shape)}")
+    return vl
+
+
+def _check_arg(owner: str, name: str, v: Any) -> Any:
+    if isinstance(v, bool):
+        raise TypeError(f"{owner}: {name} must be a number, a tensor or a pytree of tensors")
+    if isinstance(v, (int, float)):
+        return check_hyper(owner, name, float(v), min_value=None)
+    return v
+
+
+def _cast(v: Any, x: torch.Tensor) -> Any:
+    return v.to(device=x.device, dtype=x.dtype) if isinstance(v, torch.Tensor) else v
+
+
+def _dot(a: list[Any], b: list[torch.Tensor]) -> torch.Tensor:
+    parts = []
+    for u, x in zip(a, b):
+        xa = x.to(acc_dtype(x))
+        parts.append((xa * _cast(u, xa)).sum())
+    return total(parts, b)
+
+
+class scale(Prox):  # noqa: N801
+    """Prox of ``g = a * f`` for ``a > 0``: ``op(x, t) = f.prox(x, a*t)``; ``value = a * f.value``.
+
+    Parikh & Boyd (2014) section 2.2 (postcomposition).
+    """
+
+    _fields = ("op", "a")
+    _public_name = "scale"
+
+    def __init__(self, op: Prox, a: Hyper = 1.0):
+        self._set(op=_as_op("scale", "op", op), a=check_hyper("scale", "a", a, strict=True))
+        object.__setattr__(self, "is_projection", op.is_projection)
+        object.__setattr__(self, "separable", op.separable)
+
+    def _prox(self, leaves, step, tree):
+        return _apply(self.op, leaves, self.a * step, tree)
+
+    def _value(self, leaves, tree):
+        return self.a * _val(self.op, leaves, tree)
+
+
+class precompose(Prox):  # noqa: N801
+    """Prox of ``g(z) = f(alpha * z + b)``, ``alpha != 0`` a scalar:
+
+        op(x, t) = (f.prox(alpha*x + b, alpha^2 * t) - b) / alpha.
+
+    ``b`` is a number (added to every entry) or a pytree with the structure of ``params``.
+    ``value(z) = f.value(alpha*z + b)``. Parikh & Boyd (2014) section 2.2 (precomposition).
+    """
+
+    _fields = ("op", "alpha", "b")
+    _public_name = "precompose"
+
+    def __init__(self, op: Prox, alpha: Hyper = 1.0, b: Any = 0.0):
+        alpha = check_hyper("precompose", "alpha", alpha, min_value=None)
+        if (isinstance(alpha, float) and alpha == 0.0) or (
+            isinstance(alpha, torch.Tensor) and is_concrete(alpha) and bool(alpha.detach() == 0)
+        ):
+            raise ValueError("precompose: alpha must be non-zero")
+        self._set(op=_as_op("precompose", "op", op), alpha=alpha, b=_check_arg("precompose", "b", b))
+
+    def _inner(self, leaves, tree):
+        bl = _tree_arg("precompose", "b", self.b, leaves, tree)
+        return bl, [(self.alpha * x.to(acc_dtype(x)) + _cast(c, x.to(acc_dtype(x)))) for x, c in zip(leaves, bl)]
+
+    def _prox(self, leaves, step, tree):
+        bl, inner = self._inner(leaves, tree)
+        p = _apply(self.op, inner, self.alpha * self.alpha * step, tree)
+        return [
+            ((q.to(acc_dtype(x)) - _cast(c, q.to(acc_dtype(x)))) / self.alpha).to(x.dtype)
+            for q, c, x in zip(p, bl, leaves)
+        ]
+
+    def _value(self, leaves, tree):
+        return _val(self.op, self._inner(leaves, tree)[1], tree)
+
+
+class add_linear(Prox):  # noqa: N801
+    """Prox of ``g(z) = f(z) + <v, z>``: ``op(x, t) = f.prox(x - t*v, t)``.
+
+    ``v`` is a number (every entry) or a pytree with the structure of ``params``.
+    Parikh & Boyd (2014) section 2.2 (affine addition).
+    """
+
+    _fields = ("op", "v")
+    _public_name = "add_linear"
+
+    def __init__(self, op: Prox, v: Any = 0.0):
+        self._set(op=_as_op("add_linear", "op", op), v=_check_arg("add_linear", "v", v))
+
+    def _prox(self, leaves, step, tree):
+        vl = _tree_arg("add_linear", "v", self.v, leaves, tree)
+        shifted = [(x.to(acc_dtype(x)) - step * _cast(u, x.to(acc_dtype(x)))).to(x.dtype) for x, u in zip(leaves, vl)]
+        return _apply(self.op, shifted, step, tree)
+
+    def _value(self, leaves, tree):
+        vl = _tree_arg("add_linear", "v", self.v, leaves, tree)
+        return _val(self.op, leaves, tree) + _dot(vl, leaves)
+
+
+class add_quadratic(Prox):  # noqa: N801
+    """Prox of ``g(z) = f(z) + rho/2 * ||z - v||^2``, ``rho >= 0``:
+
+        op(x, t) = f.prox((x + t*rho*v) / (1 + t*rho), t / (1 + t*rho)).
+
+    ``v`` is a number or a pytree with the structure of ``params`` (default 0).
+    Parikh & Boyd (2014) section 2.2 (regularization).
+    """
+
+    _fields = ("op", "rho", "v")
+    _public_name = "add_quadratic"
+
+    def __init__(self, op: Prox, rho: Hyper = 1.0, v: Any = 0.0):
+        self._set(
+            op=_as_op("add_quadratic", "op", op),
+            rho=check_hyper("add_quadratic", "rho", rho),
+            v=_check_arg("add_quadratic", "v", v),
+        )
+
+    def _prox(self, leaves, step, tree):
+        vl = _tree_arg("add_quadratic", "v", self.v, leaves, tree)
+        d = 1.0 + step * self.rho
+        moved = []
+        for x, u in zip(leaves, vl):
+            xa = x.to(acc_dtype(x))
+            moved.append(((xa + step * self.rho * _cast(u, xa)) / d).to(x.dtype))
+        return _apply(self.op, moved, step / d, tree)
+
+    def _value(self, leaves, tree):
+        vl = _tree_arg("add_quadratic", "v", self.v, leaves, tree)
+        sq = []
+        for x, u in zip(leaves, vl):
+            xa = x.to(acc_dtype(x))
+            sq.append(((xa - _cast(u, xa)) ** 2).sum())
+        return _val(self.op, leaves, tree) + 0.5 * self.rho * total(sq, leaves)
+
+
+class conjugate(Prox):  # noqa: N801
+    """Prox of the convex conjugate ``f*(y) = sup_z <y, z> - f(z)``, by the Moreau identity:
+
+        op(x, t) = x - t * f.prox(x / t, 1 / t).
+
+    Exact for every closed convex ``f``. ``value`` uses the closed form of ``f*`` for the operators
+    whose conjugate is known (norms <-> dual-norm balls, elastic net, log barrier, ridge, Huber,
+    quadratic with ``A`` positive definite, negative entropy, max entry, sum of k largest, nuclear
+    <-> spectral, box and simplex (support functions), nonneg / PSD / SOC cones (polar cones),
+    l21, linf1, scale, conjugate); for others it raises ``NotImplementedError`` (the prox still works).
+    ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
+    """
+
+    _fields = ("op",)
+    _public_name = "conjugate"
+
+    def __init__(self, op: Prox):
+        self._set(op=_as_op("conjugate", "op", op))
+
+    def _prox(self, leaves, step, tree):
+        inv = 1.0 / step
+        scaled = [(x.to(acc_dtype(x)) * inv).to(x.dtype) for x in leaves]
+        p = _apply(self.op, scaled, inv, tree)
+        return [(x.to(acc_dtype(x)) - step * q.to(acc_dtype(x))).to(x.dtype) for x, q in zip(leaves, p)]
+
+    def _value(self, leaves, tree):
+        fn = _CONJ.get(type(self.op))
+        if fn is None:
+            raise NotImplementedError(
+                f"conjugate: no closed form of the conjugate of {self.op!r} is registered; its prox is exact"
+            )
+        return fn(self.op, leaves, tree)
+
+
+class moreau_env(Prox):  # noqa: N801
+    """The Moreau envelope ``M(z) = min_u f(u) + ||u - z||^2 / (2*mu)`` as an operator, ``mu > 0``.
+
+    * ``value(z) = f(p) + ||p - z||^2 / (2 mu)`` with ``p = f.prox(z, mu)``;
+    * ``grad(z) = (z - p) / mu`` (``M`` is smooth with a ``1/mu``-Lipschitz gradient);
+    * ``op(x, t) = x + t/(mu + t) * (f.prox(x, mu + t) - x)``, the prox of ``t*M``.
+
+    Parikh & Boyd (2014) sections 1.2, 3.1 and 2.2 (prox of the envelope).
+    """
+
+    _fields = ("op", "mu")
+    _public_name = "moreau_env"
+
+    def __init__(self, op: Prox, mu: Hyper = 1.0):
+        self._set(op=_as_op("moreau_env", "op", op), mu=check_hyper("moreau_env", "mu", mu, strict=True))
+
+    def _prox(self, leaves, step, tree):
+        p = _apply(self.op, leaves, self.mu + step, tree)
+        c = step / (self.mu + step)
+        return [
+            (x.to(acc_dtype(x)) + c * (q.to(acc_dtype(x)) - x.to(acc_dtype(x)))).to(x.dtype) for x, q in zip(leaves, p)
+        ]
+
+    def _value(self, leaves, tree):
+        p = _apply(self.op, leaves, self.mu, tree)
+        fp = _val(self.op, p, tree)
+        sq = [((q.to(acc_dtype(x)) - x.to(acc_dtype(x))) ** 2).sum() for x, q in zip(leaves, p)]
+        return fp + total(sq, leaves) / (2 * self.mu)
+
+    def grad(self, params: Any) -> Any:
+        """``grad M(params) = (params - f.prox(params, mu)) / mu``, a tree like ``params``."""
+        leaves, tree = flatten(params, "moreau_env")
+        p = _apply(self.op, leaves, self.mu, tree)
+        g = [((x.to(acc_dtype(x)) - q.to(acc_dtype(x))) / self.mu).to(x.dtype) for x, q in zip(leaves, p)]
+        return tree.unflatten(g)
+
+
+# ------------------------------------------------------------------ closed-form conjugates
+def _flatv(leaves):
+    from .sets import flat
+
+    return flat(leaves)
+
+
+def _ind(ok: torch.Tensor, dtype) -> torch.Tensor:
+    return indicator(ok, dtype)
+
+
+def _le(a: torch.Tensor, r: Any, leaves: list[torch.Tensor]) -> torch.Tensor:
+    from .sets import set_tol
+
+    # generous (8x): the argument is often a difference x - prox(x), rounded relative to x
+    tol = 8 * (set_tol(leaves, sum(x.numel() for x in leaves)) if leaves else feasible_tol(a, 1))
+    return a <= r + tol * (a.abs() + abs(r))
+
+
+def _conj_table() -> dict[type, Any]:
+    from . import groups, matrix, norms, projections, sets, smooth
+
+    def c_l1(op, leaves, tree):
+        v = _flatv(leaves)
+        return _ind(_le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg, leaves), v.dtype)
+
+    def c_l2(op, leaves, tree):
+        v = _flatv(leaves)
+        return _ind(_le(v.norm(), op.reg, leaves), v.dtype)
+
+    def c_linf(op, leaves, tree):
+        v = _flatv(leaves)
+        return _ind(_le(v.abs().sum(), op.reg, leaves), v.dtype)
+
+    def c_ridge(op, leaves, tree):
+        v = _flatv(leaves)
+        return (v * v).sum() / (2 * op.reg)
+
+    def c_huber(op, leaves, tree):
+        v = _flatv(leaves)
+        ok = _le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg * op.delta, leaves)
+        return torch.where(ok, (v * v).sum() / (2 * op.reg), torch.full((), float("inf"), dtype=v.dtype))
+
+    def c_quadratic(op, leaves, tree):
+        v = _flatv(leaves)
+        y = v - (op.b.reshape(-1).to(v) if op.b is not None else 0)
+        return 0.5 * y @ torch.linalg.solve(op.A.to(v), y)
+
+    def c_negent(op, leaves, tree):
+        v = _flatv(leaves)
+        return op.reg * torch.exp(v / op.reg - 1).sum()
+
+    from .sets import set_tol
+
+    def c_max(op, leaves, tree):  # indicator of reg * simplex
+        v = _flatv(leaves)
+        tol = set_tol(leaves, v.numel())
+        ok = (v >= 0).all() & ((v.sum() - op.reg).abs() <= tol * (v.abs().sum() + op.reg))
+        return _ind(ok, v.dtype)
+
+    def c_sumk(op, leaves, tree):  # indicator of {0 <= y <= reg, sum y = k reg}
+        v = _flatv(leaves)
+        tol = set_tol(leaves, v.numel())
+        ok = (
+            (v >= 0).all()
+            & _le(v.max(), op.reg, leaves)
+            & ((v.sum() - op.k * op.reg).abs() <= tol * (v.abs().sum() + op.k * op.reg))
+        )
+        return _ind(ok, v.dtype)
+
+    def c_nuclear(op, leaves, tree):
+        return _ind(_le(matrix.spectral(1.0)._value(leaves, tree), op.reg, leaves), zeros_like_value(leaves).dtype)
+
+    def c_spectral(op, leaves, tree):
+        return _ind(_le(matrix.nuclear(1.0)._value(leaves, tree), op.reg, leaves), zeros_like_value(leaves).dtype)
+
+    def c_l1_ball(op, leaves, tree):
+        return op.radius * norms.linf(1.0)._value(leaves, tree)
+
+    def c_l2_ball(op, leaves, tree):
+        return op.radius * norms.l2(1.0)._value(leaves, tree)
+
+    def c_linf_ball(op, leaves, tree):
+        return op.radius * norms.l1(1.0)._value(leaves, tree)
+
+    def c_nonneg(op, leaves, tree):
+        v = _flatv(leaves)
+        return _ind((v <= 0).all(), v.dtype)
+
+    def c_l21(op, leaves, tree):
+        dims, _ = op.groups(leaves, tree)
+        n = groups.l21(1.0, group_dim=op.group_dim)._norms(leaves, dims)
+        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg, leaves), n.dtype)
+
+    def c_linf1(op, leaves, tree):
+        dims, _ = op.groups(leaves, tree)
+        n = _tree_total_abs(leaves, dims)
+        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg, leaves), n.dtype)
+
+    def c_scale(op, leaves, tree):  # (a f)*(y) = a f*(y / a)
+        inner = conjugate(op.op)
+        return op.a * _val(inner, [(x.to(acc_dtype(x)) / op.a).to(x.dtype) for x in leaves], tree)
+
+    def c_conj(op, leaves, tree):
+        return _val(op.op, leaves, tree)
+
+    def c_identity(op, leaves, tree):  # f = 0: f* = indicator of {0}
+        v = _flatv(leaves)
+        return _ind((v == 0).all(), v.dtype)
+
+    def c_elastic(op, leaves, tree):  # sum (|y| - reg)_+^2 / (2 reg gamma); gamma = 0: ind(|y| <= reg)
+        v = _flatv(leaves)
+        ex = torch.clamp_min(v.abs() - op.reg, 0)
+        if isinstance(op.gamma, float) and op.gamma == 0.0:
+            return _ind(_le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg, leaves), v.dtype)
+        return (ex * ex).sum() / (2 * op.reg * op.gamma)
+
+    def c_log_barrier(op, leaves, tree):  # sum -reg + reg log(reg) - reg log(-y), y < 0
+        v = _flatv(leaves)
+        neg = v < 0
+        val = (-op.reg + op.reg * torch.log(torch.as_tensor(op.reg, dtype=v.dtype))) * v.numel()
+        val = val - op.reg * torch.log(torch.where(neg, -v, torch.ones_like(v))).sum()
+        return torch.where(neg.all(), val, torch.full_like(val, float("inf")))
+
+    def c_box(op, leaves, tree):  # support function: sum max(lower*y, upper*y)
+        parts = []
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            lo, hi = op._bound(op.lower, xa), op._bound(op.upper, xa)
+            lo_t = torch.as_tensor(lo, dtype=xa.dtype, device=xa.device)
+            hi_t = torch.as_tensor(hi, dtype=xa.dtype, device=xa.device)
+            # 0 * inf = nan: an entry y_j = 0 contributes 0 whatever the bound
+            a = torch.where(xa > 0, xa * hi_t, torch.where(xa < 0, xa * lo_t, torch.zeros_like(xa)))
+            parts.append(a.sum())
+        return total(parts, leaves)
+
+    def c_simplex(op, leaves, tree):
+        return op.radius * _flatv(leaves).max()
+
+    def c_nuclear_ball(op, leaves, tree):
+        return op.radius * matrix.spectral(1.0)._value(leaves, tree)
+
+    def c_psd(op, leaves, tree):  # polar cone in the space of all matrices: {Y : sym(Y) NSD}
+        sets.psd()._check(leaves, tree)
+        ok = torch.ones((), dtype=torch.bool)
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            n = x.shape[-1]
+            lam = torch.linalg.eigvalsh(0.5 * (xa + xa.transpose(-1, -2)))
+            scale = n * xa.abs().amax(dim=(-1, -2)).unsqueeze(-1)  # the whole Y, skew part included
+            ok = ok.to(x.device) & (lam <= set_tol([x], n * n) * n * scale).all()
+        return _ind(ok, zeros_like_value(leaves).dtype)
+
+    def c_soc(op, leaves, tree):  # polar cone of the (self-dual) SOC is -SOC
+        return sets.soc()._value([(-x) for x in leaves], tree)
+
+    return {
+        norms.elastic_net: c_elastic,
+        norms.log_barrier: c_log_barrier,
+        projections.box: c_box,
+        projections.simplex: c_simplex,
+        matrix.nuclear_ball: c_nuclear_ball,
+        sets.psd: c_psd,
+        sets.soc: c_soc,
+        norms.l1: c_l1,
+        norms.l2: c_l2,
+        norms.linf: c_linf,
+        smooth.ridge: c_ridge,
+        smooth.huber: c_huber,
+        smooth.quadratic: c_quadratic,
+        smooth.neg_entropy: c_negent,
+        smooth.max_entry: c_max,
+        smooth.sum_largest: c_sumk,
+        matrix.nuclear: c_nuclear,
+        matrix.spectral: c_spectral,
+        projections.l1_ball: c_l1_ball,
+        projections.l2_ball: c_l2_ball,
+        projections.linf_ball: c_linf_ball,
+        projections.nonneg: c_nonneg,
+        groups.l21: c_l21,
+        groups.linf1: c_linf1,
+        scale: c_scale,
+        conjugate: c_conj,
+        identity: c_identity,
+    }
+
+
+def _tree_total_abs(leaves, dims):
+    from ._tree import reduce_except
+
+    return total([reduce_except(x, d, "abssum") for x, d in zip(leaves, dims)], leaves)
+
+
+class _LazyTable(dict):
+    def get(self, key, default=None):  # type: ignore[override]
+        if not self:
+            self.update(_conj_table())
+        return super().get(key, default)
+
+
+_CONJ: dict[type, Any] = _LazyTable()

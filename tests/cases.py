@@ -88,3 +88,57 @@ CASES: list[Case] = [
         named,
     ),
 ]
+
+# ---------------------------------------------------------------- catalog (issue 3)
+_A7 = torch.randn(7, 30, generator=_g(7), dtype=torch.float64)
+_PSD30 = (_A7.T @ _A7) / 30.0
+_IDX30 = torch.tensor([i % 4 if i % 7 else -1 for i in range(30)])  # 4 groups, some entries in none
+
+
+def mats(dtype=torch.float64, seed=0):
+    """Two stacks of matrices: (2, 4, 3) and (3, 5)."""
+    return (mat(dtype, (2, 4, 3), seed), mat(dtype, (3, 5), seed + 1))
+
+
+def sq_mats(dtype=torch.float64, seed=0):
+    return (mat(dtype, (2, 3, 3), seed), mat(dtype, (4, 4), seed + 1))
+
+
+CASES += [
+    Case("ridge", lambda: pf.ridge(0.7)),
+    Case("quadratic", lambda: pf.quadratic(_PSD30, torch.linspace(-1, 1, 30, dtype=torch.float64)), layer),
+    Case("huber", lambda: pf.huber(0.8, delta=0.5)),
+    Case("neg_entropy", lambda: pf.neg_entropy(0.4)),
+    Case("sum_largest", lambda: pf.sum_largest(3, 0.5)),
+    Case("max_entry", lambda: pf.max_entry(0.6)),
+    Case("hyperplane", lambda: pf.hyperplane(torch.linspace(-1, 2, 30, dtype=torch.float64), 0.3), projection=True),
+    Case("halfspace", lambda: pf.halfspace(torch.linspace(-1, 2, 30, dtype=torch.float64), -0.3), projection=True),
+    Case("affine", lambda: pf.affine(_A7[:3], _A7[:3] @ torch.ones(30, dtype=torch.float64)), projection=True),
+    Case("soc", lambda: pf.soc(), projection=True),
+    Case("psd", lambda: pf.psd(), sq_mats, projection=True),
+    Case("l2_sphere", lambda: pf.l2_sphere(1.5), convex=False, projection=True),
+    Case("l1_sphere", lambda: pf.l1_sphere(2.5), convex=False, projection=True, smooth_grad=False),
+    Case("box_hyperplane", lambda: pf.box_hyperplane(-0.5, 0.7, 1.0), projection=True),
+    Case("k_sparse", lambda: pf.k_sparse(7), convex=False, projection=True, smooth_grad=False),
+    Case("index_l21", lambda: pf.index_l21(_IDX30, 0.5)),
+    Case("index_linf1", lambda: pf.index_linf1(_IDX30, 0.4)),
+    Case("sparse_group_lasso", lambda: pf.sparse_group_lasso(0.1, 0.3)),
+    Case("nuclear", lambda: pf.nuclear(0.5), mats),
+    Case("nuclear_ball", lambda: pf.nuclear_ball(2.0), mats, projection=True),
+    Case("spectral", lambda: pf.spectral(0.5), mats),
+    Case("rank_k", lambda: pf.rank_k(1), mats, convex=False, projection=True),
+    Case("l0", lambda: pf.l0(0.2), convex=False, smooth_grad=False),
+    Case("group_l0", lambda: pf.group_l0(0.8), convex=False, smooth_grad=False),
+    Case("top_k", lambda: pf.top_k(2, group_dim=0), convex=False, projection=True, smooth_grad=False),
+    Case(
+        "group_top_k", lambda: pf.group_top_k(3, group_dim={"w1": 0, "b1": 0, "w2": 1}), neuron_tree, False, True, False
+    ),
+    Case("scad", lambda: pf.scad(0.4, a=3.7), convex=False, smooth_grad=False),
+    Case("mcp", lambda: pf.mcp(0.4, gamma=2.5), convex=False, smooth_grad=False),
+    Case("scale", lambda: pf.scale(pf.l21(0.5), 2.0)),
+    Case("precompose", lambda: pf.precompose(pf.l1(0.3), -2.0, 0.5)),
+    Case("add_linear", lambda: pf.add_linear(pf.l2(0.3), 0.2)),
+    Case("add_quadratic", lambda: pf.add_quadratic(pf.linf(0.3), 1.5, 0.1)),
+    Case("conjugate", lambda: pf.conjugate(pf.l2(0.8))),
+    Case("moreau_env", lambda: pf.moreau_env(pf.l1(0.5), 0.7)),
+]

@@ -1,0 +1,274 @@
+"""Matrix operators on singular values: nuclear norm, nuclear-norm ball, spectral norm, rank-k set.
+
+Every leaf of ``params`` is a stack of matrices ``(..., m, n)`` (the last two dims); a leaf with
+fewer than two dims raises ``ValueError`` naming it. The whole object is the block-diagonal
+matrix of all these matrices, so (consistently with the rest of proxfunc):
+
+* ``nuclear``: ``f = reg * sum over all matrices of ||Z_b||_*`` (separable: SVT of each matrix);
+* ``nuclear_ball``: ``{sum_b ||Z_b||_* <= radius}``, one ball over all matrices together;
+* ``spectral``: ``f = reg * max_b ||Z_b||_2``, the dual norm of the nuclear norm;
+* ``rank_k``: ``{rank(Z_b) <= k for every b}`` (each matrix on its own; not convex).
+
+For a per-matrix ball or spectral norm, ``torch.vmap`` the operator over the batch dim.
+Singular values come from ``torch.linalg.svd`` (float32 for half types).
+
+References: N. Parikh and S. Boyd, *Proximal Algorithms*, 2014, section 6.7; Cai, Candès & Shen,
+*A singular value thresholding algorithm for matrix completion*, SIAM J. Optim. 2010; Eckart &
+Young (1936).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _tree
+from ._base import Hyper, Prox, check_hyper
+from ._util import indicator, traceable, zeros_like_value
+from .kernels import threshold
+from .projections import Projection
+from .sets import check_k, set_tol
+
+__all__ = ["nuclear", "nuclear_ball", "spectral", "rank_k"]
+
+
+def _check_mats(owner: str, leaves, tree) -> None:
+    for x, p in zip(leaves, tree.paths):
+        if x.dim() < 2:
+            raise ValueError(
+                f"{owner}: params{p} must be a matrix or a stack of matrices (..., m, n), got shape {tuple(x.shape)}"
+            )
+
+
+def _svd(x: torch.Tensor):
+    """Thin SVD in the accumulation dtype. Only ``s`` stays in the autograd graph (the singular
+    vectors are detached; :class:`_SpectralApply` differentiates through them safely)."""
+    U, s, Vh = torch.linalg.svd(x.to(_tree.acc_dtype(x)), full_matrices=False)
+    return U.detach(), s, Vh.detach()
+
+
+class _SpectralApply(torch.autograd.Function):
+    """``Y = U diag(fs) V^T`` for ``X = U diag(s) V^T``, with a backward that stays finite.
+
+    ``fs = f(s)`` is computed by the caller in the graph (so gradients reach ``s``, and through
+    ``s`` the input, and any hyperparameter of ``f``); this function adds the part that flows
+    through the singular vectors. For ``A = U^T G V`` that part is
+
+        U (K_s o sym(A) + K_a o skew(A))_{offdiag} V^T
+        + (I - U U^T) G V diag(fs/s) V^T + U diag(fs/s) U^T G (I - V V^T),
+
+    ``K_s = (f_i - f_j)/(s_i - s_j)``, ``K_a = (f_i + f_j)/(s_i + s_j)`` (Lewis & Sendov 2005). At
+    equal (or zero) singular values the divided differences take their limit, the local slope of
+    ``f`` given in ``slope`` — where PyTorch's SVD backward divides by ``s_i^2 - s_j^2 = 0`` and
+    returns NaN (zero matrices, pruned layers, thresholded ties).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(X, U, s, Vh, fs, slope):
+        return (U * fs.unsqueeze(-2)) @ Vh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        X, U, s, Vh, fs, slope = inputs
+        ctx.save_for_backward(U, s, Vh, fs, slope)
+        ctx.shape = X.shape
+
+    @staticmethod
+    def backward(ctx, G):
+        U, s, Vh, fs, slope = ctx.saved_tensors
+        V = Vh.transpose(-1, -2)
+        Ut = U.transpose(-1, -2)
+        A = Ut @ G @ V
+        gfs = torch.diagonal(A, dim1=-2, dim2=-1)
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        fi, fj = fs.unsqueeze(-1), fs.unsqueeze(-2)
+        mean_slope = 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2))
+        tol = torch.finfo(s.dtype).eps * 8 * (s.amax(dim=-1, keepdim=True).unsqueeze(-1) + torch.finfo(s.dtype).tiny)
+        dif, tot = si - sj, si + sj
+        ks = torch.where(
+            dif.abs() > tol, (fi - fj) / torch.where(dif.abs() > tol, dif, torch.ones_like(dif)), mean_slope
+        )
+        ka = torch.where(tot > tol, (fi + fj) / torch.where(tot > tol, tot, torch.ones_like(tot)), mean_slope)
+        sym, skew = 0.5 * (A + A.transpose(-1, -2)), 0.5 * (A - A.transpose(-1, -2))
+        inner = ks * sym + ka * skew
+        k = s.shape[-1]
+        eye = torch.eye(k, dtype=s.dtype, device=s.device)
+        inner = inner * (1 - eye)
+        gX = U @ inner @ Vh
+        tol1 = tol.squeeze(-1)
+        ratio = torch.where(s > tol1, fs / torch.where(s > tol1, s, torch.ones_like(s)), slope)
+        m, n = ctx.shape[-2], ctx.shape[-1]
+        if m > k:
+            GV = G @ V
+            gX = gX + ((GV - U @ (Ut @ GV)) * ratio.unsqueeze(-2)) @ Vh
+        if n > k:
+            UtG = Ut @ G
+            gX = gX + (U * ratio.unsqueeze(-2)) @ (UtG - (UtG @ V) @ Vh)
+        return gX, None, None, None, gfs, None
+
+
+def _spectral(x: torch.Tensor, U, s, Vh, fs, slope) -> torch.Tensor:
+    """``U diag(fs) Vh`` cast like ``x``, differentiable through the singular vectors safely."""
+    xa = x.to(s.dtype)
+    return _SpectralApply.apply(xa, U, s, Vh, fs, slope.to(s.dtype)).to(x.dtype)
+
+
+def _svals(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(x.to(_tree.acc_dtype(x)))
+
+
+def _joint_tau(svals: list[torch.Tensor], radius, leaves) -> torch.Tensor:
+    """The l1-ball threshold of all singular values together (0 inside the ball)."""
+    parts = [(s.reshape(-1), None) for s in svals]
+    return threshold(parts, radius, traceable=traceable(radius, *leaves)).clamp_min(0)
+
+
+class nuclear(Prox):  # noqa: N801
+    """Prox of the nuclear norm (singular value thresholding), batched over matrices.
+
+    ``f(Z) = reg * sum_b ||Z_b||_*`` (sum of singular values of every matrix), and for each
+    matrix ``X = U diag(s) V^T``
+
+        op(X, t) = U diag(max(s - reg*t, 0)) V^T.
+
+    Parikh & Boyd (2014) section 6.7.3; Cai, Candès & Shen (2010).
+    """
+
+    _fields = ("reg",)
+    _public_name = "nuclear"
+
+    def __init__(self, reg: Hyper = 1.0):
+        self._set(reg=check_hyper("nuclear", "reg", reg))
+
+    def _prox(self, leaves, step, tree):
+        _check_mats(self._name(), leaves, tree)
+        out = []
+        for x in leaves:
+            U, s, Vh = _svd(x)
+            t = self.reg * step
+            out.append(_spectral(x, U, s, Vh, torch.clamp_min(s - t, 0), s > t))
+        return out
+
+    def _value(self, leaves, tree):
+        _check_mats(self._name(), leaves, tree)
+        if not leaves:
+            return zeros_like_value(leaves)
+        return self.reg * _tree.total([_svals(x).sum() for x in leaves], leaves)
+
+
+class nuclear_ball(Projection):  # noqa: N801
+    """Projection onto the nuclear-norm ball ``{Z : sum_b ||Z_b||_* <= radius}``, ``radius >= 0``.
+
+        op(X) = X                              if sum_b ||X_b||_* <= radius (unchanged)
+        op(X)_b = U_b diag(max(s_b - tau, 0)) V_b^T   otherwise,
+
+    ``tau`` the l1-ball threshold of all singular values of all matrices together
+    (``sum max(s - tau, 0) = radius``; sort-free, exact). Parikh & Boyd (2014) section 6.7.
+    """
+
+    _fields = ("radius",)
+    _public_name = "nuclear_ball"
+
+    def __init__(self, radius: Hyper = 1.0):
+        self._set(radius=check_hyper("nuclear_ball", "radius", radius))
+
+    def _prox(self, leaves, step, tree):
+        _check_mats(self._name(), leaves, tree)
+        if not leaves:
+            return []
+        svd = [_svd(x) for x in leaves]
+        tau = _joint_tau([s for _, s, _ in svd], self.radius, leaves)
+        inside = tau <= 0
+        return [
+            torch.where(inside, x, _spectral(x, U, s, Vh, torch.clamp_min(s - tau, 0), s > tau))
+            for x, (U, s, Vh) in zip(leaves, svd)
+        ]
+
+    def _value(self, leaves, tree):
+        _check_mats(self._name(), leaves, tree)
+        if not leaves:
+            return zeros_like_value(leaves)
+        n = _tree.total([_svals(x).sum() for x in leaves], leaves)
+        tol = set_tol(leaves, sum(x.numel() for x in leaves))
+        return indicator(n <= self.radius + tol * (n + abs(self.radius)), n.dtype)
+
+
+class spectral(Prox):  # noqa: N801
+    """Prox of the spectral (operator) norm ``f(Z) = reg * max_b ||Z_b||_2``, via the Moreau identity.
+
+    The dual norm is the nuclear norm, so ``op(X, t) = X - P_{nuclear_ball(reg*t)}(X)``, i.e.
+
+        op(X, t)_b = U_b diag(min(s_b, tau)) V_b^T,
+
+    ``tau`` the l1-ball threshold of all singular values with radius ``reg*t`` (the result is 0
+    when ``sum ||X_b||_* <= reg*t``). Parikh & Boyd (2014) sections 2.5 and 6.7.
+    """
+
+    _fields = ("reg",)
+    _public_name = "spectral"
+
+    def __init__(self, reg: Hyper = 1.0):
+        self._set(reg=check_hyper("spectral", "reg", reg))
+
+    def _prox(self, leaves, step, tree):
+        _check_mats(self._name(), leaves, tree)
+        if not leaves:
+            return []
+        svd = [_svd(x) for x in leaves]
+        tau = _joint_tau([s for _, s, _ in svd], self.reg * step, leaves)
+        return [_spectral(x, U, s, Vh, torch.minimum(s, tau), s < tau) for x, (U, s, Vh) in zip(leaves, svd)]
+
+    def _value(self, leaves, tree):
+        _check_mats(self._name(), leaves, tree)
+        if not leaves:
+            return zeros_like_value(leaves)
+        m = None
+        for x in leaves:
+            s = _svals(x)
+            v = s.max() if s.numel() else s.new_zeros(())
+            m = v if m is None else torch.maximum(m.to(torch.promote_types(m.dtype, v.dtype)), v)
+        return self.reg * m
+
+
+class rank_k(Projection):  # noqa: N801
+    """Projection onto the matrices of rank at most ``k`` (each matrix on its own; not convex).
+
+        op(X) = U diag(s_1, ..., s_k, 0, ..., 0) V^T    (truncated SVD),
+
+    a global minimiser of ``||Z - X||_F`` over ``rank(Z) <= k`` (Eckart & Young 1936). When
+    ``s_k = s_{k+1}`` the minimiser is not unique; the one returned keeps the singular vectors
+    that ``torch.linalg.svd`` lists first. ``0 <= k <= min(m, n)`` (``ValueError`` naming ``k``).
+    """
+
+    _fields = ("k",)
+    _public_name = "rank_k"
+
+    def __init__(self, k: int):
+        self._set(k=check_k("rank_k", k))
+
+    def _check(self, leaves, tree):
+        _check_mats(self._name(), leaves, tree)
+        for x, p in zip(leaves, tree.paths):
+            if self.k > min(x.shape[-2:]):
+                raise ValueError(f"rank_k: k={self.k} exceeds min(m, n)={min(x.shape[-2:])} of params{p}")
+
+    def _prox(self, leaves, step, tree):
+        self._check(leaves, tree)
+        out = []
+        for x in leaves:
+            U, s, Vh = _svd(x)
+            keep = (torch.arange(s.shape[-1], device=s.device) < self.k).expand(s.shape)
+            out.append(_spectral(x, U, s, Vh, torch.where(keep, s, torch.zeros_like(s)), keep))
+        return out
+
+    def _value(self, leaves, tree):
+        self._check(leaves, tree)
+        ok = torch.ones((), dtype=torch.bool)
+        dtype = zeros_like_value(leaves).dtype
+        for x in leaves:
+            s = _svals(x)
+            if s.shape[-1] > self.k:
+                tol = set_tol([x], x.shape[-1] * x.shape[-2]) * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
+                ok = ok.to(s.device) & (s[..., self.k :] <= tol).all()
+        return indicator(ok, dtype)
