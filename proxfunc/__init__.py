@@ -16,9 +16,9 @@ from .matrix import nuclear, nuclear_ball, rank_k, spectral
 from .nonconvex import group_l0, group_top_k, l0, mcp, scad, top_k
 from .norms import elastic_net, l1, l2, linf, log_barrier
 from .projections import box, l1_ball, l2_ball, linf_ball, nonneg, simplex
-from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
 from .sets import affine, box_hyperplane, halfspace, hyperplane, k_sparse, l1_sphere, l2_sphere, psd, soc
 from .smooth import huber, max_entry, neg_entropy, quadratic, ridge, sum_largest
+from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
 
 __version__ = "0.1.0.dev0"
 
