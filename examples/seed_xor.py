@@ -1,3 +1,5 @@
+# ruff: noqa
+# fmt: off
 # The seed README's final auto-sizing xor example (ProxGradPyTorch), verbatim except for the
 # import line (`import proximalGradient as pg` -> `import proxfunc.compat as pg`) and the
 # indentation the README text lost. Run: PYTHONPATH=. python examples/seed_xor.py [SEED]
@@ -6,7 +8,7 @@ from torch.autograd import Variable
 import proxfunc.compat as pg
 
 # --- added for reproducibility only (not in the seed): optional seed from argv or $SEED ---
-import os, sys  # noqa: E401, E402, I001
+import os, sys
 
 _seed = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("SEED")
 if _seed is not None:
