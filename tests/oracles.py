@@ -355,3 +355,76 @@ def make_array(rng: np.random.Generator, shape, scale: float, mode: str) -> np.n
     elif mode == "wide":
         x = x * 10.0 ** rng.uniform(-3, 3, size=shape)
     return np.ascontiguousarray(x * scale)
+
+
+def num_sparse_group(M, r1, r2, t):
+    """argmin r1*|Z|_1 + r2*sum_i |z_i|_2 + |Z-M|^2/(2t) with epigraphs p_ij >= |z_ij| (linear) and
+    s_i >= |z_i|_2 (cone), by SLSQP restarted from its own answer until the objective settles."""
+    M = np.asarray(M, float)
+    G, m = M.shape
+    if M.size == 0:
+        return M.copy()
+    sc = max(np.abs(M).max(), (r1 + r2) * t, 1e-300)
+    X, a, b = M / sc, r1 * t / sc, r2 * t / sc
+    n = G * m
+
+    def split(w):
+        return w[:n].reshape(G, m), w[n : 2 * n], w[2 * n :]
+
+    def fun(w):
+        Z, p, s = split(w)
+        return a * p.sum() + b * s.sum() + ((Z - X) ** 2).sum() / 2
+
+    def jac(w):
+        Z, p, s = split(w)
+        return np.concatenate([(Z - X).ravel(), np.full(n, a), np.full(G, b)])
+
+    A = np.zeros((2 * n, 2 * n + G))  # p - z >= 0, p + z >= 0
+    for k in range(n):
+        A[2 * k, k], A[2 * k, n + k] = -1, 1
+        A[2 * k + 1, k], A[2 * k + 1, n + k] = 1, 1
+
+    def cone(w):
+        Z, p, s = split(w)
+        return s - np.sqrt((Z * Z).sum(axis=1) + 1e-300)
+
+    def cone_jac(w):
+        Z, p, s = split(w)
+        nz = np.maximum(np.sqrt((Z * Z).sum(axis=1)), 1e-300)
+        J = np.zeros((G, 2 * n + G))
+        for i in range(G):
+            J[i, i * m : (i + 1) * m] = -Z[i] / nz[i]
+            J[i, 2 * n + i] = 1.0
+        return J
+
+    cons = [
+        {"type": "ineq", "fun": lambda w: A @ w, "jac": lambda w: A},
+        {"type": "ineq", "fun": cone, "jac": cone_jac},
+    ]
+    w = np.concatenate([X.ravel(), np.abs(X).ravel(), np.sqrt((X * X).sum(axis=1))])
+    last = np.inf
+    for _ in range(10):
+        w = _slsqp(fun, jac, w, cons)
+        f = fun(w)
+        if f >= last - 1e-15:
+            break
+        last = f
+    return split(w)[0] * sc
+
+
+def num_scalar(f, x, t, lo=-np.inf, hi=np.inf):
+    """Entrywise argmin_{lo <= z <= hi} f(z) + (z - x)^2/(2t) by bounded Brent (brute force in 1-D)."""
+    x = np.asarray(x, float)
+    out = np.empty_like(x)
+    for k, xi in np.ndenumerate(x):
+        a = max(lo, xi - 10 * (abs(xi) + 1))
+        b = min(hi, xi + 10 * (abs(xi) + 1))
+        res = optimize.minimize_scalar(
+            lambda z, xi=xi: f(z) + (z - xi) ** 2 / (2 * t), bounds=(a, b), method="bounded", options={"xatol": 1e-13}
+        )
+        z = res.x
+        for cand in (a, b, 0.0):  # the kinks and the bounds, where Brent may stop short
+            if a <= cand <= b and f(cand) + (cand - xi) ** 2 / (2 * t) < f(z) + (z - xi) ** 2 / (2 * t):
+                z = cand
+        out[k] = z
+    return out
