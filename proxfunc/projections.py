@@ -150,7 +150,8 @@ class simplex(Projection):  # noqa: N801
         if not leaves:
             return []
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
-        theta = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves))
+        # one group (the whole object): a 0-d threshold, so 0-d leaves keep their shape
+        theta = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).reshape(())
         z = _polish_sum([x.to(theta.dtype) - theta for x in leaves], self.radius)
         return [zi.to(x.dtype) for zi, x in zip(z, leaves)]
 
@@ -186,7 +187,7 @@ class l1_ball(Projection):  # noqa: N801
         if not leaves:
             return []
         parts = [(x.to(_tree.acc_dtype(x)).abs(), None) for x in leaves]
-        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).clamp_min(0)
+        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).clamp_min(0).reshape(())
         xs = [x.to(tau.dtype) for x in leaves]
         mags = _polish_sum([xa.abs() - tau for xa in xs], self.radius)
         # tau == 0 inside the ball: x comes back bit for bit (no polish there)

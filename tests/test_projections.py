@@ -87,7 +87,10 @@ def test_projection_is_the_nearest_feasible_point(kind, seed, mode):
         return
     op, kw = make(kind, scale, rng)
     tree, flat = _pair(x, rng)
-    p = flat(op(tree, 1.0))
+    out = op(tree, 1.0)
+    for o, i in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(tree)):
+        assert o.shape == i.shape
+    p = flat(out)
     num = O.num_proj(kind, x, **kw).reshape(x.shape)
     ref = exact(kind, x, kw)
     size = max(np.abs(x).max(initial=0.0), kw.get("radius", 0.0), 1e-300)
@@ -114,6 +117,7 @@ def test_feasible_idempotent_nonexpansive_and_step_free(kind, seed, mode, log_sc
     op, kw = make(kind, scale, rng)
     xt = torch.from_numpy(x)
     p = op(xt, 1.0)
+    assert p.shape == xt.shape and p.dtype == xt.dtype  # 0-d and empty inputs included
     assert op.value(p) == 0  # feasible
     assert torch.equal(op(xt, 1e-6), p) and torch.equal(op(xt, 1e6), p)  # step is ignored
     pp = op(p, 1.0)
@@ -280,3 +284,41 @@ def test_half_precision_projection_is_feasible_by_its_own_value(dtype):
             p = op(x, 1.0)
             assert op.value(p) == 0, op
             assert op.value(op(p, 1.0)) == 0, op
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_d_and_one_element_inputs_keep_their_shape(kind):
+    """Regression: simplex / l1_ball returned shape (1,) for a 0-d tensor."""
+    for x in (torch.tensor(2.0, dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)):
+        op, kw = make(kind, 1.0, np.random.default_rng(0))
+        out = op(x, 1.0)
+        assert out.shape == x.shape
+        assert np.abs(out.numpy() - exact(kind, x.numpy(), kw)).max() <= 1e-15
+        assert torch.vmap(lambda r, op=op: op(r, 1.0))(x.reshape(1, *x.shape)).shape == (1, *x.shape)
+
+
+@pytest.mark.parametrize("kind", ["simplex", "l1_ball", "l2_ball", "linf_ball", "box"])
+def test_grad_through_projection_finite_and_matches_finite_differences(kind):
+    """torch.func.grad w.r.t. the input and a tensor radius/bound: finite at 0, equal to
+    central differences at a generic point."""
+    torch.manual_seed(0)
+    w = torch.randn(6, dtype=torch.float64)
+
+    def make_op(r):
+        return pf.box(-r, r) if kind == "box" else getattr(pf, kind)(r)
+
+    def f(x, r):
+        return (make_op(r)(x, 1.0) * w).sum()
+
+    r0 = torch.tensor(0.8, dtype=torch.float64)
+    for x in (torch.zeros(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)):
+        gx, gr = torch.func.grad(f, argnums=(0, 1))(x, r0)
+        assert torch.isfinite(gx).all() and torch.isfinite(gr)
+    x = torch.randn(6, dtype=torch.float64) * 2
+    gx, gr = torch.func.grad(f, argnums=(0, 1))(x, r0)
+    h = 1e-6
+    assert torch.allclose(gr, (f(x, r0 + h) - f(x, r0 - h)) / (2 * h), atol=1e-6)
+    for j in range(6):
+        e = torch.zeros(6, dtype=torch.float64)
+        e[j] = h
+        assert torch.allclose(gx[j], (f(x + e, r0) - f(x - e, r0)) / (2 * h), atol=1e-6)

@@ -228,7 +228,13 @@ def _matrix(spec, leaves, dims):
 
 
 def _run(spec, params, reg, t):
-    return spec.make(reg)(params, t)
+    out = spec.make(reg)(params, t)
+    ins, spec_in = torch.utils._pytree.tree_flatten(params)
+    outs, spec_out = torch.utils._pytree.tree_flatten(out)
+    assert spec_in == spec_out
+    for i, o in zip(ins, outs):
+        assert o.shape == i.shape and o.dtype == i.dtype  # 0-d and empty leaves included
+    return out
 
 
 def _reg_for(spec, rng, scale, t, allow_zero=True):
