@@ -228,8 +228,10 @@ def _matrix(spec, leaves, dims):
 
 
 def _run(spec, params, reg, t):
-    out = spec.make(reg)(params, t)
     ins, spec_in = torch.utils._pytree.tree_flatten(params)
+    before = [x.clone() for x in ins]
+    out = spec.make(reg)(params, t)
+    assert all(torch.equal(x, c) for x, c in zip(ins, before))  # pure
     outs, spec_out = torch.utils._pytree.tree_flatten(out)
     assert spec_in == spec_out
     for i, o in zip(ins, outs):
