@@ -43,7 +43,7 @@ def test_identity_is_the_prox_of_zero():
 # ------------------------------------------------------------------ chain
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_chain_l1_l21_is_the_sparse_group_lasso_prox(seed, mode):
     rng = np.random.default_rng(seed)

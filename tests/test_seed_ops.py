@@ -490,3 +490,23 @@ def test_log_barrier_large_negative_keeps_relative_accuracy():
     ref = torch.from_numpy(O.num_logbarrier(x.numpy(), 1e-3, 1.0))
     assert (out > 0).all()
     assert torch.allclose(out, ref, rtol=1e-13, atol=0)
+
+
+def test_eager_autograd_sort_free_path_equals_torch_func_grad_sort_path():
+    """The eager threshold (sort-free fixed point + one differentiable formula) and the
+    traceable one (sort, used under torch.func) give the same values and gradients."""
+    torch.manual_seed(0)
+    W = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, dtype=torch.float64)
+    for make in (lambda r: pf.linf1(r), lambda r: pf.linf(r), lambda r: pf.l1_ball(r), lambda r: pf.simplex(r)):
+
+        def f(Wx, r, make=make):
+            return (make(r)(Wx, 0.5) * w).sum()
+
+        Wg = W.clone().requires_grad_(True)
+        r = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        val = f(Wg, r)
+        gW, gr = torch.autograd.grad(val, (Wg, r))
+        gW2, gr2 = torch.func.grad(f, argnums=(0, 1))(W, r.detach())
+        assert torch.allclose(gW, gW2, atol=1e-14) and torch.allclose(gr, gr2, atol=1e-14)
+        assert torch.allclose(torch.vmap(lambda x, make=make: make(0.7)(x, 0.5))(W[None])[0], make(0.7)(W, 0.5))
