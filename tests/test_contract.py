@@ -339,3 +339,16 @@ def test_any_float_step_and_reg_either_works_or_raises_cleanly(step, reg):
         return
     assert all(bool(torch.isfinite(o).all()) for o in out) or not math.isfinite(reg * step)
     assert re.match(r"linf1\(reg=", repr(op))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_cuda_keeps_device_and_matches_cpu(case):
+    op = case.make_op()
+    params = case.make_params(torch.float64)
+    gpu = pytree.tree_map(lambda x: x.cuda(), params)
+    out = op(gpu, 0.5)
+    for a, b in zip(pytree.tree_leaves(out), pytree.tree_leaves(op(params, 0.5))):
+        assert a.device.type == "cuda"
+        assert torch.allclose(a.cpu(), b, atol=1e-12, rtol=0)
+    assert op.value(gpu).device.type == "cuda"
