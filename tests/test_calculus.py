@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import proxfunc as pf
 from tests import oracles as O
+from tests.conftest import examples
 
 MODES = st.sampled_from(O.MODES)
 
@@ -43,7 +44,7 @@ def test_identity_is_the_prox_of_zero():
 # ------------------------------------------------------------------ chain
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_chain_l1_l21_is_the_sparse_group_lasso_prox(seed, mode):
     rng = np.random.default_rng(seed)
@@ -65,7 +66,7 @@ def test_chain_l1_l21_is_the_sparse_group_lasso_prox(seed, mode):
     assert abs(float(v) - (O.obj_l1(X, r1) + O.obj_l21(X, r2))) <= 1e-12 * (1 + abs(float(v)))
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_chain_of_separable_terms_matches_entrywise_brute_force(seed, mode):
     rng = np.random.default_rng(seed)
@@ -113,7 +114,7 @@ def _model_params(rng, scale=1.0, mode="normal"):
 NEURON = ("linear1.weight", "linear1.bias", "linear2.weight")
 
 
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_partition_blocks_each_equal_their_oracle(seed, mode):
     rng = np.random.default_rng(seed)
@@ -160,7 +161,7 @@ def test_partition_tuple_rule_equals_the_operator_on_the_tuple_and_passes_the_re
     assert torch.equal(out2["linear1.weight"], W)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES, log_scale=st.sampled_from([-6, 0, 6]))
 def test_partition_is_non_expansive_and_pure(seed, mode, log_scale):
     rng = np.random.default_rng(seed)

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 import proxfunc as pf
 from tests.cases import CASES, named
+from tests.conftest import examples
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -322,7 +323,7 @@ def test_partition_bad_names_and_rules():
     assert all(out[k] is p[k] for k in p)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(step=st.floats(allow_nan=True, allow_infinity=True), reg=st.floats(allow_nan=True, allow_infinity=True))
 def test_any_float_step_and_reg_either_works_or_raises_cleanly(step, reg):
     """Never a silent NaN: a float step/reg is accepted (finite, valid) or refused by name."""

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import proxfunc as pf
 from tests import oracles as O
+from tests.conftest import examples
 
 KINDS = ["box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
 MODES = st.sampled_from(O.MODES)
@@ -77,7 +78,7 @@ def _pair(x: np.ndarray, rng):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_projection_is_the_nearest_feasible_point(kind, seed, mode):
     rng = np.random.default_rng(seed)
@@ -106,7 +107,7 @@ def test_projection_is_the_nearest_feasible_point(kind, seed, mode):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES, log_scale=st.sampled_from([-9, -4, 0, 4, 9]))
 def test_feasible_idempotent_nonexpansive_and_step_free(kind, seed, mode, log_scale):
     rng = np.random.default_rng(seed)
@@ -133,7 +134,7 @@ def test_feasible_idempotent_nonexpansive_and_step_free(kind, seed, mode, log_sc
 
 
 @pytest.mark.parametrize("kind", ["box", "nonneg", "l1_ball", "l2_ball", "linf_ball"])
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES, log_scale=st.sampled_from([-9, 0, 9]))
 def test_interior_points_unchanged_bit_for_bit(kind, seed, mode, log_scale):
     rng = np.random.default_rng(seed)
@@ -210,7 +211,7 @@ def test_box_tensor_bounds_and_infinite_bounds():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_low_precision_matches_float64_rounded(kind, dtype, seed, mode):
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import proxfunc as pf
 from tests import oracles as O
+from tests.conftest import examples
 
 # ----------------------------------------------------------------------------- specs
 
@@ -251,7 +252,7 @@ def _reg_for(spec, rng, scale, t, allow_zero=True):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_output_is_the_argmin_scipy(spec, seed, mode):
     rng = np.random.default_rng(seed)
@@ -273,7 +274,7 @@ def test_output_is_the_argmin_scipy(spec, seed, mode):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_no_perturbation_lowers_the_objective(spec, seed, mode):
     rng = np.random.default_rng(seed)
@@ -306,7 +307,7 @@ def test_no_perturbation_lowers_the_objective(spec, seed, mode):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES, log_scale=st.sampled_from([-9, -4, 0, 4, 9]))
 def test_moreau_identity_with_independent_conjugate(spec, seed, mode, log_scale):
     rng = np.random.default_rng(seed)
@@ -339,7 +340,7 @@ def test_moreau_boundary_points_exactly_at_threshold():
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES, log_scale=st.sampled_from([-9, -3, 0, 3, 9]))
 def test_non_expansive(spec, seed, mode, log_scale):
     rng = np.random.default_rng(seed)
@@ -367,7 +368,7 @@ def test_non_expansive(spec, seed, mode, log_scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(seed=st.integers(0, 2**32 - 1), mode=MODES)
 def test_low_precision_matches_float64_rounded(spec, dtype, seed, mode):
     rng = np.random.default_rng(seed)
