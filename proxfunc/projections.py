@@ -122,13 +122,25 @@ def _polish_sum(d: list[torch.Tensor], radius: Hyper) -> list[torch.Tensor]:
     which is large relative to ``radius`` when ``radius << max v`` (``v = 5``, ``radius =
     1e-10``: the float32 result would be 0). Shifting the active entries (``v >= theta``) by the
     common ``(radius - sum) / k`` removes that error, which is common to all of them.
+    (A polish, not a new method: the threshold stays the exact sort-free one.)
     """
     z = [di.clamp_min(0) for di in d]
-    act = [di >= 0 for di in d]
+    # the active set is never empty: when rounding put theta a hair above the largest entry
+    # (radius below eps * max v, e.g. on tied maxima) the largest entries are the active ones
+    tops = [di.amax() for di in d if di.numel()]
+    if not tops:
+        return z
+    top = tops[0]
+    for tp in tops[1:]:
+        top = torch.maximum(top, tp.to(top.dtype))
+    cut = top.clamp(max=0)
+    act = [di >= cut.to(di.dtype) for di in d]
     s = _tree.total([zi.sum() for zi in z], z)
     k = _tree.total([a.sum().to(s.dtype) for a in act], z)
-    delta = (radius - s) / k.clamp_min(1)
-    return [torch.where(a, (zi + delta).clamp_min(0), zi) for zi, a in zip(z, act)]
+    k = k.clamp_min(1)
+    # (z - s/k) + r/k rather than z + (r - s)/k: exact when r is far below s's rounding
+    mean, share = s / k, radius / k
+    return [torch.where(a, ((zi - mean.to(zi.dtype)) + share).clamp_min(0), zi) for zi, a in zip(z, act)]
 
 
 class simplex(Projection):  # noqa: N801

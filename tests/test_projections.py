@@ -323,3 +323,20 @@ def test_grad_through_projection_finite_and_matches_finite_differences(kind):
         e = torch.zeros(6, dtype=torch.float64)
         e[j] = h
         assert torch.allclose(gx[j], (f(x + e, r0) - f(x - e, r0)) / (2 * h), atol=1e-6)
+
+
+def test_tied_maxima_with_tiny_or_zero_radius():
+    """Regression (found by the thorough profile): with tied maxima, rounding can put the
+    threshold a hair above the maximum. simplex/l1_ball with radius << eps*max|x| then
+    returned 0 (infeasible for the simplex); l1_ball(0) must be 0 and stay feasible."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = float(rng.uniform(0.1, 1))
+        x = torch.tensor([a, a, a, a / 2], dtype=torch.float64)
+        for r in (1e-300, 1e-17, 1e-3):
+            p = pf.simplex(r)(x, 1.0)
+            assert pf.simplex(r).value(p) == 0 and p[3] == 0
+            assert torch.allclose(p[:3], torch.full((3,), r / 3, dtype=torch.float64), rtol=1e-12, atol=0)
+            q = pf.l1_ball(r)(-x, 1.0)
+            assert pf.l1_ball(r).value(q) == 0 and torch.allclose(q, -p, rtol=1e-12, atol=0)
+        assert torch.equal(pf.l1_ball(0.0)(x, 1.0), torch.zeros(4, dtype=torch.float64))

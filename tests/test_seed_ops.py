@@ -511,3 +511,14 @@ def test_eager_autograd_sort_free_path_equals_torch_func_grad_sort_path():
         gW2, gr2 = torch.func.grad(f, argnums=(0, 1))(W, r.detach())
         assert torch.allclose(gW, gW2, atol=1e-14) and torch.allclose(gr, gr2, atol=1e-14)
         assert torch.allclose(torch.vmap(lambda x, make=make: make(0.7)(x, 0.5))(W[None])[0], make(0.7)(W, 0.5))
+
+
+def test_zero_reg_on_tied_maxima_is_the_identity():
+    """Regression (found by the thorough profile): linf(0) / linf1(0) returned 0 instead of x
+    when rounding put the sort-free threshold a hair above tied maxima."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = float(rng.uniform(0, 1))
+        x = torch.tensor([a, -a, a, a / 2], dtype=torch.float64)
+        for out in (pf.linf(0.0)(x, 1.0), pf.linf1(0.0)(x[None], 1.0)[0], pf.linf1(0.0)((x[None], x[:1]), 1.0)[0][0]):
+            assert torch.allclose(out, x, rtol=4e-16, atol=0)

@@ -76,7 +76,9 @@ def threshold_fixed_point(parts: list[Part], radius: torch.Tensor | float, max_i
         s_grad = sa if s_grad is None else s_grad + sa
         n_act = na if n_act is None else n_act + na
     assert s_grad is not None and n_act is not None
-    return (s_grad - radius) / n_act.clamp_min(1)
+    # No entry >= theta happens when rounding put the loop's theta a hair above the group max
+    # (radius 0 on tied entries): keep the loop's theta, which is that max up to one rounding.
+    return torch.where(n_act > 0, (s_grad - radius) / n_act.clamp_min(1), theta.to(s_grad.dtype))
 
 
 def threshold_sort(parts: list[Part], radius: torch.Tensor | float) -> torch.Tensor:
