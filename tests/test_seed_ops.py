@@ -393,7 +393,8 @@ def test_low_precision_matches_float64_rounded(spec, dtype, seed, mode):
         err = (o.double() - r_round).abs()
         # one rounding of the result, plus the float32 accumulation error (absolute, ~eps32 * size:
         # thresholds like x - reg*t cancel, so only the scale of the data bounds it)
-        assert (err <= eps * r.abs() + 16 * eps32 * size).all(), err.max()
+        # (a few float32 roundings relative to the result too: log_barrier's sqrt/hypot/divide)
+        assert (err <= eps * r.abs() + 4 * eps32 * r.abs() + 16 * eps32 * size).all(), err.max()
 
 
 # --------------------------------------------------------- 5. zero groups
