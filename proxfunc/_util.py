@@ -32,9 +32,18 @@ def indicator(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(ok, zero, torch.full((), float("inf"), dtype=dtype, device=ok.device))
 
 
-def feasible_tol(x: torch.Tensor, n: int) -> float:
-    """Relative tolerance for a feasibility test on a reduction over ``n`` entries."""
-    return float(torch.finfo(acc_dtype(x)).eps) * (8 + 2 * n)
+def feasible_tol(x: torch.Tensor | list[torch.Tensor], n: int) -> float:
+    """Relative tolerance for a feasibility test on a reduction over ``n`` entries.
+
+    The accumulation error (``eps`` of the accumulation dtype times ``8 + 2n``), plus, for
+    float16/bfloat16 leaves, the final rounding of every entry to the leaf dtype (a relative
+    ``eps/2`` each): a projection computed in float32 and stored in half precision is feasible
+    only up to that rounding. ``x`` may be a list of leaves (the least precise one counts).
+    """
+    xs = x if isinstance(x, list) else [x]
+    tol = max(float(torch.finfo(acc_dtype(t)).eps) for t in xs) * (8 + 2 * n)
+    low = [float(torch.finfo(t.dtype).eps) for t in xs if t.dtype != acc_dtype(t)]
+    return tol + (2 * max(low) if low else 0.0)
 
 
 def inf_like(t: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,10 @@ class box(Projection):  # noqa: N801
         for x in leaves:
             lo, hi = self._bound(self.lower, x), self._bound(self.upper, x)
             if isinstance(lo, float) and isinstance(hi, float):
-                out.append(torch.clamp(x, None if lo == float("-inf") else lo, None if hi == float("inf") else hi))
+                lo_f = None if lo == float("-inf") else lo
+                hi_f = None if hi == float("inf") else hi
+                # box() with both bounds infinite is the identity (torch.clamp refuses two Nones)
+                out.append(x if lo_f is None and hi_f is None else torch.clamp(x, lo_f, hi_f))
             else:
                 lo_t = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
                 hi_t = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
@@ -112,6 +115,34 @@ def _numel(leaves) -> int:
     return sum(x.numel() for x in leaves)
 
 
+def _polish_sum(d: list[torch.Tensor], radius: Hyper) -> list[torch.Tensor]:
+    """``max(d, 0)`` corrected once so that its sum is ``radius`` to rounding (``d = v - theta``).
+
+    ``max(v - theta, 0)`` inherits the absolute error of ``theta`` (about ``eps * max v``),
+    which is large relative to ``radius`` when ``radius << max v`` (``v = 5``, ``radius =
+    1e-10``: the float32 result would be 0). Shifting the active entries (``v >= theta``) by the
+    common ``(radius - sum) / k`` removes that error, which is common to all of them.
+    (A polish, not a new method: the threshold stays the exact sort-free one.)
+    """
+    z = [di.clamp_min(0) for di in d]
+    # the active set is never empty: when rounding put theta a hair above the largest entry
+    # (radius below eps * max v, e.g. on tied maxima) the largest entries are the active ones
+    tops = [di.amax() for di in d if di.numel()]
+    if not tops:
+        return z
+    top = tops[0]
+    for tp in tops[1:]:
+        top = torch.maximum(top, tp.to(top.dtype))
+    cut = top.clamp(max=0)
+    act = [di >= cut.to(di.dtype) for di in d]
+    s = _tree.total([zi.sum() for zi in z], z)
+    k = _tree.total([a.sum().to(s.dtype) for a in act], z)
+    k = k.clamp_min(1)
+    # (z - s/k) + r/k rather than z + (r - s)/k: exact when r is far below s's rounding
+    mean, share = s / k, radius / k
+    return [torch.where(a, ((zi - mean.to(zi.dtype)) + share).clamp_min(0), zi) for zi, a in zip(z, act)]
+
+
 class simplex(Projection):  # noqa: N801
     """Projection onto the simplex ``{z : z >= 0, sum(z) = radius}``, ``radius > 0``.
 
@@ -131,8 +162,10 @@ class simplex(Projection):  # noqa: N801
         if not leaves:
             return []
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
-        theta = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves))
-        return [torch.clamp_min(x.to(theta.dtype) - theta, 0).to(x.dtype) for x in leaves]
+        # one group (the whole object): a 0-d threshold, so 0-d leaves keep their shape
+        theta = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).reshape(())
+        z = _polish_sum([x.to(theta.dtype) - theta for x in leaves], self.radius)
+        return [zi.to(x.dtype) for zi, x in zip(z, leaves)]
 
     def _value(self, leaves, tree):
         if not leaves:
@@ -141,7 +174,7 @@ class simplex(Projection):  # noqa: N801
         for x in leaves:
             ok = ok & (x >= 0).all()
         s = _sum(leaves, "sum")
-        tol = feasible_tol(leaves[0], _numel(leaves))
+        tol = feasible_tol(list(leaves), _numel(leaves))
         ok = ok & ((s - self.radius).abs() <= tol * (abs(self.radius) + s.abs()))
         return indicator(ok, s.dtype)
 
@@ -166,18 +199,18 @@ class l1_ball(Projection):  # noqa: N801
         if not leaves:
             return []
         parts = [(x.to(_tree.acc_dtype(x)).abs(), None) for x in leaves]
-        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).clamp_min(0)
-        out = []
-        for x in leaves:
-            xa = x.to(tau.dtype)
-            out.append((xa - torch.clamp(xa, -tau, tau)).to(x.dtype))
-        return out
+        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).clamp_min(0).reshape(())
+        xs = [x.to(tau.dtype) for x in leaves]
+        mags = _polish_sum([xa.abs() - tau for xa in xs], self.radius)
+        # tau == 0 inside the ball: x comes back bit for bit (no polish there)
+        inside = tau <= 0
+        return [torch.where(inside, xa, torch.copysign(m, xa)).to(x.dtype) for xa, m, x in zip(xs, mags, leaves)]
 
     def _value(self, leaves, tree):
         if not leaves:
             return self._empty_value(leaves)
         s = _sum(leaves, "abssum")
-        tol = feasible_tol(leaves[0], _numel(leaves))
+        tol = feasible_tol(list(leaves), _numel(leaves))
         return indicator(s <= self.radius + tol * (abs(self.radius) + s), s.dtype)
 
 
@@ -207,7 +240,7 @@ class l2_ball(Projection):  # noqa: N801
         if not leaves:
             return self._empty_value(leaves)
         n = safe_norm(_sum(leaves, "sumsq"))
-        tol = feasible_tol(leaves[0], _numel(leaves))
+        tol = feasible_tol(list(leaves), _numel(leaves))
         return indicator(n <= self.radius + tol * (abs(self.radius) + n), n.dtype)
 
 
