@@ -816,7 +816,10 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
             remove[j] = False
         if fold is not None:
             bc = biases[g.consumer]
-            biases[g.consumer] = fold.to(wc.dtype) if bc is None else bc + fold.to(bc.dtype)
+            if bc is not None:
+                biases[g.consumer] = bc + fold.to(bc.dtype)
+            elif bool((fold != 0).any()):  # create a bias only for a nonzero contribution
+                biases[g.consumer] = fold.to(wc.dtype)
         keep = torch.nonzero(~remove).flatten()
         rows[g.producer] = keep
         for bn in g.norms:
