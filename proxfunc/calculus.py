@@ -143,44 +143,13 @@ class partition(Prox):  # noqa: N801
         cache = self.__dict__.get("_cache_resolve")
         if cache is not None and cache[0] == names:
             return cache[1]
-        owner: dict[str, Key] = {}
-        plan: list[tuple[Key, tuple[str, ...], Prox]] = []
-
-        def claim(name: str, key: Key) -> None:
-            if name in owner:
-                raise ValueError(
-                    f"partition: parameter {name!r} is matched by two rules, {owner[name]!r} and {key!r}; "
-                    "the rules of a partition must be disjoint"
-                )
-            owner[name] = key
-
-        for key, op in self.rules:
-            if isinstance(key, str):
-                hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
-                if not hits and self.strict:
-                    raise ValueError(f"partition: pattern {key!r} matches no parameter name; {_known(names)}")
-                for n in hits:
-                    claim(n, key)
-                    plan.append((key, (n,), op))
-            else:
-                group: list[str] = []
-                for pat in key:
-                    hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-                    if len(hits) != 1:
-                        if not self.strict and not hits:
-                            group = []
-                            break
-                        what = "matches no parameter name" if not hits else f"matches {len(hits)} names {hits}"
-                        raise ValueError(
-                            f"partition: {pat!r} in rule {key!r} {what}; each entry of a tuple rule "
-                            f"must match exactly one parameter; {_known(names)}"
-                        )
-                    group.append(hits[0])
-                if group:
-                    for n in group:
-                        claim(n, key)
-                    plan.append((key, tuple(group), op))
-        object.__setattr__(self, "_cache_resolve", (names, plan))
+        keys = tuple(key for key, _ in self.rules)
+        # A pure function of (rule keys, strict, names), evaluated once at trace time under
+        # torch.compile (the glob matching is plain Python that dynamo need not trace).
+        idx = _resolve_plan(keys, self.strict, names)
+        plan = [(self.rules[i][0], group, self.rules[i][1]) for i, group in idx]
+        if not _compiling():
+            object.__setattr__(self, "_cache_resolve", (names, plan))
         return plan
 
     def _mapping(self, params: Any) -> Mapping[str, Any]:
@@ -234,6 +203,55 @@ class partition(Prox):  # noqa: N801
         if not isinstance(other, partition):
             return NotImplemented
         return self.rules == other.rules and self.strict == other.strict
+
+
+@torch.compiler.assume_constant_result
+def _resolve_plan(
+    keys: tuple[Key, ...], strict: bool, names: tuple[str, ...]
+) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """``partition.resolve`` on plain data: ``((rule index, names), ...)``."""
+    owner: dict[str, Key] = {}
+    plan: list[tuple[int, tuple[str, ...]]] = []
+
+    def claim(name: str, key: Key) -> None:
+        if name in owner:
+            raise ValueError(
+                f"partition: parameter {name!r} is matched by two rules, {owner[name]!r} and {key!r}; "
+                "the rules of a partition must be disjoint"
+            )
+        owner[name] = key
+
+    for i, key in enumerate(keys):
+        if isinstance(key, str):
+            hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
+            if not hits and strict:
+                raise ValueError(f"partition: pattern {key!r} matches no parameter name; {_known(names)}")
+            for n in hits:
+                claim(n, key)
+                plan.append((i, (n,)))
+        else:
+            group: list[str] = []
+            for pat in key:
+                hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+                if len(hits) != 1:
+                    if not strict and not hits:
+                        group = []
+                        break
+                    what = "matches no parameter name" if not hits else f"matches {len(hits)} names {hits}"
+                    raise ValueError(
+                        f"partition: {pat!r} in rule {key!r} {what}; each entry of a tuple rule "
+                        f"must match exactly one parameter; {_known(names)}"
+                    )
+                group.append(hits[0])
+            if group:
+                for n in group:
+                    claim(n, key)
+                plan.append((i, tuple(group)))
+    return tuple(plan)
+
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
 
 
 def _rebuild_partition(rules, strict):

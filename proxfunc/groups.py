@@ -129,6 +129,6 @@ class linf1(GroupProx):
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        parts = [(x.to(_tree.acc_dtype(x)).abs(), d) for x, d in zip(leaves, dims)]
-        tau = threshold(parts, t, traceable=traceable(t, *leaves)).clamp_min(0)
+        parts = [(x.to(_tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
+        tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]

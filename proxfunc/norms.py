@@ -200,8 +200,8 @@ class linf(Prox):
         if not leaves:
             return []
         t = self.reg * step
-        parts = [(x.to(_tree.acc_dtype(x)).abs(), None) for x in leaves]
-        tau = threshold(parts, t, traceable=traceable(t, *leaves)).clamp_min(0)
+        parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
+        tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, None) for x in leaves]
 
     def _value(self, leaves, tree):

@@ -165,8 +165,8 @@ class l1_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        parts = [(x.to(_tree.acc_dtype(x)).abs(), None) for x in leaves]
-        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).clamp_min(0)
+        parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
+        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves), absolute=True).clamp_min(0)
         out = []
         for x in leaves:
             xa = x.to(tau.dtype)
