@@ -154,6 +154,8 @@ def _sum_count_block(vals: list[Part], theta: torch.Tensor) -> tuple[torch.Tenso
     for v, d in vals:
         m = torch.sub(v, along(theta, v, d)).sign_().clamp_min_(0)  # 1.0 where v > theta
         ca = reduce_except(m, d, "sum")
+        if ca is m:  # a 1-d part with d=0 reduces to itself: keep the count before mul_
+            ca = ca.clone()
         sa = reduce_except(m.mul_(v), d, "sum")
         s = sa if s is None else s + sa
         c = ca if c is None else c + ca
