@@ -168,13 +168,25 @@ class partition(Prox):  # noqa: N801
         step = check_step("partition", step)
         params = self._mapping(params)
         out = dict(params)
+        # A separable operator gives the same result on each tensor alone or on all of them
+        # together, so the tensors a pattern rule matches go through one call (one
+        # validation and one batched loop instead of one operator call per tensor).
+        batches: dict[int, tuple[Prox, list[str]]] = {}
         for key, names, op in self.resolve(params.keys()):
             if isinstance(key, str):
-                out[names[0]] = op(params[names[0]], step)
+                v = params[names[0]]
+                if op.separable and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    batches.setdefault(id(op), (op, []))[1].append(names[0])
+                else:
+                    out[names[0]] = op(v, step)
             else:
                 new = op(tuple(params[n] for n in names), step)
                 for n, v in zip(names, new):
                     out[n] = v
+        for op, names in batches.values():
+            new = op([params[n] for n in names], step) if len(names) > 1 else [op(params[names[0]], step)]
+            for n, v in zip(names, new):
+                out[n] = v
         if type(params) is dict:
             return out
         try:
