@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import proxfunc as pf
@@ -101,6 +100,7 @@ def main(argv=None):
     }
     compiled: dict[str, object] = {}
     if not args.no_compile:
+
         def comp(f):
             return torch.compile(f, fullgraph=True)
 
@@ -169,8 +169,10 @@ def main(argv=None):
                 times.setdefault((tab, name), []).append(timeit(f, reps[tab]))
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    print(f"# proxfunc benchmarks  torch {torch.__version__}  {platform.processor() or platform.machine()}  "
-          f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  rounds={args.rounds}")
+    print(
+        f"# proxfunc benchmarks  torch {torch.__version__}  {platform.processor() or platform.machine()}  "
+        f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  rounds={args.rounds}"
+    )
     print(f"\n## {n}x{n} float32 (time in ms; ratios to clone in the same mode)\n")
     print("| operator | eager ms | eager / clone | compiled ms | compiled / clone |")
     print("|---|---:|---:|---:|---:|")
