@@ -137,6 +137,7 @@ def main(argv=None):
 
     model_rows = {
         "SGD(foreach).step()": lambda: sgd.step(),
+        "clone of every parameter (allocation floor)": lambda: [v.clone() for v in params.values()],
         "prox l1, functional": lambda: prox_model(params, 1e-3),
         "prox l1, in place (apply_)": lambda: apply_(prox_model, model, 1e-3),
         "prox l21 on weights, functional": lambda: prox_l21(params, 1e-3),
