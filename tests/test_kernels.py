@@ -123,3 +123,28 @@ def test_random_shapes_match_sort(g, n, r, seed, scale, quantize):
     for fn in METHODS.values():
         got = fn([(x, 0)], r, absolute=True)
         assert (got - ref).abs().max() <= tol(x, x.dtype) + 1e-12 * r
+
+
+@pytest.mark.parametrize("name", ["gauss", "ties", "all_equal", "zeros", "geometric", "one_big"])
+def test_single_group_compaction_path(name):
+    # d=None on every part: the eager path filters the candidates after each step.
+    v = rows(name, torch.float64)
+    parts = [(v[:2], None), (v[2:].reshape(-1), None)]
+    for r in (1e-30, 1e-3, 1.0, 50.0, 1e30):
+        ref = K.threshold_sort(parts, r, absolute=True)
+        for fn in METHODS.values():
+            got = fn(parts, r, absolute=True)
+            assert (got - ref).abs().max() <= tol(v.reshape(1, -1), v.dtype) + 8 * torch.finfo(v.dtype).eps * r
+
+
+def test_operators_eager_blocked_equal_traced_and_sort(monkeypatch):
+    import proxfunc as pf
+
+    monkeypatch.setattr(K, "_BLOCK", 5000)  # several blocks on a 64 x 300 matrix
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(6))
+    for op in (pf.linf1(2.0), pf.linf(30.0), pf.l1_ball(40.0), pf.simplex(3.0)):
+        eager = op(x, 1.0)
+        traced = torch.func.vmap(lambda s, op=op: op(x, s))(torch.tensor([1.0]))[0]  # the unrolled path
+        torch.testing.assert_close(eager, traced)
+    tau = K.threshold_sort([(x, 0)], 2.0, absolute=True).clamp_min(0)[:, None]
+    torch.testing.assert_close(pf.linf1(2.0)(x, 1.0), torch.clamp(x, -tau, tau))
