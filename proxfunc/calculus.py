@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._base import Hyper, Prox, check_step
+from ._base import Hyper, Prox, _is_compiling, check_step
 from ._tree import flatten, total
 from ._util import zeros_like_value
 
@@ -217,7 +217,12 @@ class partition(Prox):  # noqa: N801
         return self.rules == other.rules and self.strict == other.strict
 
 
-@torch.compiler.assume_constant_result
+def _constant(fn):
+    compiler = getattr(torch, "compiler", None)  # torch >= 2.1
+    return compiler.assume_constant_result(fn) if hasattr(compiler, "assume_constant_result") else fn
+
+
+@_constant
 def _resolve_plan(
     keys: tuple[Key, ...], strict: bool, names: tuple[str, ...]
 ) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -263,7 +268,7 @@ def _resolve_plan(
 
 
 def _compiling() -> bool:
-    return bool(torch.compiler.is_compiling())
+    return _is_compiling()
 
 
 def _rebuild_partition(rules, strict):
