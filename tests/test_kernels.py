@@ -148,3 +148,13 @@ def test_operators_eager_blocked_equal_traced_and_sort(monkeypatch):
         torch.testing.assert_close(eager, traced)
     tau = K.threshold_sort([(x, 0)], 2.0, absolute=True).clamp_min(0)[:, None]
     torch.testing.assert_close(pf.linf1(2.0)(x, 1.0), torch.clamp(x, -tau, tau))
+
+
+def test_radius_zero_on_tied_maxima():
+    # r = 0: theta is the group max; rounding of k * max / k must not lose the active set.
+    v = torch.tensor([[0.1, 0.1, 0.1, 0.05], [1 / 3, 1 / 3, 1 / 3, 1 / 3]], dtype=torch.float32)
+    for fn in METHODS.values():
+        got = fn([(v, 0)], 0.0, absolute=True)
+        torch.testing.assert_close(got, v.amax(1), rtol=2e-7, atol=0)
+        x = v.clone().requires_grad_()
+        assert torch.isfinite(torch.autograd.grad(fn([(x, 0)], 0.0, absolute=True).sum(), x)[0]).all()

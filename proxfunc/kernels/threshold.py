@@ -124,7 +124,9 @@ def _finish(parts: list[Part], theta: torch.Tensor, radius, absolute: bool) -> t
     """
     theta = theta.detach()
     s, n = _sum_count(parts, theta, absolute, strict=False)
-    return (s - radius) / n.clamp_min(1)
+    # No entry >= theta happens when rounding put theta a hair above the group max (radius 0
+    # on tied maxima): keep theta, which is that max up to one rounding.
+    return torch.where(n > 0, (s - radius) / n.clamp_min(1), theta.to(s.dtype))
 
 
 def _detach(radius):
