@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Hyper, is_concrete
+from ._base import Hyper, _is_compiling, is_concrete
 from ._tree import acc_dtype
 
 __all__ = ["safe_norm", "traceable", "mul", "indicator", "feasible_tol", "inf_like", "zeros_like_value"]
@@ -18,7 +18,25 @@ def safe_norm(sq: torch.Tensor) -> torch.Tensor:
 
 def traceable(*tensors: object) -> bool:
     """True when some tensor is being traced or transformed (no host reads allowed)."""
-    return any(isinstance(t, torch.Tensor) and not is_concrete(t) for t in tensors)
+    if _is_compiling():
+        return True
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        # Fast path for the common eager case (a plain dense tensor, not a fake/meta tensor
+        # nor a torch.func wrapper); anything else gets the full check.
+        if type(t) is torch.Tensor and t.device.type != "meta" and not _wrapped(t):
+            continue
+        if not is_concrete(t):
+            return True
+    return False
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    return _functorch is not None and bool(_functorch.is_functorch_wrapped_tensor(t))
 
 
 def mul(a: Hyper, b: Hyper) -> Hyper:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._base import Hyper, Prox, check_hyper, check_step, is_concrete
+from ._base import Hyper, Prox, _is_compiling, check_hyper, check_step, is_concrete
 from ._tree import acc_dtype, flatten, total
 from ._util import feasible_tol, indicator, zeros_like_value
 
@@ -153,44 +153,13 @@ class partition(Prox):  # noqa: N801
         cache = self.__dict__.get("_cache_resolve")
         if cache is not None and cache[0] == names:
             return cache[1]
-        owner: dict[str, Key] = {}
-        plan: list[tuple[Key, tuple[str, ...], Prox]] = []
-
-        def claim(name: str, key: Key) -> None:
-            if name in owner:
-                raise ValueError(
-                    f"partition: parameter {name!r} is matched by two rules, {owner[name]!r} and {key!r}; "
-                    "the rules of a partition must be disjoint"
-                )
-            owner[name] = key
-
-        for key, op in self.rules:
-            if isinstance(key, str):
-                hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
-                if not hits and self.strict:
-                    raise ValueError(f"partition: pattern {key!r} matches no parameter name; {_known(names)}")
-                for n in hits:
-                    claim(n, key)
-                    plan.append((key, (n,), op))
-            else:
-                group: list[str] = []
-                for pat in key:
-                    hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-                    if len(hits) != 1:
-                        if not self.strict and not hits:
-                            group = []
-                            break
-                        what = "matches no parameter name" if not hits else f"matches {len(hits)} names {hits}"
-                        raise ValueError(
-                            f"partition: {pat!r} in rule {key!r} {what}; each entry of a tuple rule "
-                            f"must match exactly one parameter; {_known(names)}"
-                        )
-                    group.append(hits[0])
-                if group:
-                    for n in group:
-                        claim(n, key)
-                    plan.append((key, tuple(group), op))
-        object.__setattr__(self, "_cache_resolve", (names, plan))
+        keys = tuple(key for key, _ in self.rules)
+        # A pure function of (rule keys, strict, names), evaluated once at trace time under
+        # torch.compile (the glob matching is plain Python that dynamo need not trace).
+        idx = _resolve_plan(keys, self.strict, names)
+        plan = [(self.rules[i][0], group, self.rules[i][1]) for i, group in idx]
+        if not _compiling():
+            object.__setattr__(self, "_cache_resolve", (names, plan))
         return plan
 
     def _mapping(self, params: Any) -> Mapping[str, Any]:
@@ -209,13 +178,25 @@ class partition(Prox):  # noqa: N801
         step = check_step("partition", step)
         params = self._mapping(params)
         out = dict(params)
+        # A separable operator gives the same result on each tensor alone or on all of them
+        # together, so the tensors a pattern rule matches go through one call (one
+        # validation and one batched loop instead of one operator call per tensor).
+        batches: dict[int, tuple[Prox, list[str]]] = {}
         for key, names, op in self.resolve(params.keys()):
             if isinstance(key, str):
-                out[names[0]] = op(params[names[0]], step)
+                v = params[names[0]]
+                if op.separable and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    batches.setdefault(id(op), (op, []))[1].append(names[0])
+                else:
+                    out[names[0]] = op(v, step)
             else:
                 new = op(tuple(params[n] for n in names), step)
                 for n, v in zip(names, new):
                     out[n] = v
+        for op, names in batches.values():
+            new = op([params[n] for n in names], step) if len(names) > 1 else [op(params[names[0]], step)]
+            for n, v in zip(names, new):
+                out[n] = v
         if type(params) is dict:
             return out
         try:
@@ -244,6 +225,60 @@ class partition(Prox):  # noqa: N801
         if not isinstance(other, partition):
             return NotImplemented
         return self.rules == other.rules and self.strict == other.strict
+
+
+def _constant(fn):
+    compiler = getattr(torch, "compiler", None)  # torch >= 2.1
+    return compiler.assume_constant_result(fn) if hasattr(compiler, "assume_constant_result") else fn
+
+
+@_constant
+def _resolve_plan(
+    keys: tuple[Key, ...], strict: bool, names: tuple[str, ...]
+) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """``partition.resolve`` on plain data: ``((rule index, names), ...)``."""
+    owner: dict[str, Key] = {}
+    plan: list[tuple[int, tuple[str, ...]]] = []
+
+    def claim(name: str, key: Key) -> None:
+        if name in owner:
+            raise ValueError(
+                f"partition: parameter {name!r} is matched by two rules, {owner[name]!r} and {key!r}; "
+                "the rules of a partition must be disjoint"
+            )
+        owner[name] = key
+
+    for i, key in enumerate(keys):
+        if isinstance(key, str):
+            hits = [n for n in names if fnmatch.fnmatchcase(n, key)]
+            if not hits and strict:
+                raise ValueError(f"partition: pattern {key!r} matches no parameter name; {_known(names)}")
+            for n in hits:
+                claim(n, key)
+                plan.append((i, (n,)))
+        else:
+            group: list[str] = []
+            for pat in key:
+                hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+                if len(hits) != 1:
+                    if not strict and not hits:
+                        group = []
+                        break
+                    what = "matches no parameter name" if not hits else f"matches {len(hits)} names {hits}"
+                    raise ValueError(
+                        f"partition: {pat!r} in rule {key!r} {what}; each entry of a tuple rule "
+                        f"must match exactly one parameter; {_known(names)}"
+                    )
+                group.append(hits[0])
+            if group:
+                for n in group:
+                    claim(n, key)
+                plan.append((i, tuple(group)))
+    return tuple(plan)
+
+
+def _compiling() -> bool:
+    return _is_compiling()
 
 
 def _rebuild_partition(rules, strict):

@@ -94,10 +94,46 @@ class l21(GroupProx):  # noqa: N801
         if not leaves:
             return []
         dims, _ = self.groups(leaves, tree)
-        n = self._norms(leaves, dims)
         t = self.reg * step
+        if _fast(t, leaves):
+            return _l21_fast(leaves, dims, t)
+        n = self._norms(leaves, dims)
         scale = torch.where(n > t, 1 - t / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
         return [(x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype) for x, d in zip(leaves, dims)]
+
+
+def _fast(t: Hyper, leaves: list[torch.Tensor]) -> bool:
+    """Eager, concrete, nothing to differentiate: the few-kernel path applies."""
+    if torch.is_grad_enabled() and (
+        any(x.requires_grad for x in leaves) or (isinstance(t, torch.Tensor) and t.requires_grad)
+    ):
+        return False
+    return not traceable(t, *leaves)
+
+
+def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:
+    """l21 in one norm kernel + one scale per leaf: ``scale = max(1 - t / ||x_g||, 0)``.
+
+    Same values as the differentiable path: ``1 - t/n <= 0`` exactly when ``n <= t``, and a
+    zero group (``n = 0``) gets ``1 - t/tiny = -inf`` or ``1 - 0/tiny = 1``, both giving 0.
+    """
+    norms = []
+    for x, d in zip(leaves, dims):
+        acc = _tree.acc_dtype(x)
+        other = [i for i in range(x.dim()) if i != d]
+        norms.append(torch.linalg.vector_norm(x, 2, dim=other, dtype=acc) if other else x.to(acc).abs())
+    if len(norms) == 1:
+        n = norms[0]
+    else:
+        dtype = norms[0].dtype
+        for m in norms[1:]:
+            dtype = torch.promote_types(dtype, m.dtype)
+        n = torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
+    scale = (1 - t / n.clamp_min(torch.finfo(n.dtype).tiny)).clamp_min_(0)
+    out = []
+    for x, d in zip(leaves, dims):
+        out.append((x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype))
+    return out
 
 
 class linf1(GroupProx):
@@ -129,6 +165,6 @@ class linf1(GroupProx):
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        parts = [(x.to(_tree.acc_dtype(x)).abs(), d) for x, d in zip(leaves, dims)]
-        tau = threshold(parts, t, traceable=traceable(t, *leaves)).clamp_min(0)
+        parts = [(x.to(_tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
+        tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]

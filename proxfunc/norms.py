@@ -18,6 +18,8 @@ from ._base import Hyper, Prox, check_hyper
 from ._util import safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
+_LOW = (torch.float16, torch.bfloat16)
+
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
 
 
@@ -75,6 +77,12 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
 
     def __init__(self, reg: Hyper = 1.0):
         self._set(reg=check_hyper("l1", "reg", reg))
+
+    def _prox(self, leaves, step, tree):
+        t = self.reg * step
+        if isinstance(t, float) and t > 0:  # one softshrink kernel per leaf, no wrapper overhead
+            return [F.softshrink(x, t) if x.dtype not in _LOW else soft_threshold(x, t) for x in leaves]
+        return [soft_threshold(x, t) for x in leaves]
 
     def _prox_leaf(self, x, step):
         return soft_threshold(x, self.reg * step)
@@ -200,8 +208,8 @@ class linf(Prox):
         if not leaves:
             return []
         t = self.reg * step
-        parts = [(x.to(_tree.acc_dtype(x)).abs(), None) for x in leaves]
-        tau = threshold(parts, t, traceable=traceable(t, *leaves)).clamp_min(0)
+        parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
+        tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, None) for x in leaves]
 
     def _value(self, leaves, tree):

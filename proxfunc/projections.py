@@ -198,8 +198,9 @@ class l1_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        parts = [(x.to(_tree.acc_dtype(x)).abs(), None) for x in leaves]
-        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).clamp_min(0).reshape(())
+        parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
+        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves), absolute=True)
+        tau = tau.clamp_min(0).reshape(())
         xs = [x.to(tau.dtype) for x in leaves]
         mags = _polish_sum([xa.abs() - tau for xa in xs], self.radius)
         # tau == 0 inside the ball: x comes back bit for bit (no polish there)

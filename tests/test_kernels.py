@@ -1,0 +1,160 @@
+"""The sort-free thresholds (eager fixed point and unrolled traceable) equal the sort reference.
+
+Oracle: ``threshold_sort`` (Held-Wolfe-Crowder / Duchi et al. sort + cumsum) and the defining
+equation ``sum_j max(v_j - theta, 0) = r``. Adversarial inputs: ties, all-equal rows, rows
+already inside the ball, zero rows, huge and tiny radii, geometric and cubic spreads, groups
+spread over several tensors with different group dims, blocks smaller than a row.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import proxfunc.kernels.threshold  # noqa: F401
+
+K = sys.modules["proxfunc.kernels.threshold"]
+METHODS = {"fixed_point": K.threshold_fixed_point, "unrolled": K.threshold_unrolled}
+
+
+def tol(v, dtype):
+    eps = torch.finfo(dtype).eps
+    return 8 * eps * (float(v.abs().max()) if v.numel() else 1.0) * max(1, v.shape[-1]) ** 0.5
+
+
+def rows(name, dtype):
+    g = torch.Generator().manual_seed(0)
+    n = 257
+    out = {
+        "gauss": torch.randn(16, n, generator=g, dtype=torch.float64),
+        "ties": torch.randint(-2, 3, (16, n), generator=g).double(),
+        "all_equal": torch.full((4, n), -0.75, dtype=torch.float64),
+        "zeros": torch.zeros(4, n, dtype=torch.float64),
+        "geometric": (0.5 ** torch.arange(n, dtype=torch.float64)).repeat(3, 1),
+        "cubic": (torch.arange(n, dtype=torch.float64) ** 3).repeat(2, 1),
+        "tiny_values": torch.randn(8, n, generator=g, dtype=torch.float64) * 1e-30,
+        "one_big": torch.cat([torch.full((4, 1), 1e6), torch.rand(4, n - 1, generator=g)], 1).double(),
+    }[name]
+    return out.to(dtype)
+
+
+RADII = [0.0, 1e-30, 1e-8, 0.5, 3.0, 100.0, 1e8, 1e30]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "name", ["gauss", "ties", "all_equal", "zeros", "geometric", "cubic", "tiny_values", "one_big"]
+)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_matches_sort_reference_on_adversarial_rows(method, dtype, name, absolute):
+    v = rows(name, dtype)
+    for r in RADII:
+        if r == 0.0 and not absolute:
+            continue  # the simplex needs r > 0
+        ref = K.threshold_sort([(v, 0)], r, absolute=absolute)
+        got = METHODS[method]([(v, 0)], r, absolute=absolute)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        # exact to rounding in the threshold, relative to the data and to r
+        scale = tol(v, dtype) + 8 * torch.finfo(dtype).eps * r
+        assert (got - ref).abs().max() <= scale, (name, r)
+        if absolute:  # what l1_ball / linf1 use: tau = max(theta, 0) must be feasible and tight
+            tau = got.clamp_min(0)
+            excess = (v.abs() - tau[:, None]).clamp_min(0).sum(1)
+            inside = v.abs().sum(1) <= r
+            assert torch.all(torch.where(inside, tau == 0, (excess - r).abs() <= scale * v.shape[1] + 1e-300))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_groups_spread_over_parts_and_small_blocks(method, monkeypatch):
+    monkeypatch.setattr(K, "_BLOCK", 7)  # blocks of one row: exercises the blocked eager path
+    g = torch.Generator().manual_seed(1)
+    w1 = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    b1 = torch.randn(6, generator=g, dtype=torch.float64)
+    w2 = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    parts = [(w1, 0), (b1, 0), (w2, 1)]
+    for r in (0.1, 1.0, 4.0, 50.0):
+        ref = K.threshold_sort(parts, r, absolute=True)
+        got = METHODS[method](parts, r, absolute=True)
+        torch.testing.assert_close(got, ref)
+
+
+def test_single_group_over_several_tensors():
+    g = torch.Generator().manual_seed(2)
+    parts = [(torch.randn(5, 3, generator=g), None), (torch.randn(7, generator=g), None)]
+    for r in (0.01, 1.0, 30.0):
+        torch.testing.assert_close(K.threshold(parts, r, traceable=False), K.threshold_sort(parts, r))
+        torch.testing.assert_close(K.threshold(parts, r, traceable=True), K.threshold_sort(parts, r))
+
+
+def test_unrolled_converges_on_long_gaussian_rows():
+    # The benchmark's shape: rows of 4096 Gaussian entries, radii from small to large.
+    v = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3))
+    for r in (0.01, 1.0, 5.0, 100.0, 1000.0):
+        ref = K.threshold_sort([(v, 0)], r, absolute=True)
+        torch.testing.assert_close(K.threshold_unrolled([(v, 0)], r, absolute=True), ref)
+
+
+def test_gradients_flow_to_values_and_radius():
+    v = torch.rand(4, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    r = torch.tensor(0.7, dtype=torch.float64)
+    for fn in METHODS.values():
+        assert torch.autograd.gradcheck(lambda a, b, fn=fn: fn([(a, 0)], b), (v.requires_grad_(), r.requires_grad_()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 40),
+    st.floats(1e-6, 1e3),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([1.0, 1e-3, 1e4]),
+    st.booleans(),
+)
+def test_random_shapes_match_sort(g, n, r, seed, scale, quantize):
+    x = torch.randn(g, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    if quantize:  # many ties
+        x = torch.round(x * 2) / 2
+    ref = K.threshold_sort([(x, 0)], r, absolute=True)
+    for fn in METHODS.values():
+        got = fn([(x, 0)], r, absolute=True)
+        assert (got - ref).abs().max() <= tol(x, x.dtype) + 1e-12 * r
+
+
+@pytest.mark.parametrize("name", ["gauss", "ties", "all_equal", "zeros", "geometric", "one_big"])
+def test_single_group_compaction_path(name):
+    # d=None on every part: the eager path filters the candidates after each step.
+    v = rows(name, torch.float64)
+    parts = [(v[:2], None), (v[2:].reshape(-1), None)]
+    for r in (1e-30, 1e-3, 1.0, 50.0, 1e30):
+        ref = K.threshold_sort(parts, r, absolute=True)
+        for fn in METHODS.values():
+            got = fn(parts, r, absolute=True)
+            assert (got - ref).abs().max() <= tol(v.reshape(1, -1), v.dtype) + 8 * torch.finfo(v.dtype).eps * r
+
+
+def test_operators_eager_blocked_equal_traced_and_sort(monkeypatch):
+    import proxfunc as pf
+
+    monkeypatch.setattr(K, "_BLOCK", 5000)  # several blocks on a 64 x 300 matrix
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(6))
+    for op in (pf.linf1(2.0), pf.linf(30.0), pf.l1_ball(40.0), pf.simplex(3.0)):
+        eager = op(x, 1.0)
+        traced = torch.func.vmap(lambda s, op=op: op(x, s))(torch.tensor([1.0]))[0]  # the unrolled path
+        torch.testing.assert_close(eager, traced)
+    tau = K.threshold_sort([(x, 0)], 2.0, absolute=True).clamp_min(0)[:, None]
+    torch.testing.assert_close(pf.linf1(2.0)(x, 1.0), torch.clamp(x, -tau, tau))
+
+
+def test_radius_zero_on_tied_maxima():
+    # r = 0: theta is the group max; rounding of k * max / k must not lose the active set.
+    v = torch.tensor([[0.1, 0.1, 0.1, 0.05], [1 / 3, 1 / 3, 1 / 3, 1 / 3]], dtype=torch.float32)
+    for fn in METHODS.values():
+        got = fn([(v, 0)], 0.0, absolute=True)
+        torch.testing.assert_close(got, v.amax(1), rtol=2e-7, atol=0)
+        x = v.clone().requires_grad_()
+        assert torch.isfinite(torch.autograd.grad(fn([(x, 0)], 0.0, absolute=True).sum(), x)[0]).all()
