@@ -259,7 +259,8 @@ def threshold_sort(parts: list[Part], radius: torch.Tensor | float, *, absolute:
         if d is None:
             rows.append(a.reshape(1, -1))
         else:
-            rows.append(a.movedim(d, 0).reshape(a.shape[d], -1))
+            per_group = math.prod(n for i, n in enumerate(a.shape) if i != d)  # explicit: G may be 0
+            rows.append(a.movedim(d, 0).reshape(a.shape[d], per_group))
     v = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
     g, n = v.shape
     if n == 0:
