@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._base import Hyper, Prox, check_hyper
+from ._base import Hyper, Prox, check_hyper, is_concrete
 from ._util import safe_norm, traceable, zeros_like_value
 from .groups import _check_group_dim, l21
 from .kernels import threshold
@@ -24,6 +24,37 @@ from .norms import l1
 from .sets import flat, unflat
 
 __all__ = ["index_l21", "index_linf1", "sparse_group_lasso"]
+
+
+def _dense_groups(idx: torch.Tensor) -> torch.Tensor:
+    """Group ids relabelled ``0, 1, ...`` in increasing order of ``index`` (``-1`` entries share
+    one id of their own), with fixed shapes and no host read: the traceable construction."""
+    key, order = torch.sort(idx, stable=True)
+    new = torch.cat([torch.ones_like(key[:1], dtype=torch.bool), key[1:] != key[:-1]])
+    dense = torch.cumsum(new.to(torch.int64), 0) - 1
+    return torch.zeros_like(idx).scatter(0, order, dense)
+
+
+def _segment_tau(a: torch.Tensor, gidx: torch.Tensor, t) -> torch.Tensor:
+    """Per-group l1-ball threshold ``max(theta_g, 0)`` of ``a >= 0`` with radius ``t``, one slot per entry.
+
+    The sort method (Held et al. 1974; Duchi et al. 2008) on segments, fixed shapes, no host
+    read: sort by group, and inside a group by decreasing ``a``; with ``S_k`` the sum of the
+    ``k`` largest entries of a group, ``theta_g = max_k (S_k - t) / k`` (Condat 2016). The
+    segmented sums are differences of one cumulative sum, accumulated in float64 (CPU/CUDA).
+    """
+    n = a.numel()
+    o1 = torch.sort(a, descending=True, stable=True).indices
+    order = o1[torch.sort(gidx[o1], stable=True).indices]
+    u, g = a[order], gidx[order]
+    acc = a.dtype if a.device.type == "mps" else torch.promote_types(a.dtype, torch.float64)
+    cs = torch.cumsum(u.to(acc), 0)
+    pos = torch.arange(n, device=a.device)
+    start = torch.cat([torch.ones_like(g[:1], dtype=torch.bool), g[1:] != g[:-1]])
+    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
+    seg = cs - (cs[first] - u[first].to(acc))
+    cand = ((seg - t) / (pos - first + 1).to(acc)).to(a.dtype)
+    return torch.zeros(n, dtype=a.dtype, device=a.device).scatter_reduce(0, g, cand, reduce="amax")
 
 
 class _IndexGroups(Prox):
@@ -34,11 +65,19 @@ class _IndexGroups(Prox):
         if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex():
             raise TypeError(f"{name}: index must be an integer tensor")
         idx = index.reshape(-1).to(torch.int64)
+        self._set(index=index, reg=check_hyper(name, "reg", reg))
+        member = idx >= 0
+        if not is_concrete(idx):
+            # Built inside torch.compile (or a torch.func transform): read nothing from the host.
+            # Groups are relabelled densely into idx.numel() slots (empty slots are zero groups)
+            # and index_linf1 uses the sort-based threshold, whose shapes need no group size.
+            # An index entry < -1 is not checked here (it would need a host read); it acts as -1.
+            G = idx.numel()
+            self._set(_cache_G=G, _cache_M=None, _cache_member=member, _cache_gidx=_dense_groups(idx))
+            return
         if idx.numel() and int(idx.min()) < -1:
             raise ValueError(f"{name}: index entries must be >= -1 (-1 = in no group), got {int(idx.min())}")
         G = int(idx.max()) + 1 if idx.numel() else 0
-        self._set(index=index, reg=check_hyper(name, "reg", reg))
-        member = idx >= 0
         gidx = torch.where(member, idx, torch.zeros_like(idx))
         # Dense (G, M) layout: position of every member entry inside its group.
         order = torch.sort(torch.where(member, idx, torch.full_like(idx, G)), stable=True).indices
@@ -118,10 +157,13 @@ class index_linf1(_IndexGroups):  # noqa: N801
         G, M = self._cache_G, self._cache_M
         if G == 0:
             return unflat(v, leaves)
+        t = self.reg * step
+        if M is None:
+            tb = _segment_tau(torch.where(member, v.abs(), torch.zeros_like(v)), gidx, t)[gidx]
+            return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)
         pos = self._cache_pos.to(v.device)
         lin = torch.where(member, gidx * M + pos, torch.full_like(pos, G * M))
         P = torch.zeros(G * M + 1, dtype=v.dtype, device=v.device).index_put((lin,), v.abs())[: G * M]
-        t = self.reg * step
         tau = threshold([(P.reshape(G, M), 0)], t, traceable=traceable(t, v)).clamp_min(0)
         tb = tau[gidx]
         return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)

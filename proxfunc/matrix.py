@@ -46,20 +46,61 @@ def _svd(x: torch.Tensor):
     return U.detach(), s, Vh.detach()
 
 
+def _divided_differences(s, fs, slope):
+    """``K_s = (f_i - f_j)/(s_i - s_j)``, ``K_a = (f_i + f_j)/(s_i + s_j)`` and ``f_i / s_i``,
+    each replaced by its limit (the local slope of ``f``) where the denominator vanishes."""
+    si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+    fi, fj = fs.unsqueeze(-1), fs.unsqueeze(-2)
+    mean_slope = 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2))
+    tol = torch.finfo(s.dtype).eps * 8 * (s.amax(dim=-1, keepdim=True).unsqueeze(-1) + torch.finfo(s.dtype).tiny)
+    dif, tot = si - sj, si + sj
+    ks = torch.where(dif.abs() > tol, (fi - fj) / torch.where(dif.abs() > tol, dif, torch.ones_like(dif)), mean_slope)
+    ka = torch.where(tot > tol, (fi + fj) / torch.where(tot > tol, tot, torch.ones_like(tot)), mean_slope)
+    tol1 = tol.squeeze(-1)
+    ratio = torch.where(s > tol1, fs / torch.where(s > tol1, s, torch.ones_like(s)), slope)
+    return ks, ka, ratio
+
+
+def _vectors_part(U, s, Vh, fs, slope, D, m, n):
+    """The singular-vector part ``L(D)`` of the derivative of ``X -> U diag(f(s)) V^T``.
+
+    ``L`` is self-adjoint, so the same map gives the forward-mode tangent (``D = dX``) and the
+    reverse-mode cotangent (``D = G``); see :class:`_SpectralApply`.
+    """
+    V = Vh.transpose(-1, -2)
+    Ut = U.transpose(-1, -2)
+    A = Ut @ D @ V
+    ks, ka, ratio = _divided_differences(s, fs, slope)
+    sym, skew = 0.5 * (A + A.transpose(-1, -2)), 0.5 * (A - A.transpose(-1, -2))
+    k = s.shape[-1]
+    eye = torch.eye(k, dtype=s.dtype, device=s.device)
+    out = U @ ((ks * sym + ka * skew) * (1 - eye)) @ Vh
+    if m > k:
+        DV = D @ V
+        out = out + ((DV - U @ (Ut @ DV)) * ratio.unsqueeze(-2)) @ Vh
+    if n > k:
+        UtD = Ut @ D
+        out = out + (U * ratio.unsqueeze(-2)) @ (UtD - (UtD @ V) @ Vh)
+    return out
+
+
 class _SpectralApply(torch.autograd.Function):
-    """``Y = U diag(fs) V^T`` for ``X = U diag(s) V^T``, with a backward that stays finite.
+    """``Y = U diag(fs) V^T`` for ``X = U diag(s) V^T``, with derivatives that stay finite.
 
-    ``fs = f(s)`` is computed by the caller in the graph (so gradients reach ``s``, and through
+    ``fs = f(s)`` is computed by the caller in the graph (so derivatives reach ``s``, and through
     ``s`` the input, and any hyperparameter of ``f``); this function adds the part that flows
-    through the singular vectors. For ``A = U^T G V`` that part is
+    through the singular vectors. For ``A = U^T D V`` that part is
 
-        U (K_s o sym(A) + K_a o skew(A))_{offdiag} V^T
-        + (I - U U^T) G V diag(fs/s) V^T + U diag(fs/s) U^T G (I - V V^T),
+        L(D) = U (K_s o sym(A) + K_a o skew(A))_{offdiag} V^T
+               + (I - U U^T) D V diag(fs/s) V^T + U diag(fs/s) U^T D (I - V V^T),
 
-    ``K_s = (f_i - f_j)/(s_i - s_j)``, ``K_a = (f_i + f_j)/(s_i + s_j)`` (Lewis & Sendov 2005). At
-    equal (or zero) singular values the divided differences take their limit, the local slope of
-    ``f`` given in ``slope`` — where PyTorch's SVD backward divides by ``s_i^2 - s_j^2 = 0`` and
-    returns NaN (zero matrices, pruned layers, thresholded ties).
+    ``K_s = (f_i - f_j)/(s_i - s_j)``, ``K_a = (f_i + f_j)/(s_i + s_j)`` (Lewis & Sendov 2005).
+    ``L`` is self-adjoint (``K_s``, ``K_a`` are symmetric and the projections orthogonal), so
+    ``backward`` applies it to the output cotangent ``G`` and ``jvp`` to the input tangent ``dX``
+    (plus ``U diag(dfs) V^T``): forward and reverse mode agree. At equal (or zero) singular values
+    the divided differences take their limit, the local slope of ``f`` given in ``slope`` — where
+    PyTorch's SVD derivatives divide by ``s_i^2 - s_j^2 = 0`` and return NaN (zero matrices,
+    pruned layers, thresholded ties).
     """
 
     generate_vmap_rule = True
@@ -72,40 +113,26 @@ class _SpectralApply(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         X, U, s, Vh, fs, slope = inputs
         ctx.save_for_backward(U, s, Vh, fs, slope)
+        ctx.save_for_forward(U, s, Vh, fs, slope)
         ctx.shape = X.shape
 
     @staticmethod
     def backward(ctx, G):
         U, s, Vh, fs, slope = ctx.saved_tensors
-        V = Vh.transpose(-1, -2)
-        Ut = U.transpose(-1, -2)
-        A = Ut @ G @ V
-        gfs = torch.diagonal(A, dim1=-2, dim2=-1)
-        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
-        fi, fj = fs.unsqueeze(-1), fs.unsqueeze(-2)
-        mean_slope = 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2))
-        tol = torch.finfo(s.dtype).eps * 8 * (s.amax(dim=-1, keepdim=True).unsqueeze(-1) + torch.finfo(s.dtype).tiny)
-        dif, tot = si - sj, si + sj
-        ks = torch.where(
-            dif.abs() > tol, (fi - fj) / torch.where(dif.abs() > tol, dif, torch.ones_like(dif)), mean_slope
-        )
-        ka = torch.where(tot > tol, (fi + fj) / torch.where(tot > tol, tot, torch.ones_like(tot)), mean_slope)
-        sym, skew = 0.5 * (A + A.transpose(-1, -2)), 0.5 * (A - A.transpose(-1, -2))
-        inner = ks * sym + ka * skew
-        k = s.shape[-1]
-        eye = torch.eye(k, dtype=s.dtype, device=s.device)
-        inner = inner * (1 - eye)
-        gX = U @ inner @ Vh
-        tol1 = tol.squeeze(-1)
-        ratio = torch.where(s > tol1, fs / torch.where(s > tol1, s, torch.ones_like(s)), slope)
-        m, n = ctx.shape[-2], ctx.shape[-1]
-        if m > k:
-            GV = G @ V
-            gX = gX + ((GV - U @ (Ut @ GV)) * ratio.unsqueeze(-2)) @ Vh
-        if n > k:
-            UtG = Ut @ G
-            gX = gX + (U * ratio.unsqueeze(-2)) @ (UtG - (UtG @ V) @ Vh)
+        gX = _vectors_part(U, s, Vh, fs, slope, G, ctx.shape[-2], ctx.shape[-1])
+        gfs = torch.diagonal(U.transpose(-1, -2) @ G @ Vh.transpose(-1, -2), dim1=-2, dim2=-1)
         return gX, None, None, None, gfs, None
+
+    @staticmethod
+    def jvp(ctx, dX, dU, ds, dVh, dfs, dslope):
+        # U, Vh are detached by the caller (their tangents are in L); s enters only through fs.
+        U, s, Vh, fs, slope = ctx.saved_tensors
+        out = torch.zeros(U.shape[:-1] + Vh.shape[-1:], dtype=U.dtype, device=U.device)
+        if dX is not None:
+            out = out + _vectors_part(U, s, Vh, fs, slope, dX, ctx.shape[-2], ctx.shape[-1])
+        if dfs is not None:
+            out = out + (U * dfs.unsqueeze(-2)) @ Vh
+        return out
 
 
 def _spectral(x: torch.Tensor, U, s, Vh, fs, slope) -> torch.Tensor:

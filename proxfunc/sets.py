@@ -272,6 +272,65 @@ class soc(Projection):  # noqa: N801
         return indicator(ny <= s + tol * (ny + s.abs()), v.dtype)
 
 
+def _eig_vectors_part(Q, lam, flam, slope, D):
+    """``Q (K o sym(Q^T D Q))_{offdiag} Q^T``, ``K_ij = (f_i - f_j)/(lam_i - lam_j)``, with the
+    limit ``(f'_i + f'_j)/2`` where the eigenvalues tie. Self-adjoint in ``D``."""
+    li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
+    tiny = torch.finfo(lam.dtype).tiny
+    tol = torch.finfo(lam.dtype).eps * 8 * (lam.abs().amax(dim=-1, keepdim=True).unsqueeze(-1) + tiny)
+    dif = li - lj
+    gap = dif.abs() > tol
+    dd = (flam.unsqueeze(-1) - flam.unsqueeze(-2)) / torch.where(gap, dif, torch.ones_like(dif))
+    K = torch.where(gap, dd, 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2)))
+    Qt = Q.transpose(-1, -2)
+    A = Qt @ D @ Q
+    A = 0.5 * (A + A.transpose(-1, -2))
+    eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+    return Q @ (K * A * (1 - eye)) @ Qt
+
+
+class _EighApply(torch.autograd.Function):
+    """``Y = Q diag(f(lam)) Q^T`` for symmetric ``S = Q diag(lam) Q^T``, with derivatives that stay finite.
+
+    ``flam = f(lam)`` is computed by the caller in the graph (derivatives reach ``lam`` and
+    through eigh's eigenvalue derivative ``S``); this function adds the part through the
+    eigenvectors, ``L(D) = Q (K o sym(Q^T D Q))_{offdiag} Q^T`` with the divided differences
+    ``K_ij = (f_i - f_j)/(lam_i - lam_j)`` (Daleckii-Krein; Lewis 1996). ``L`` is self-adjoint, so
+    ``backward`` applies it to the cotangent and ``jvp`` to the tangent. Where eigenvalues tie
+    ``K`` takes its limit, the local slope ``slope`` of ``f``; PyTorch's eigh derivatives divide by
+    ``lam_i - lam_j = 0`` there and return NaN (zero matrices, repeated eigenvalues).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(S, Q, lam, flam, slope):
+        return (Q * flam.unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        S, Q, lam, flam, slope = inputs
+        ctx.save_for_backward(Q, lam, flam, slope)
+        ctx.save_for_forward(Q, lam, flam, slope)
+
+    @staticmethod
+    def backward(ctx, G):
+        Q, lam, flam, slope = ctx.saved_tensors
+        gS = _eig_vectors_part(Q, lam, flam, slope, G)
+        gflam = torch.diagonal(Q.transpose(-1, -2) @ G @ Q, dim1=-2, dim2=-1)
+        return gS, None, None, gflam, None
+
+    @staticmethod
+    def jvp(ctx, dS, dQ, dlam, dflam, dslope):
+        Q, lam, flam, slope = ctx.saved_tensors
+        out = torch.zeros_like(Q)
+        if dS is not None:
+            out = out + _eig_vectors_part(Q, lam, flam, slope, dS)
+        if dflam is not None:
+            out = out + (Q * dflam.unsqueeze(-2)) @ Q.transpose(-1, -2)
+        return out
+
+
 class psd(Projection):  # noqa: N801
     """Projection onto the cone of symmetric positive semidefinite matrices, batched.
 
@@ -300,7 +359,8 @@ class psd(Projection):  # noqa: N801
             xa = x.to(_tree.acc_dtype(x))
             s = 0.5 * (xa + xa.transpose(-1, -2))
             lam, Q = torch.linalg.eigh(s)
-            p = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.transpose(-1, -2)
+            # Only the eigenvalues stay in eigh's graph; _EighApply differentiates through Q.
+            p = _EighApply.apply(s, Q.detach(), lam, lam.clamp_min(0), (lam > 0).to(lam.dtype))
             out.append((0.5 * (p + p.transpose(-1, -2))).to(x.dtype))
         return out
 
