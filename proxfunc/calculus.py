@@ -466,7 +466,15 @@ class conjugate(Prox):  # noqa: N801
     whose conjugate is known (norms <-> dual-norm balls, elastic net, log barrier, ridge, Huber,
     quadratic with ``A`` positive definite, negative entropy, max entry, sum of k largest, nuclear
     <-> spectral, box and simplex (support functions), nonneg / PSD / SOC cones (polar cones),
-    l21, linf1, scale, conjugate); for others it raises ``NotImplementedError`` (the prox still works).
+    l21, linf1, scale, conjugate, and the support functions of the affine sets: hyperplane
+    ``{<a, z> = b}`` -> ``b s`` if ``y = s a``, halfspace -> the same with ``s >= 0``, affine
+    ``{A z = b}`` -> ``<lam, b>`` if ``y = A^T lam`` (``lam`` least squares), box ∩ hyperplane ->
+    ``min_mu b mu + sum_j max((y_j - mu a_j) lower_j, (y_j - mu a_j) upper_j)`` (LP duality, exact
+    at the breakpoints ``mu = y_j / a_j``); index_l21 / index_linf1 -> every group's l2 / l1 norm
+    ``<= reg`` and ``y = 0`` on free entries; sparse group lasso -> ``||soft(y_i, reg_l1)||_2 <=
+    reg_group`` for every group, the infimal convolution of the two dual balls); membership in a
+    domain is tested with the same relative tolerances as the sets' own ``value`` (``+inf``
+    outside). For others it raises ``NotImplementedError`` (the prox still works).
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
     """
 
@@ -548,7 +556,7 @@ def _le(a: torch.Tensor, r: Any, leaves: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _conj_table() -> dict[type, Any]:
-    from . import groups, matrix, norms, projections, sets, smooth
+    from . import groups, index_groups, matrix, norms, projections, sets, smooth
 
     def c_l1(op, leaves, tree):
         v = _flatv(leaves)
@@ -684,7 +692,78 @@ def _conj_table() -> dict[type, Any]:
     def c_soc(op, leaves, tree):  # polar cone of the (self-dual) SOC is -SOC
         return sets.soc()._value([(-x) for x in leaves], tree)
 
+    def c_hyperplane(op, leaves, tree):  # support of {<a, z> = b}: b s if y = s a, else inf
+        v, a, b, s, perp = _line(op, leaves)
+        return torch.where(perp, b * s, torch.full_like(s, float("inf")))
+
+    def c_halfspace(op, leaves, tree):  # support of {<a, z> <= b}: b s if y = s a with s >= 0
+        v, a, b, s, perp = _line(op, leaves)
+        tol = 8 * set_tol(leaves, v.numel())
+        ok = perp & (s * torch.dot(a, a) >= -tol * a.norm() * v.norm())
+        return torch.where(ok, b * s.clamp_min(0), torch.full_like(s, float("inf")))
+
+    def c_affine(op, leaves, tree):  # support of {A z = b}: <y, A^+ b> if y is in the row space of A
+        v = _flatv(leaves)
+        A = op.A.to(device=v.device, dtype=v.dtype)
+        if A.shape[1] != v.numel():
+            raise ValueError(f"affine: A has {A.shape[1]} columns but params has {v.numel()} entries")
+        b = op.b.reshape(-1).to(device=v.device, dtype=v.dtype)
+        if op.A.requires_grad:
+            Ap = torch.linalg.pinv(A)  # (n, m); differentiable in A
+            row = v - Ap @ (A @ v)
+        else:
+            V = op._cache_V.to(device=v.device, dtype=v.dtype)
+            Ap = V @ op._cache_W.to(device=v.device, dtype=v.dtype)
+            row = v - V @ (V.T @ v)
+        tol = 8 * set_tol(leaves, v.numel()) * (1 + op._cache_cond)
+        ok = row.norm() <= tol * v.norm()
+        val = torch.dot(v, Ap @ b)  # = <lam, b> with lam = (A^+)^T y, the least-squares A^T lam = y
+        return torch.where(ok, val, torch.full_like(val, float("inf")))
+
+    def c_box_hyperplane(op, leaves, tree):
+        if not leaves:
+            return zeros_like_value(leaves)
+        v = _flatv(leaves)
+        a, lo, hi, b = op._data(v)
+        return _box_hyperplane_support(v, a, lo, hi, b)
+
+    def c_index_l21(op, leaves, tree):  # ball of the dual norm per group; free entries: {0}
+        if not leaves:
+            return zeros_like_value(leaves)
+        v, member, gidx = op._v(leaves)
+        n = op._norms(v, member, gidx)
+        ok = _le(n.max() if n.numel() else n.new_zeros(()), op.reg, leaves) & (member | (v == 0)).all()
+        return _ind(ok, v.dtype)
+
+    def c_index_linf1(op, leaves, tree):
+        if not leaves:
+            return zeros_like_value(leaves)
+        v, member, gidx = op._v(leaves)
+        n = torch.zeros(max(op._cache_G, 1), dtype=v.dtype, device=v.device)  # G = 0: all entries free
+        n = n.index_add(0, gidx, torch.where(member, v.abs(), torch.zeros_like(v)))
+        ok = _le(n.max() if n.numel() else n.new_zeros(()), op.reg, leaves) & (member | (v == 0)).all()
+        return _ind(ok, v.dtype)
+
+    def c_sparse_group_lasso(op, leaves, tree):  # {u + w : |u| <= reg_l1, ||w_i|| <= reg_group}
+        if not leaves:
+            return zeros_like_value(leaves)
+        _, grp = op._cache_ops
+        dims, _ = grp.groups(leaves, tree)
+        soft = []
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            soft.append(torch.sign(xa) * torch.clamp_min(xa.abs() - op.reg_l1, 0))
+        n = grp._norms(soft, dims)
+        return _ind(_le(n.max() if n.numel() else n.new_zeros(()), op.reg_group, leaves), n.dtype)
+
     return {
+        sets.hyperplane: c_hyperplane,
+        sets.halfspace: c_halfspace,
+        sets.affine: c_affine,
+        sets.box_hyperplane: c_box_hyperplane,
+        index_groups.index_l21: c_index_l21,
+        index_groups.index_linf1: c_index_linf1,
+        index_groups.sparse_group_lasso: c_sparse_group_lasso,
         norms.elastic_net: c_elastic,
         norms.log_barrier: c_log_barrier,
         projections.box: c_box,
@@ -713,6 +792,59 @@ def _conj_table() -> dict[type, Any]:
         conjugate: c_conj,
         identity: c_identity,
     }
+
+
+def _line(op, leaves):
+    """``y`` flattened, ``a``, ``b``, ``s = <a, y> / ||a||^2`` and whether ``y = s a`` (relative tolerance)."""
+    from .sets import _check_numel, _hyper_as, set_tol
+
+    v = _flatv(leaves)
+    a = _check_numel(op._name(), "a", op.a, v.numel()).to(device=v.device, dtype=v.dtype)
+    b = torch.as_tensor(_hyper_as(op.b, v), dtype=v.dtype, device=v.device)
+    s = torch.dot(a, v) / torch.dot(a, a)
+    tol = 8 * set_tol(leaves, v.numel())
+    return v, a, b, s, (v - s * a).norm() <= tol * v.norm()
+
+
+def _box_hyperplane_support(v, a, lo, hi, b):
+    """``sup {<v, z> : lo <= z <= hi, <a, z> = b}`` (``a > 0``), by LP duality:
+
+        min_mu  b mu + sum_j max((v_j - mu a_j) lo_j, (v_j - mu a_j) hi_j),
+
+    a convex piecewise-linear function of ``mu`` whose minimum lies at a breakpoint
+    ``mu_j = v_j / a_j``; all breakpoints are evaluated at once from sorted prefix/suffix sums
+    (O(n log n), exact up to rounding). An infinite bound makes the objective ``inf`` on one side
+    of its breakpoint: it is kept out of the sums and checked by comparison instead (breakpoints that
+    differ by rounding only count as equal: the support is then finite, as for an exact tie).
+    """
+    mu = v / a
+    mus, order = torch.sort(mu)
+    ys, as_, ls, us = v[order], a[order], lo[order], hi[order]
+    linf, uinf = torch.isinf(ls), torch.isinf(us)
+    zero = torch.zeros_like(ls)
+    lf, uf = torch.where(linf, zero, ls), torch.where(uinf, zero, us)
+    acc = torch.promote_types(v.dtype, torch.float64) if v.device.type != "mps" else v.dtype
+
+    def excl_prefix(t):
+        c = torch.cumsum(t.to(acc), 0)
+        return c - t.to(acc)
+
+    def excl_suffix(t):
+        c = torch.flip(torch.cumsum(torch.flip(t.to(acc), (0,)), 0), (0,))
+        return c - t.to(acc)
+
+    m = mus.to(acc)
+    low = excl_prefix(ys * lf) - m * excl_prefix(as_ * lf)  # breakpoints below mu: (y_j - mu a_j) lo_j
+    high = excl_suffix(ys * uf) - m * excl_suffix(as_ * uf)  # breakpoints above mu: (y_j - mu a_j) hi_j
+    g = b.to(acc) * m + low + high
+    big = torch.full_like(mus, float("inf"))
+    m_lo = torch.where(linf, mus, big).min()  # entries with lo = -inf forbid mu > their breakpoint
+    m_hi = torch.where(uinf, mus, -big).max()  # entries with hi = +inf forbid mu < their breakpoint
+    # breakpoints equal up to rounding count as ties (y parallel to a on those entries), as in set tests
+    tol = 8 * feasible_tol(v, v.numel())
+    ok = (mus <= m_lo + tol * m_lo.abs()) & (mus >= m_hi - tol * m_hi.abs())
+    g = torch.where(ok, g, torch.full_like(g, float("inf")))
+    return g.min().to(v.dtype)
 
 
 def _tree_total_abs(leaves, dims):

@@ -114,7 +114,8 @@ class index_l21(_IndexGroups):  # noqa: N801
     _public_name = "index_l21"
 
     def _norms(self, v, member, gidx):
-        sq = torch.zeros(self._cache_G, dtype=v.dtype, device=v.device)
+        # one slot at least: with every entry free (G = 0) gidx is all zeros and must index something
+        sq = torch.zeros(max(self._cache_G, 1), dtype=v.dtype, device=v.device)
         sq = sq.index_add(0, gidx, torch.where(member, v * v, torch.zeros_like(v)))
         return safe_norm(sq)
 
@@ -172,7 +173,7 @@ class index_linf1(_IndexGroups):  # noqa: N801
         if not leaves:
             return zeros_like_value(leaves)
         v, member, gidx = self._v(leaves)
-        m = torch.zeros(self._cache_G, dtype=v.dtype, device=v.device)
+        m = torch.zeros(max(self._cache_G, 1), dtype=v.dtype, device=v.device)  # G = 0: all entries free
         m = m.scatter_reduce(0, gidx, torch.where(member, v.abs(), torch.zeros_like(v)), reduce="amax")
         return self.reg * m.sum()
 

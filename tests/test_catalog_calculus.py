@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize
+from scipy.optimize import linprog, minimize
 
 import proxfunc as pf
 
@@ -181,7 +181,7 @@ def test_scale_of_conjugate_and_projection_flags():
     assert torch.allclose(pf.conjugate(pf.scale(pf.l1(0.5), 2.0)).value(x * 0.1), torch.tensor(0.0, dtype=D))
     assert torch.isinf(pf.conjugate(pf.scale(pf.l1(0.5), 2.0)).value(x))
     with pytest.raises(NotImplementedError, match="no closed form"):
-        pf.conjugate(pf.halfspace(torch.ones(2, dtype=D), 1.0)).value(x)
+        pf.conjugate(pf.k_sparse(1)).value(x)
 
 
 def test_pytrees_and_partition_inside_rules():
@@ -212,3 +212,139 @@ def test_validation():
         pf.moreau_env(pf.l1(), 0.0)
     with pytest.raises(TypeError, match="op must be a proxfunc operator"):
         pf.conjugate(lambda x, t: x)
+
+
+# ------------------------------------------- conjugates of affine sets, box ∩ hyperplane, index groups
+def _new_conj_ops(r, n):
+    """The operators whose conjugate is a closed form added for sets.py / index_groups.py, on R^n."""
+    a = t64(r.uniform(0.3, 2.0, n))
+    lo = t64(r.uniform(-1.0, 0.0, n))
+    hi = lo + t64(r.uniform(0.1, 2.0, n))
+    b = float((a * (lo + r.uniform(0.2, 0.8) * (hi - lo))).sum())
+    A = t64(r.normal(size=(3, n)))
+    A[2] = A[0] - 2 * A[1]  # rank deficient: the row space has dimension 2
+    index = torch.as_tensor(r.integers(-1, 3, n))
+    return [
+        pf.hyperplane(t64(r.normal(size=n)), 0.7),
+        pf.halfspace(t64(r.normal(size=n)), -0.4),
+        pf.halfspace(t64(r.normal(size=n)), 50.0),  # most points inside: y = 0
+        pf.affine(A, A @ t64(r.normal(size=n))),
+        pf.box_hyperplane(lo, hi, b, a),
+        pf.box_hyperplane(0.0, 1.0, 2.0),
+        pf.index_l21(index, 0.6),
+        pf.index_linf1(index, 0.6),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", [1, 6, 13])
+def test_fenchel_young_equality_new_conjugates(seed, n):
+    r = rng(100 + seed)
+    ops = _new_conj_ops(r, n)
+    shape = (n,) if n != 6 else (2, 3)
+    ops_x = [(f, t64(r.normal(size=n) * 2).reshape(shape)) for f in ops if not isinstance(f, pf.box_hyperplane)]
+    ops_x += [(f, t64(r.normal(size=n) * 2)) for f in ops if isinstance(f, pf.box_hyperplane) and n >= 2]
+    sgl = pf.sparse_group_lasso(0.3, 0.5, group_dim=seed % 2)
+    ops_x.append((sgl, t64(r.normal(size=(n, 4)))))
+    for f, x in ops_x:
+        p = f(x, 1.0)
+        y = x - p
+        fs = pf.conjugate(f).value(y)
+        assert torch.isfinite(fs), f
+        assert torch.allclose(f.value(p) + fs, (p * y).sum(), rtol=1e-9, atol=1e-9), f
+        # Fenchel-Young inequality at other points z of dom f (feasible points for the sets)
+        for _ in range(3):
+            z = f(t64(r.normal(size=x.shape) * 3), 1.0) if f.is_projection else t64(r.normal(size=x.shape) * 3)
+            assert float(f.value(z) + fs) >= float((z * y).sum()) - 1e-9 * (1 + float(z.abs().sum())), f
+
+
+def test_conjugate_hyperplane_halfspace_affine_domains():
+    r = rng(7)
+    a = t64(r.normal(size=5))
+    for s in (-1.3, 0.0, 2.1):
+        assert torch.allclose(pf.conjugate(pf.hyperplane(a, 0.7)).value(s * a), t64(0.7 * s))
+        want = 0.7 * s if s >= 0 else np.inf
+        assert float(pf.conjugate(pf.halfspace(a, 0.7)).value(s * a)) == pytest.approx(want)
+    off = 2.0 * a + 1e-6 * t64(r.normal(size=5))  # not parallel to a
+    assert torch.isinf(pf.conjugate(pf.hyperplane(a, 0.7)).value(off))
+    assert torch.isinf(pf.conjugate(pf.halfspace(a, 0.7)).value(off))
+    # hyperplane in a pytree: a is flattened like the params
+    tree = (2.0 * a[:2], 2.0 * a[2:].reshape(3, 1))
+    assert torch.allclose(pf.conjugate(pf.hyperplane(a, -0.5)).value(tree), t64(-1.0))
+    A = t64(r.normal(size=(3, 6)))
+    A[2] = A[0] + A[1]
+    z0 = t64(r.normal(size=6))
+    f = pf.conjugate(pf.affine(A, A @ z0))
+    for _ in range(4):
+        lam = t64(r.normal(size=3))
+        y = A.T @ lam
+        # independent: <y, z> is the same for every z in the set, e.g. z0 (lam is not unique)
+        assert torch.allclose(f.value(y), (lam * (A @ z0)).sum(), rtol=1e-10, atol=1e-12)
+        assert torch.isinf(f.value(y + 1e-5 * t64(r.normal(size=6))))
+    # hyperparameter learning in A: the value is differentiable in A on the row space
+    Ag = A.clone().requires_grad_(True)
+    y = A.T @ t64([1.0, -2.0, 0.5])
+    pf.conjugate(pf.affine(Ag, A @ z0)).value(y).backward()
+    assert Ag.grad is not None and torch.isfinite(Ag.grad).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_conjugate_box_hyperplane_vs_linprog(seed):
+    from proxfunc.calculus import _box_hyperplane_support
+
+    r = rng(200 + seed)
+    n = 9
+    a = r.uniform(0.2, 3.0, n)
+    lo = r.uniform(-2.0, 0.0, n)
+    hi = lo + r.uniform(0.0, 2.0, n)  # some zero-width entries
+    b = float(a @ (lo + r.uniform(0, 1) * (hi - lo)))
+    op = pf.box_hyperplane(t64(lo), t64(hi), b, t64(a))
+    ys = [r.normal(size=n), np.round(r.normal(size=n)) * a, np.zeros(n)]  # the 2nd: tied breakpoints
+    for y in ys:
+        res = linprog(-y, A_eq=a[None], b_eq=[b], bounds=list(zip(lo, hi)), method="highs")
+        assert float(pf.conjugate(op).value(t64(y))) == pytest.approx(-res.fun, rel=1e-9, abs=1e-9)
+    # infinite bounds (reachable with traced bounds only): a support that is finite on a cone only
+    lo_i, hi_i = lo.copy(), hi.copy()
+    lo_i[0], hi_i[1] = -np.inf, np.inf
+    bnds = [(None if np.isinf(p) else p, None if np.isinf(q) else q) for p, q in zip(lo_i, hi_i)]
+    for y in [r.normal(size=n), a * 1.7, a * 1.7 + 0.1 * r.normal(size=n)]:
+        res = linprog(-y, A_eq=a[None], b_eq=[b], bounds=bnds, method="highs")
+        got = float(_box_hyperplane_support(t64(y), t64(a), t64(lo_i), t64(hi_i), t64(b)))
+        want = -res.fun if res.status == 0 else np.inf  # status 3: unbounded
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (y, res.status)
+
+
+def test_conjugate_index_groups_and_sparse_group_lasso_domains():
+    r = rng(11)
+    index = torch.tensor([0, 0, 1, -1, 1, 2, 2, 2])
+    for cls, dual in ((pf.index_l21, 2), (pf.index_linf1, 1)):
+        f = pf.conjugate(cls(index, 0.6))
+        y = t64(r.normal(size=8))
+        y[3] = 0.0
+        for g in range(3):  # scale every group onto the dual-norm sphere of radius reg
+            m = index == g
+            y[m] *= 0.6 / torch.linalg.vector_norm(y[m], ord=dual)
+        assert float(f.value(y)) == 0.0
+        assert float(f.value(0.5 * y)) == 0.0
+        assert torch.isinf(f.value(1.01 * y))
+        y2 = y.clone()
+        y2[3] = 1e-3  # a free entry: its conjugate is the indicator of {0}
+        assert torch.isinf(f.value(0.5 * y2))
+    # every entry free (no group at all): f = 0, the prox is the identity, f* = indicator of {0}
+    x = t64(r.normal(size=3))
+    for cls in (pf.index_l21, pf.index_linf1):
+        f = cls(torch.full((3,), -1), 0.6)
+        assert torch.equal(f(x, 1.0), x) and float(f.value(x)) == 0.0
+        assert float(pf.conjugate(f).value(0 * x)) == 0.0 and torch.isinf(pf.conjugate(f).value(x))
+    # sparse group lasso: y = u + w with |u| <= reg_l1 and every group norm of w <= reg_group
+    f = pf.conjugate(pf.sparse_group_lasso(0.3, 0.5, group_dim=0))
+    for _ in range(5):
+        u = t64(r.uniform(-0.3, 0.3, size=(4, 3)))
+        w = t64(r.normal(size=(4, 3)))
+        w = w * (0.5 * t64(r.uniform(0, 1, size=(4, 1))) / w.norm(dim=1, keepdim=True))
+        assert float(f.value(u + w)) == 0.0
+    y = t64(np.full((4, 3), 0.3))
+    y[2] += 0.5 / np.sqrt(3)  # soft-thresholded group 2 has norm exactly reg_group
+    assert float(f.value(y)) == 0.0
+    y[2, 0] += 1e-4
+    assert torch.isinf(f.value(y))
