@@ -5,6 +5,8 @@
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -24,3 +26,13 @@ _FACTOR = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 1
 def examples(n: int) -> int:
     """Per-test example budget: ``n`` normally, ten times that under the thorough profile."""
     return n * _FACTOR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread: small matmuls on a shared 2-core machine are far
+    faster without OpenMP spin-waiting. The previous thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

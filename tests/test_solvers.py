@@ -23,13 +23,7 @@ from proxfunc.solvers import ProximalGradient, proximal_gradient
 D = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small matmuls on a shared 2-core machine are far faster on one thread (no spin-waiting).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
