@@ -17,17 +17,10 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 import proxfunc as pf
+from tests.helpers import rng, t64
 
 D = torch.float64
 SET = settings(max_examples=25, deadline=None)
-
-
-def rng(seed):
-    return np.random.default_rng(seed)
-
-
-def t64(a):
-    return torch.as_tensor(np.asarray(a, dtype=np.float64))
 
 
 def _fg(F, shape_a, shape_b):

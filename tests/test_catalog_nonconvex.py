@@ -17,17 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import proxfunc as pf
+from tests.helpers import rng, t64
 
 D = torch.float64
 SET = settings(max_examples=30, deadline=None)
-
-
-def t64(a):
-    return torch.as_tensor(np.asarray(a, dtype=np.float64))
-
-
-def rng(seed):
-    return np.random.default_rng(seed)
 
 
 def scad_pen(u, lam, a):

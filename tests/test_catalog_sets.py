@@ -19,13 +19,10 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 import proxfunc as pf
+from tests.helpers import rng, t64
 
 SET = settings(max_examples=30, deadline=None)
 D = torch.float64
-
-
-def t64(a):
-    return torch.as_tensor(np.asarray(a, dtype=np.float64))
 
 
 def slsqp(x, cons, bounds=None, x0=None):
@@ -40,10 +37,6 @@ def slsqp(x, cons, bounds=None, x0=None):
         options={"ftol": 1e-16, "maxiter": 1000},
     )
     return res.x
-
-
-def rng(seed):
-    return np.random.default_rng(seed)
 
 
 SEEDS = range(8)

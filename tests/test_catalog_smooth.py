@@ -16,17 +16,10 @@ from hypothesis import strategies as st
 from scipy.optimize import brentq, minimize
 
 import proxfunc as pf
+from tests.helpers import rng, t64
 
 SET = settings(max_examples=30, deadline=None)
 D = torch.float64
-
-
-def t64(a):
-    return torch.as_tensor(np.asarray(a, dtype=np.float64))
-
-
-def rng(seed):
-    return np.random.default_rng(seed)
 
 
 def prox_np(op, x, t):
