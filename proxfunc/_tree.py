@@ -34,15 +34,26 @@ _LOW = (torch.float16, torch.bfloat16)
 class Tree:
     """Structure of a flattened ``params`` tree: spec, positions of ``None`` leaves, paths."""
 
-    __slots__ = ("spec", "slots", "n_all", "_params")
+    __slots__ = ("_spec", "slots", "n_all", "_params", "_seq")
 
-    def __init__(self, spec: pytree.TreeSpec, slots: list[int], n_all: int, params: Any):
-        self.spec = spec  # spec of the full tree (None leaves included)
+    def __init__(
+        self, spec: pytree.TreeSpec | None, slots: list[int], n_all: int, params: Any, seq: type | None = None
+    ):
+        self._spec = spec  # spec of the full tree (None leaves included); computed on demand
         self.slots = slots  # positions of tensor leaves among all leaves
         self.n_all = n_all
         self._params = params
+        self._seq = seq  # list or tuple: a flat sequence of tensors, rebuilt without pytree
+
+    @property
+    def spec(self) -> pytree.TreeSpec:
+        if self._spec is None:
+            self._spec = pytree.tree_structure(self._params)
+        return self._spec
 
     def unflatten(self, leaves: list[torch.Tensor]) -> Any:
+        if self._seq is not None:
+            return self._seq(leaves)
         if len(self.slots) == self.n_all:
             return pytree.tree_unflatten(list(leaves), self.spec)
         full: list[Any] = [None] * self.n_all
@@ -63,6 +74,11 @@ def flatten(params: Any, owner: str) -> tuple[list[torch.Tensor], Tree]:
     if isinstance(params, torch.Tensor):  # the common fast path
         _check_leaf(params, owner, "params")
         return [params], Tree(_LEAF_SPEC, [0], 1, params)
+    kind = type(params)
+    if kind is list or kind is tuple:  # a flat sequence of tensors (a layer's (weight, bias)): no pytree walk
+        if all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in params):
+            n = len(params)
+            return list(params), Tree(None, list(range(n)), n, params, seq=kind)
     all_leaves, spec = pytree.tree_flatten(params)
     leaves: list[torch.Tensor] = []
     slots: list[int] = []
