@@ -122,6 +122,22 @@ def _slsqp(fun, jac, w0, cons, bounds=None):
     return res.x
 
 
+def _epigraph_objective(X, r):
+    """``r * sum_i s_i + |Z - X|^2 / 2`` and its gradient over ``w = (vec Z, s)``, ``X`` of shape
+    (G, m): the smooth objective of the group-norm proxes with one epigraph variable per group."""
+    G, m = X.shape
+
+    def fun(w):
+        Z, s = w[: G * m].reshape(G, m), w[G * m :]
+        return r * s.sum() + ((Z - X) ** 2).sum() / 2
+
+    def jac(w):
+        Z = w[: G * m].reshape(G, m)
+        return np.concatenate([(Z - X).ravel(), np.full(G, r)])
+
+    return fun, jac
+
+
 def num_group_l2(M, reg, t):
     """Rows are groups: argmin reg*sum_i |z_i|_2 + |Z-M|^2/(2t) with epigraph s_i >= |z_i|_2 (SLSQP).
 
@@ -136,13 +152,7 @@ def num_group_l2(M, reg, t):
     sc = max(np.abs(M).max(), reg * t, 1e-300)  # solve on a unit scale
     X, r = M / sc, reg * t / sc
 
-    def fun(w):
-        Z, s = w[: G * m].reshape(G, m), w[G * m :]
-        return r * s.sum() + ((Z - X) ** 2).sum() / 2
-
-    def jac(w):
-        Z = w[: G * m].reshape(G, m)
-        return np.concatenate([(Z - X).ravel(), np.full(G, r)])
+    fun, jac = _epigraph_objective(X, r)
 
     def con(w):
         Z, s = w[: G * m].reshape(G, m), w[G * m :]
@@ -177,13 +187,7 @@ def num_group_linf(M, reg, t):
     sc = max(np.abs(M).max(), reg * t, 1e-300)
     X, r = M / sc, reg * t / sc
 
-    def fun(w):
-        Z, s = w[: G * m].reshape(G, m), w[G * m :]
-        return r * s.sum() + ((Z - X) ** 2).sum() / 2
-
-    def jac(w):
-        Z = w[: G * m].reshape(G, m)
-        return np.concatenate([(Z - X).ravel(), np.full(G, r)])
+    fun, jac = _epigraph_objective(X, r)
 
     # s_i - z_ij >= 0 and s_i + z_ij >= 0 (linear)
     A = np.zeros((2 * G * m, G * m + G))

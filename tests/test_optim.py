@@ -53,6 +53,21 @@ def _loss_fn(model):
 
 
 # ------------------------------------------------------------------- functional prox_sgd / adam
+def _lockstep(model, opt, ref, ref_opt, X, y, steps):
+    """Run a functional prox optimizer on ``model``'s parameters and ``ref_opt`` (torch.optim +
+    prox, in place) on ``ref`` for the same steps; return the functional params and state."""
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = opt.init(params)
+    loss = _loss_fn(model)
+    for _ in range(steps):
+        g = grad(loss)(params, X, y)
+        params, state = opt.step(params, g, state)
+        ref_opt.zero_grad()
+        F.cross_entropy(ref(X), y).backward()
+        ref_opt.step()
+    return params, state
+
+
 @pytest.mark.parametrize(
     "kw",
     [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-3)],
@@ -66,15 +81,7 @@ def test_prox_sgd_matches_torch_sgd_then_prox(digits, kw):
     ref = copy.deepcopy(model)
     ref_opt = ProxOptimizer(torch.optim.SGD(ref.parameters(), lr=0.2, **kw), prox, params=ref)
     opt = pf.prox_sgd(prox, lr=0.2, **kw)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state = opt.init(params)
-    loss = _loss_fn(model)
-    for _ in range(6):
-        g = grad(loss)(params, X, y)
-        params, state = opt.step(params, g, state)
-        ref_opt.zero_grad()
-        F.cross_entropy(ref(X), y).backward()
-        ref_opt.step()
+    params, state = _lockstep(model, opt, ref, ref_opt, X, y, steps=6)
     for k, v in ref.named_parameters():
         torch.testing.assert_close(params[k], v.detach(), rtol=1e-10, atol=1e-12)
     assert int(state.count) == 6
@@ -90,15 +97,7 @@ def test_prox_adam_matches_torch_adam_then_prox(digits, decoupled):
     inner = (torch.optim.AdamW if decoupled else torch.optim.Adam)(ref.parameters(), lr=0.01, weight_decay=1e-2)
     ref_opt = ProxOptimizer(inner, prox, params=ref)
     opt = pf.prox_adam(prox, lr=0.01, weight_decay=1e-2, decoupled_weight_decay=decoupled)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state = opt.init(params)
-    loss = _loss_fn(model)
-    for _ in range(6):
-        g = grad(loss)(params, X, y)
-        params, state = opt.step(params, g, state)
-        ref_opt.zero_grad()
-        F.cross_entropy(ref(X), y).backward()
-        ref_opt.step()
+    params, state = _lockstep(model, opt, ref, ref_opt, X, y, steps=6)
     for k, v in ref.named_parameters():
         torch.testing.assert_close(params[k], v.detach(), rtol=1e-9, atol=1e-11)
     assert (pf.l21(1.0, group_dim=(0, 0, 1)).group_norms(tuple(params[k] for k in NEURONS)) == 0).any()
