@@ -28,7 +28,8 @@ __all__ = [
     "total",
 ]
 
-_LOW = (torch.float16, torch.bfloat16)
+#: Leaf dtypes computed in float32 and rounded once at the end.
+LOW_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Tree:
@@ -148,7 +149,7 @@ def group_count(leaves: list[torch.Tensor], dims: list[int], tree: Tree, owner: 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: float32 for float16/bfloat16 leaves, the leaf's dtype otherwise."""
-    return torch.float32 if t.dtype in _LOW else t.dtype
+    return torch.float32 if t.dtype in LOW_DTYPES else t.dtype
 
 
 def reduce_except(t: torch.Tensor, d: int | None, fn: str) -> torch.Tensor:

@@ -18,8 +18,6 @@ from ._base import Hyper, Prox, check_hyper
 from ._util import safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
-_LOW = (torch.float16, torch.bfloat16)
-
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
 
 
@@ -81,7 +79,7 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
     def _prox(self, leaves, step, tree):
         t = self.reg * step
         if isinstance(t, float) and t > 0:  # one softshrink kernel per leaf, no wrapper overhead
-            return [F.softshrink(x, t) if x.dtype not in _LOW else soft_threshold(x, t) for x in leaves]
+            return [F.softshrink(x, t) if x.dtype not in _tree.LOW_DTYPES else soft_threshold(x, t) for x in leaves]
         return [soft_threshold(x, t) for x in leaves]
 
     def _prox_leaf(self, x, step):

@@ -68,12 +68,11 @@ def set_tol(leaves: list[torch.Tensor], n: int) -> float:
     accumulation dtype); a float16/bfloat16 leaf also carries the rounding of the point to its own
     dtype (``eps/2`` relative per entry, at most ``eps/2 * sqrt(n)`` for spectral quantities).
     """
-    tol = feasible_tol(leaves[0], n) if leaves else 0.0
-    for x in leaves:
-        tol = max(tol, feasible_tol(x, n))
-        if x.dtype != _tree.acc_dtype(x):
-            tol = max(tol, 4 * float(torch.finfo(x.dtype).eps) * (1 + n**0.5))
-    return tol
+    if not leaves:
+        return 0.0
+    tol = feasible_tol(list(leaves), n)
+    low = [float(torch.finfo(x.dtype).eps) for x in leaves if x.dtype != _tree.acc_dtype(x)]
+    return max(tol, 4 * max(low) * (1 + n**0.5)) if low else tol
 
 
 def _vec(owner: str, name: str, a, *, nonzero: bool = False) -> torch.Tensor:

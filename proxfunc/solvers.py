@@ -37,6 +37,7 @@ from torch.func import grad_and_value
 from torch.utils import _pytree as pytree
 
 from ._base import Hyper, Prox, _is_compiling, check_hyper
+from ._tree import acc_dtype
 from .calculus import identity
 
 __all__ = [
@@ -271,13 +272,10 @@ class ProximalGradient:
         """``F(params) = fun(params, *args) + prox.value(params)``."""
         return self.fun(params, *args) + self.prox.value(params)
 
-    def _value_dtype(self, like: torch.Tensor) -> torch.dtype:
-        return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-
     def init(self, params: Any, *args: Any) -> ProxGradState:
         """The state before the first iteration (evaluates ``fun`` once)."""
         like = _first_leaf(params, "proximal_gradient")
-        vd = self._value_dtype(like)
+        vd = acc_dtype(like)
         f0 = self.fun(params, *args)
         if not isinstance(f0, torch.Tensor) or f0.numel() != 1:
             raise TypeError("proximal_gradient: fun must return a scalar (0-d) tensor")
