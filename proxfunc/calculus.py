@@ -158,7 +158,7 @@ class partition(Prox):  # noqa: N801
         # torch.compile (the glob matching is plain Python that dynamo need not trace).
         idx = _resolve_plan(keys, self.strict, names)
         plan = [(self.rules[i][0], group, self.rules[i][1]) for i, group in idx]
-        if not _compiling():
+        if not _is_compiling():
             object.__setattr__(self, "_cache_resolve", (names, plan))
         return plan
 
@@ -275,10 +275,6 @@ def _resolve_plan(
                     claim(n, key)
                 plan.append((i, tuple(group)))
     return tuple(plan)
-
-
-def _compiling() -> bool:
-    return _is_compiling()
 
 
 def _rebuild_partition(rules, strict):

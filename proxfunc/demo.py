@@ -192,8 +192,6 @@ def train(
         return prox({k: p[k] - lr * g[k] for k in p}, t)
 
     if args.compile:
-        if isinstance(prox, pf.partition):
-            prox.resolve(params.keys())  # match the names once, eagerly, so the compiled step reuses it
         step = torch.compile(step)
     x, y = data
     n = x.shape[0]

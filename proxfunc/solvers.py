@@ -493,14 +493,6 @@ class ProxAdamState(NamedTuple):
     count: torch.Tensor
 
 
-def _warm(prox: Prox, params: Any) -> None:
-    # One eager evaluation fills the operators' host-side caches (e.g. the name resolution of
-    # pf.partition), so that a torch.compile-d step that uses them traces no Python matching.
-    if not _is_compiling():
-        with torch.no_grad():
-            prox.value(params)
-
-
 def _lr(owner: str, lr: Any) -> Hyper:
     if callable(lr):
         raise TypeError(f"{owner}: lr must be a float or a 0-d tensor (evaluate your schedule first)")
@@ -550,7 +542,6 @@ class prox_sgd:  # noqa: N801
 
     def init(self, params: Any) -> ProxSGDState:
         like = _first_leaf(params, "prox_sgd")
-        _warm(self.prox, params)
         buf = _map(torch.zeros_like, params) if self.momentum else None
         return ProxSGDState(buf, _scalar_like(0, like, torch.int64))
 
@@ -623,7 +614,6 @@ class prox_adam:  # noqa: N801
 
     def init(self, params: Any) -> ProxAdamState:
         like = _first_leaf(params, "prox_adam")
-        _warm(self.prox, params)
         return ProxAdamState(
             _map(torch.zeros_like, params), _map(torch.zeros_like, params), _scalar_like(0, like, torch.int64)
         )
