@@ -26,6 +26,8 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
 
     Computed in float32 for float16/bfloat16 inputs and rounded once at the end.
     """
+    if isinstance(t, float) and t > 0 and x.dtype not in _tree.LOW_DTYPES:
+        return F.softshrink(x, t)  # the hot path: one kernel, no dtype round trips
     acc = _tree.acc_dtype(x)
     xa = x.to(acc)
     if isinstance(t, float):
@@ -77,13 +79,8 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         self._set(reg=check_hyper("l1", "reg", reg))
 
     def _prox(self, leaves, step, tree):
-        t = self.reg * step
-        if isinstance(t, float) and t > 0:  # one softshrink kernel per leaf, no wrapper overhead
-            return [F.softshrink(x, t) if x.dtype not in _tree.LOW_DTYPES else soft_threshold(x, t) for x in leaves]
+        t = self.reg * step  # once for all leaves
         return [soft_threshold(x, t) for x in leaves]
-
-    def _prox_leaf(self, x, step):
-        return soft_threshold(x, self.reg * step)
 
     def _value_leaf(self, x):
         return self.reg * _tree.reduce_except(x, None, "abssum")[0]
