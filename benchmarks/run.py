@@ -135,11 +135,17 @@ def main(argv=None):
     prox_l21 = pf.partition({"*.weight": pf.l21(1e-4)})
     from proxfunc.compat import apply_
 
+    named = dict(model.named_parameters())  # what ProxOptimizer holds
+    shrink = torch._C._nn.softshrink
     model_rows = {
         "SGD(foreach).step()": lambda: sgd.step(),
         "clone of every parameter (allocation floor)": lambda: [v.clone() for v in params.values()],
         "prox l1, functional": lambda: prox_model(params, 1e-3),
-        "prox l1, in place (apply_)": lambda: apply_(prox_model, model, 1e-3),
+        "prox l1, in place (apply_ on the module)": lambda: apply_(prox_model, model, 1e-3),
+        "prox l1, in place (apply_ on the name->parameter dict)": lambda: apply_(prox_model, named, 1e-3),
+        "bare softshrink(p, out=p) loop (kernel floor, no checks)": lambda: [
+            shrink(v, 1e-7, out=v) for v in params.values()
+        ],
         "prox l21 on weights, functional": lambda: prox_l21(params, 1e-3),
     }
 

@@ -171,6 +171,17 @@ class Prox:
     def _value(self, leaves: list[torch.Tensor], tree: _tree.Tree) -> torch.Tensor:
         raise NotImplementedError
 
+    def _writer(self, x: torch.Tensor, step: Hyper) -> Any:
+        """A callable that overwrites leaf ``x`` with ``self(x, step)`` in place, or ``None``.
+
+        Only for separable operators (a leaf's new value depends on that leaf alone), and only
+        for the in-place layer (:func:`proxfunc.compat.apply_`): it asks for every writer
+        before anything is written and calls them after every other new value has been
+        computed, so a writer must not fail. ``step`` is already validated. ``None`` (the
+        default) means "compute a new value and copy it", which is always correct.
+        """
+        return None
+
     # ---------------------------------------------------------------- plumbing
     def _set(self, **fields: Any) -> None:
         for k, v in fields.items():

@@ -175,9 +175,26 @@ class partition(Prox):  # noqa: N801
 
     # --------------------------------------------------------------------- operator
     def __call__(self, params: Any, step: Hyper = 1.0) -> Any:
+        out, _ = self._split(params, step, in_place=False)
+        if type(params) is dict:
+            return out
+        try:
+            return type(params)(out)
+        except TypeError:
+            return out
+
+    def _split(self, params: Any, step: Hyper, in_place: bool) -> tuple[dict[str, Any], list[Any]]:
+        """``(new values by name, writers)``; the writers are empty unless ``in_place``.
+
+        With ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`), a tensor of a
+        separable pattern rule whose operator offers a writer (:meth:`Prox._writer`) keeps its
+        old value in the dict and gets a writer instead; calling every writer afterwards
+        completes the update.
+        """
         step = check_step("partition", step)
         params = self._mapping(params)
         out = dict(params)
+        writers: list[Any] = []
         # A separable operator gives the same result on each tensor alone or on all of them
         # together, so the tensors a pattern rule matches go through one call (one
         # validation and one batched loop instead of one operator call per tensor).
@@ -186,7 +203,11 @@ class partition(Prox):  # noqa: N801
             if isinstance(key, str):
                 v = params[names[0]]
                 if op.separable and isinstance(v, torch.Tensor) and v.is_floating_point():
-                    batches.setdefault(id(op), (op, []))[1].append(names[0])
+                    w = op._writer(v, step) if in_place else None
+                    if w is not None:
+                        writers.append(w)
+                    else:
+                        batches.setdefault(id(op), (op, []))[1].append(names[0])
                 else:
                     out[names[0]] = op(v, step)
             else:
@@ -197,12 +218,7 @@ class partition(Prox):  # noqa: N801
             new = op([params[n] for n in names], step) if len(names) > 1 else [op(params[names[0]], step)]
             for n, v in zip(names, new):
                 out[n] = v
-        if type(params) is dict:
-            return out
-        try:
-            return type(params)(out)
-        except TypeError:
-            return out
+        return out, writers
 
     def value(self, params: Any) -> torch.Tensor:
         params = self._mapping(params)

@@ -24,7 +24,9 @@ from torch import nn
 
 from . import groups as _groups
 from . import norms as _norms
-from ._base import Hyper, Prox
+from ._base import Hyper, Prox, check_step
+from ._tree import flatten
+from .calculus import partition
 
 __all__ = [
     "apply_",
@@ -43,12 +45,12 @@ def _targets(target: Any) -> tuple[Any, Any]:
     """(the pytree handed to the operator, the matching pytree of tensors to write into)."""
     if isinstance(target, nn.Module):
         named = dict(target.named_parameters())
-        return {k: v.detach() for k, v in named.items()}, named
+        return {k: v.detach() if v.requires_grad else v for k, v in named.items()}, named
     if isinstance(target, torch.Tensor):
         return target.detach(), target
     if isinstance(target, Mapping):
         named = {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-        return {k: v.detach() for k, v in named.items()}, named
+        return {k: v.detach() if v.requires_grad else v for k, v in named.items()}, named
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
         items = list(target)
         for i, t in enumerate(items):
@@ -61,18 +63,23 @@ def _targets(target: Any) -> tuple[Any, Any]:
     )
 
 
-def _pairs(new: Any, dest: Any, where: str = "") -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+def _pairs(new: Any, dest: Any, old: Any, where: tuple = ()) -> list[tuple[torch.Tensor, Any, tuple]]:
+    """(tensor to write into, its new value, where) for every tensor of ``dest``.
+
+    The new value is ``None`` where the operator handed back the very tensor it was given
+    (left unchanged, or updated in place by a writer): nothing to check or copy there.
+    """
     if isinstance(dest, torch.Tensor):
-        return [(dest, new, where or "<tensor>")]
+        return [(dest, None if new is old else new, where)]
     if isinstance(dest, Mapping):
         out = []
         for k, d in dest.items():
-            out += _pairs(new[k], d, f"{where}[{k!r}]")
+            out += _pairs(new[k], d, old[k], (*where, k))
         return out
     out = []
     for i, d in enumerate(dest):
         if d is not None:
-            out += _pairs(new[i], d, f"{where}[{i}]")
+            out += _pairs(new[i], d, old[i], (*where, i))
     return out
 
 
@@ -89,15 +96,60 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
     params, dest = _targets(target)
     with torch.no_grad():
-        new = op(params, step)
-        pairs = _pairs(new, dest)
+        new, writers = _compute(op, params, step)
+        pairs = [(d, n, where) for d, n, where in _pairs(new, dest, params) if n is not None]
         for d, n, where in pairs:
             if not isinstance(n, torch.Tensor) or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
-                raise RuntimeError(f"apply_: {op!r} returned a mismatched value for {where}")  # pragma: no cover
+                at = "".join(f"[{k!r}]" for k in where) or "<tensor>"
+                raise RuntimeError(f"apply_: {op!r} returned a mismatched value for {at}")  # pragma: no cover
+        # Commit: nothing below can fail, so the update is all-or-nothing.
         for d, n, _ in pairs:
-            if n is not d and not (n.data_ptr() == d.data_ptr() and n.stride() == d.stride()):
+            if not (n.data_ptr() == d.data_ptr() and n.stride() == d.stride()):
                 d.copy_(n)
+        for w in writers:
+            w()
     return target
+
+
+def _compute(op: Prox, params: Any, step: Hyper) -> tuple[Any, list[Any]]:
+    """``(new values, writers)``: a separable operator overwrites eligible leaves in place.
+
+    The fast path (one kernel per tensor, no new tensor, no copy) is taken only when no two
+    tensors share memory: with tied weights a writer would apply the prox twice.
+    """
+    if isinstance(op, partition) and isinstance(params, Mapping):
+        new, writers = op._split(params, step, in_place=True)
+    elif op.separable:
+        step = check_step(op._name(), step)
+        leaves, _ = flatten(params, op._name())
+        writers = [op._writer(x, step) for x in leaves]
+        if not leaves or any(w is None for w in writers):
+            return op(params, step), []
+        new = params
+    else:
+        return op(params, step), []
+    if writers and not _disjoint(params):
+        return op(params, step), []
+    return new, writers
+
+
+def _disjoint(params: Any) -> bool:
+    """True when no two tensors of ``params`` share a byte of memory (ties, overlapping views)."""
+    spans = []
+    for t in params.values() if isinstance(params, Mapping) else _leaves(params):
+        if isinstance(t, torch.Tensor) and t.numel():
+            if t.is_contiguous():
+                start = t.data_ptr()
+                spans.append((start, start + t.nbytes))
+            else:  # the whole storage: conservative
+                s = t.untyped_storage()
+                spans.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+    spans.sort()
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def _leaves(params: Any) -> list[Any]:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
 # ----------------------------------------------------------------- seed drop-ins

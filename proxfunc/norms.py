@@ -21,6 +21,14 @@ from .kernels import threshold
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
 
 
+_INPLACE_DTYPES = (torch.float32, torch.float64)
+_softshrink = torch._C._nn.softshrink  # F.softshrink without the Python wrapper, for ``out=``
+
+
+def _noop() -> None:
+    return None
+
+
 def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
     """``sign(x) * max(|x| - t, 0)`` in one kernel when ``t`` is a float.
 
@@ -81,6 +89,15 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
     def _prox(self, leaves, step, tree):
         t = self.reg * step  # once for all leaves
         return [soft_threshold(x, t) for x in leaves]
+
+    def _writer(self, x, step):
+        t = self.reg * step
+        if isinstance(t, float) and t == 0:
+            return _noop  # the identity
+        # The same kernel as the functional hot path (bit-identical results), writing into x.
+        if isinstance(t, float) and t > 0 and x.dtype in _INPLACE_DTYPES and x.is_contiguous():
+            return lambda: _softshrink(x, t, out=x)
+        return None
 
     def _value_leaf(self, x):
         return self.reg * _tree.reduce_except(x, None, "abssum")[0]

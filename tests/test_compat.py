@@ -311,3 +311,72 @@ def test_prox_optimizer_bad_arguments():
         pg.ProxOptimizer(sgd, pf.l1(0.1))
     with pytest.raises(TypeError, match="prox"):
         pg.ProxOptimizer(torch.optim.SGD([{"params": net.parameters(), "prox": 0.1}], lr=0.1))
+
+
+# ------------------------------------------------- apply_: the in-place fast path
+def _mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("step", [0.3, "tensor"])
+def test_apply_fast_path_is_bitwise_the_functional_prox(dtype, step):
+    # l1 on a whole model writes in place with the functional kernel (float32/64, float step)
+    # and falls back to compute-and-copy otherwise; both must equal the pure operator exactly.
+    step = torch.tensor(0.3, dtype=torch.float64) if step == "tensor" else step
+    for op in (pf.l1(0.7), pf.partition({"*.bias": pf.l1(0.7), "0.weight": pf.l21(0.5), "2.weight": pf.l1(0.1)})):
+        net = _mlp(dtype)
+        params = {k: v.detach().clone() for k, v in net.named_parameters()}
+        want = op(params, step) if isinstance(op, pf.partition) else dict(zip(params, op(list(params.values()), step)))
+        objs = {k: id(v) for k, v in net.named_parameters()}
+        target = net if isinstance(op, pf.partition) else list(net.parameters())
+        pg.apply_(op, target, step)
+        got = dict(net.named_parameters())
+        assert {k: id(v) for k, v in got.items()} == objs
+        for k in want:
+            assert torch.equal(got[k].detach(), want[k]), k
+            assert got[k].dtype == dtype
+
+
+def test_apply_fast_path_writes_once_and_only_where_it_may():
+    W = torch.randn(6, 4)
+    # a transposed (non-contiguous) view: computed and copied, same values
+    Wt = W.clone().t()
+    want = pf.l1(0.2)(Wt, 0.5)
+    pg.apply_(pf.l1(0.2), Wt, 0.5)
+    assert torch.equal(Wt, want)
+    # tied weights (one tensor under two names, as in a state_dict): the prox acts once
+    sd = {"enc.weight": W, "dec.weight": W}
+    want = pf.l1(0.2)(W, 0.5)
+    pg.apply_(pf.partition({"*": pf.l1(0.2)}), sd, 0.5)
+    assert torch.equal(W, want)
+    # views of one storage passed together: also computed from the old values, then copied
+    base = torch.randn(10)
+    a, b = base[:5], base[5:]
+    want = torch.cat(pf.l1(0.2)([a, b], 0.5))
+    pg.apply_(pf.l1(0.2), [a, b], 0.5)
+    assert torch.equal(base, want)
+    # reg = 0 is the identity: nothing is written, the version counter stays
+    v = W._version
+    pg.apply_(pf.l1(0.0), W, 0.5)
+    assert W._version == v
+
+
+def test_apply_fast_path_keeps_autograd_and_optimizer_state_usable():
+    net = _mlp()
+    opt = pg.ProxOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), pf.partition({"*": pf.l1(0.01)}), params=net)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    ref = copy.deepcopy(net)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        # independent path: autograd + manual SGD + the pure operator
+        g = torch.autograd.grad(nn.functional.mse_loss(ref(x), y), list(ref.parameters()))
+        with torch.no_grad():
+            for p, gp in zip(ref.parameters(), g):
+                p.copy_(pf.l1(0.01)(p - 0.1 * gp, 0.1))
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+        assert p.requires_grad
