@@ -25,7 +25,7 @@ def traceable(*tensors: object) -> bool:
             continue
         # Fast path for the common eager case (a plain dense tensor, not a fake/meta tensor
         # nor a torch.func wrapper); anything else gets the full check.
-        if type(t) is torch.Tensor and t.device.type != "meta" and not _wrapped(t):
+        if type(t) in _PLAIN and t.device.type != "meta" and not _wrapped(t):
             continue
         if not is_concrete(t):
             return True
@@ -33,6 +33,7 @@ def traceable(*tensors: object) -> bool:
 
 
 _functorch = getattr(torch._C, "_functorch", None)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _wrapped(t: torch.Tensor) -> bool:

@@ -41,45 +41,48 @@ __all__ = [
 ]
 
 
-def _targets(target: Any) -> tuple[Any, Any]:
-    """(the pytree handed to the operator, the matching pytree of tensors to write into)."""
+def _targets(target: Any) -> Any:
+    """The pytree of tensors handed to the operator and written into.
+
+    The tensors themselves, not detached copies: ``apply_`` runs under ``torch.no_grad()``,
+    so nothing is recorded, and an operator handing a tensor back unchanged is recognised
+    by identity.
+    """
     if isinstance(target, nn.Module):
-        named = dict(target.named_parameters())
-        return {k: v.detach() if v.requires_grad else v for k, v in named.items()}, named
+        return dict(target.named_parameters())
     if isinstance(target, torch.Tensor):
-        return target.detach(), target
+        return target
     if isinstance(target, Mapping):
-        named = {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-        return {k: v.detach() if v.requires_grad else v for k, v in named.items()}, named
+        return {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
         items = list(target)
         for i, t in enumerate(items):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"apply_: target[{i}] must be a tensor, got {type(t).__name__}")
-        return tuple(None if t is None else t.detach() for t in items), tuple(items)
+        return tuple(items)
     raise TypeError(
         "apply_: target must be an nn.Module, a state_dict (mapping of names to tensors), "
         f"a tensor or a sequence of tensors, got {type(target).__name__}"
     )
 
 
-def _pairs(new: Any, dest: Any, old: Any, where: tuple = ()) -> list[tuple[torch.Tensor, Any, tuple]]:
-    """(tensor to write into, its new value, where) for every tensor of ``dest``.
+def _pairs(new: Any, old: Any, where: tuple = ()) -> list[tuple[torch.Tensor, torch.Tensor, tuple]]:
+    """(tensor to write into, its new value, where) for every tensor the operator changed.
 
-    The new value is ``None`` where the operator handed back the very tensor it was given
-    (left unchanged, or updated in place by a writer): nothing to check or copy there.
+    A tensor handed back as it was given (left unchanged, or updated in place by a writer)
+    has nothing to check or copy.
     """
-    if isinstance(dest, torch.Tensor):
-        return [(dest, None if new is old else new, where)]
-    if isinstance(dest, Mapping):
-        out = []
-        for k, d in dest.items():
-            out += _pairs(new[k], d, old[k], (*where, k))
-        return out
+    if isinstance(old, torch.Tensor):
+        return [] if new is old else [(old, new, where)]
+    if isinstance(old, Mapping):
+        if all(isinstance(d, torch.Tensor) for d in old.values()):  # the common flat dict
+            return [(d, new[k], (*where, k)) for k, d in old.items() if new[k] is not d]
+        keys = old.keys()
+    else:
+        keys = [i for i, d in enumerate(old) if d is not None]
     out = []
-    for i, d in enumerate(dest):
-        if d is not None:
-            out += _pairs(new[i], d, old[i], (*where, i))
+    for k in keys:
+        out += _pairs(new[k], old[k], (*where, k))
     return out
 
 
@@ -94,10 +97,10 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     """
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
-    params, dest = _targets(target)
+    params = _targets(target)
     with torch.no_grad():
         new, writers = _compute(op, params, step)
-        pairs = [(d, n, where) for d, n, where in _pairs(new, dest, params) if n is not None]
+        pairs = _pairs(new, params)
         for d, n, where in pairs:
             if not isinstance(n, torch.Tensor) or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
                 at = "".join(f"[{k!r}]" for k in where) or "<tensor>"
@@ -134,10 +137,14 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[Any, list[Any]]:
 
 
 def _disjoint(params: Any) -> bool:
-    """True when no two tensors of ``params`` share a byte of memory (ties, overlapping views)."""
+    """True when no two tensors of ``params`` share a byte of memory (ties, overlapping views).
+
+    Conservative: a non-contiguous tensor claims its whole storage, and an empty tensor
+    lying inside another's span counts as an overlap (the caller then computes and copies).
+    """
     spans = []
     for t in params.values() if isinstance(params, Mapping) else _leaves(params):
-        if isinstance(t, torch.Tensor) and t.numel():
+        if isinstance(t, torch.Tensor):
             if t.is_contiguous():
                 start = t.data_ptr()
                 spans.append((start, start + t.nbytes))

@@ -15,7 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import proxfunc as pf
 import proxfunc.kernels.threshold  # noqa: F401
+from proxfunc import norms
 
 K = sys.modules["proxfunc.kernels.threshold"]
 METHODS = {"fixed_point": K.threshold_fixed_point, "unrolled": K.threshold_unrolled}
@@ -158,3 +160,34 @@ def test_radius_zero_on_tied_maxima():
         torch.testing.assert_close(got, v.amax(1), rtol=2e-7, atol=0)
         x = v.clone().requires_grad_()
         assert torch.isfinite(torch.autograd.grad(fn([(x, 0)], 0.0, absolute=True).sum(), x)[0]).all()
+
+
+# ------------------------------------------ l1 over many leaves: the multi-tensor (foreach) path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e9])
+def test_l1_foreach_path_is_bitwise_softshrink(dtype, scale, monkeypatch):
+    # The foreach path runs on CUDA only; forcing it here on the CPU checks its arithmetic.
+    monkeypatch.setattr(norms, "_FOREACH_DEVICES", ("cpu", "cuda"))
+    g = torch.Generator().manual_seed(3)
+    t = 0.37 * scale
+    shapes = [(7, 5), (5,), (1,), (3, 2, 4), (0, 3)]
+    leaves = [torch.randn(*shape, generator=g, dtype=dtype) * scale for shape in shapes]
+    leaves[0][0, :3] = torch.tensor([t, -t, 0.0], dtype=dtype)  # exactly at the kink, and a zero
+    leaves[1][:] = 0.0  # a zero leaf
+    want = [torch.nn.functional.softshrink(x, t) for x in leaves]
+    got = pf.l1(0.37)(leaves, scale)
+    assert len(got) == len(want)
+    for a, b, x in zip(got, want, leaves):
+        assert torch.equal(a, b) and a.dtype == dtype and (a is not x or not x.numel())
+        assert not torch.signbit(a[a == 0]).any()  # +0, as softshrink gives
+    # gradients requested: the per-leaf path (autograd through softshrink), same values
+    req = [x.clone().requires_grad_() for x in leaves[:3]]
+    out = pf.l1(0.37)(req, scale)
+    assert all(o.grad_fn is not None for o in out)
+    assert all(torch.equal(o.detach(), w) for o, w in zip(out, want[:3]))
+    # it is taken: the foreach ops are called
+    calls = []
+    real = torch._foreach_sub
+    monkeypatch.setattr(torch, "_foreach_sub", lambda *a: calls.append(1) or real(*a))
+    pf.l1(0.37)(leaves, scale)
+    assert calls == [1]

@@ -259,7 +259,10 @@ def threshold_sort(parts: list[Part], radius: torch.Tensor | float, *, absolute:
         if d is None:
             rows.append(a.reshape(1, -1))
         else:
-            per_group = math.prod(n for i, n in enumerate(a.shape) if i != d)  # explicit: G may be 0
+            per_group = 1  # explicit, not -1: G may be 0 (a plain loop: dynamo traces it)
+            for i, n in enumerate(a.shape):
+                if i != d:
+                    per_group *= n
             rows.append(a.movedim(d, 0).reshape(a.shape[d], per_group))
     v = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
     g, n = v.shape
