@@ -94,6 +94,12 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     or a sequence of tensors (``None`` entries allowed, e.g. a missing bias). Returns
     ``target``. Nothing is written unless every new value was computed and has the shape,
     dtype and device of the tensor it replaces.
+
+    Separable operators that offer a writer (l1, also inside a ``partition``) update eligible
+    tensors in place with one kernel each (float32/float64, contiguous, a float step), after
+    everything else is computed; the result is bit-identical to ``op(target, step)``. When two
+    tensors share memory (tied weights, overlapping views) every value is computed first and
+    copied, so nothing is shrunk twice.
     """
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
