@@ -24,7 +24,7 @@ from torch import nn
 
 from . import groups as _groups
 from . import norms as _norms
-from ._base import Hyper, Prox, check_step
+from ._base import Hyper, Prox, _is_compiling, check_step
 from ._tree import flatten
 from .calculus import partition
 
@@ -126,6 +126,8 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[Any, list[Any]]:
     The fast path (one kernel per tensor, no new tensor, no copy) is taken only when no two
     tensors share memory: with tied weights a writer would apply the prox twice.
     """
+    if _is_compiling():  # traced: the graph does the compute and the copy, as before
+        return op(params, step), []
     if isinstance(op, partition) and isinstance(params, Mapping):
         new, writers = op._split(params, step, in_place=True)
     elif op.separable:

@@ -380,3 +380,13 @@ def test_apply_fast_path_keeps_autograd_and_optimizer_state_usable():
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
         assert p.requires_grad
+
+
+def test_apply_under_torch_compile_computes_and_copies():
+    # Traced, apply_ takes the compute-and-copy path (no host reads of data pointers).
+    net = _mlp()
+    ref = {k: v.detach().clone() for k, v in net.named_parameters()}
+    prox = pf.partition({"*": pf.l1(0.1)})
+    torch.compile(lambda: pg.apply_(prox, net, 0.5), backend="eager")()
+    want = prox(ref, 0.5)
+    assert all(torch.equal(v.detach(), want[k]) for k, v in net.named_parameters())
