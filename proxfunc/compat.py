@@ -104,6 +104,7 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
     params = _targets(target)
+    _check_writable(params)
     with torch.no_grad():
         new, writers = _compute(op, params, step)
         pairs = _pairs(new, params)
@@ -142,6 +143,18 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[Any, list[Any]]:
     if writers and not _disjoint(params):
         return op(params, step), []
     return new, writers
+
+
+def _check_writable(params: Any) -> None:
+    if torch.is_inference_mode_enabled():
+        return
+    items = params.items() if isinstance(params, Mapping) else enumerate(_leaves(params))
+    for k, t in items:
+        if isinstance(t, torch.Tensor) and t.is_inference():
+            raise ValueError(
+                f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
+                "it can only be written inside torch.inference_mode()"
+            )
 
 
 def _disjoint(params: Any) -> bool:

@@ -390,3 +390,19 @@ def test_apply_under_torch_compile_computes_and_copies():
     torch.compile(lambda: pg.apply_(prox, net, 0.5), backend="eager")()
     want = prox(ref, 0.5)
     assert all(torch.equal(v.detach(), want[k]) for k, v in net.named_parameters())
+
+
+def test_apply_refuses_inference_tensors_outside_inference_mode():
+    with torch.inference_mode():
+        net = _mlp()
+        W = torch.randn(3, 4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"target\['0.weight'\] is an inference tensor"):
+        pg.apply_(pf.partition({"0.*": pf.l21(0.5), "2.*": pf.l1(0.5)}), net, 0.5)
+    assert _same(net.state_dict(), before)
+    with pytest.raises(ValueError, match=r"target\[0\] is an inference tensor"):
+        pg.apply_(pf.l1(0.5), W, 0.5)
+    with torch.inference_mode():  # inside inference mode it may be written
+        want = pf.l1(0.5)(W, 0.5)
+        pg.apply_(pf.l1(0.5), W, 0.5)
+        assert torch.equal(W, want)
