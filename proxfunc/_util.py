@@ -32,6 +32,16 @@ def traceable(*tensors: object) -> bool:
     return False
 
 
+def eager_nograd(t: object, leaves: list[torch.Tensor]) -> bool:
+    """Eager, concrete, nothing to differentiate: a path of plain kernels may replace the
+    differentiable, traceable one (``t`` is the threshold, a float or a tensor)."""
+    if torch.is_grad_enabled() and (
+        any(x.requires_grad for x in leaves) or (isinstance(t, torch.Tensor) and t.requires_grad)
+    ):
+        return False
+    return not traceable(t, *leaves)
+
+
 _functorch = getattr(torch._C, "_functorch", None)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

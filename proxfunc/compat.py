@@ -148,9 +148,8 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[Any, list[Any]]:
 def _check_writable(params: Any) -> None:
     if torch.is_inference_mode_enabled():
         return
-    items = params.items() if isinstance(params, Mapping) else enumerate(_leaves(params))
-    for k, t in items:
-        if isinstance(t, torch.Tensor) and t.is_inference():
+    for k, t in _items(params):
+        if t.is_inference():
             raise ValueError(
                 f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
                 "it can only be written inside torch.inference_mode()"
@@ -164,20 +163,23 @@ def _disjoint(params: Any) -> bool:
     lying inside another's span counts as an overlap (the caller then computes and copies).
     """
     spans = []
-    for t in params.values() if isinstance(params, Mapping) else _leaves(params):
-        if isinstance(t, torch.Tensor):
-            if t.is_contiguous():
-                start = t.data_ptr()
-                spans.append((start, start + t.nbytes))
-            else:  # the whole storage: conservative
-                s = t.untyped_storage()
-                spans.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+    for _, t in _items(params):
+        if t.is_contiguous():
+            start = t.data_ptr()
+            spans.append((start, start + t.nbytes))
+        else:  # the whole storage: conservative
+            s = t.untyped_storage()
+            spans.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
     spans.sort()
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
-def _leaves(params: Any) -> list[Any]:
-    return [params] if isinstance(params, torch.Tensor) else list(params)
+def _items(params: Any) -> list[tuple[Any, torch.Tensor]]:
+    """``(name or index, tensor)`` for every tensor of a target from :func:`_targets`."""
+    if isinstance(params, torch.Tensor):
+        return [(0, params)]
+    pairs = params.items() if isinstance(params, Mapping) else enumerate(params)
+    return [(k, t) for k, t in pairs if isinstance(t, torch.Tensor)]
 
 
 # ----------------------------------------------------------------- seed drop-ins

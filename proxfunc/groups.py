@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import safe_norm, traceable, zeros_like_value
+from ._util import eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .norms import _clamp_sym
 
@@ -95,20 +95,11 @@ class l21(GroupProx):  # noqa: N801
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        if _fast(t, leaves):
+        if eager_nograd(t, leaves):
             return _l21_fast(leaves, dims, t)
         n = self._norms(leaves, dims)
         scale = torch.where(n > t, 1 - t / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
         return [(x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype) for x, d in zip(leaves, dims)]
-
-
-def _fast(t: Hyper, leaves: list[torch.Tensor]) -> bool:
-    """Eager, concrete, nothing to differentiate: the few-kernel path applies."""
-    if torch.is_grad_enabled() and (
-        any(x.requires_grad for x in leaves) or (isinstance(t, torch.Tensor) and t.requires_grad)
-    ):
-        return False
-    return not traceable(t, *leaves)
 
 
 def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:

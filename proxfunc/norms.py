@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _tree
-from ._base import Hyper, Prox, check_hyper, is_concrete
-from ._util import safe_norm, traceable, zeros_like_value
+from ._base import Hyper, Prox, check_hyper
+from ._util import eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
@@ -39,12 +39,10 @@ def _foreach_ok(leaves: list[torch.Tensor], t: Hyper) -> bool:
     if len(leaves) < 2 or not isinstance(t, float) or t <= 0:
         return False
     first = leaves[0]
-    if first.device.type not in _FOREACH_DEVICES or not is_concrete(first):
+    if first.device.type not in _FOREACH_DEVICES:
         return False
-    return all(
-        x.device == first.device and x.dtype in _INPLACE_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
-        for x in leaves
-    )
+    same = all(x.device == first.device and x.dtype in _INPLACE_DTYPES for x in leaves)
+    return same and eager_nograd(t, leaves)
 
 
 def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
