@@ -171,14 +171,16 @@ class Prox:
     def _value(self, leaves: list[torch.Tensor], tree: _tree.Tree) -> torch.Tensor:
         raise NotImplementedError
 
-    def _writer(self, x: torch.Tensor, step: Hyper) -> Any:
-        """A callable that overwrites leaf ``x`` with ``self(x, step)`` in place, or ``None``.
+    def _writer(self, leaves: list[torch.Tensor], step: Hyper) -> Any:
+        """A callable that overwrites every tensor of ``leaves`` with its prox, in place; or ``None``.
 
         Only for separable operators (a leaf's new value depends on that leaf alone), and only
-        for the in-place layer (:func:`proxfunc.compat.apply_`): it asks for every writer
+        for the in-place layer (:func:`proxfunc.compat.apply_`): it asks for the writers
         before anything is written and calls them after every other new value has been
-        computed, so a writer must not fail. ``step`` is already validated. ``None`` (the
-        default) means "compute a new value and copy it", which is always correct.
+        computed and checked, so a writer must not fail. ``step`` is already validated.
+        ``None`` (the default) means "compute new values and copy them", always correct.
+        One writer serves a whole list, so a model's worth of tensors costs one eligibility
+        pass and one call instead of a closure per tensor.
         """
         return None
 

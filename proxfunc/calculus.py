@@ -153,6 +153,9 @@ class partition(Prox):  # noqa: N801
         cache = self.__dict__.get("_cache_resolve")
         if cache is not None and cache[0] == names:
             return cache[1]
+        for k in names:
+            if not isinstance(k, str):
+                raise TypeError(f"partition: params keys must be strings, got {k!r}")
         keys = tuple(key for key, _ in self.rules)
         # A pure function of (rule keys, strict, names), evaluated once at trace time under
         # torch.compile (the glob matching is plain Python that dynamo need not trace).
@@ -162,20 +165,43 @@ class partition(Prox):  # noqa: N801
             object.__setattr__(self, "_cache_resolve", (names, plan))
         return plan
 
+    def _layout(self, names: Iterable[str]) -> tuple[list[tuple[Prox, tuple[str, ...]]], list]:
+        """``resolve`` arranged for a call: ``(batches, others)``.
+
+        A separable operator gives the same result on each tensor alone or on all of them
+        together, so the tensors its pattern rules match form one batch (``(op, names)``): one
+        validation and one batched loop, or one in-place writer, instead of one call per
+        tensor. ``others`` are the remaining ``(key, names, op)`` entries of ``resolve``.
+        """
+        names = tuple(names)
+        cache = self.__dict__.get("_cache_layout")
+        if cache is not None and cache[0] == names:
+            return cache[1]
+        grouped: dict[int, tuple[Prox, list[str]]] = {}
+        others = []
+        for key, group, op in self.resolve(names):
+            if isinstance(key, str) and op.separable:
+                grouped.setdefault(id(op), (op, []))[1].append(group[0])
+            else:
+                others.append((key, group, op))
+        layout = ([(op, tuple(ns)) for op, ns in grouped.values()], others)
+        if not _is_compiling():
+            object.__setattr__(self, "_cache_layout", (names, layout))
+        return layout
+
     def _mapping(self, params: Any) -> Mapping[str, Any]:
         if not isinstance(params, Mapping):
             raise TypeError(
                 "partition: params must be a mapping from parameter names to tensors "
                 f"(e.g. dict(model.named_parameters())), got {type(params).__name__}"
             )
-        for k in params:
-            if not isinstance(k, str):
-                raise TypeError(f"partition: params keys must be strings, got {k!r}")
         return params
 
     # --------------------------------------------------------------------- operator
     def __call__(self, params: Any, step: Hyper = 1.0) -> Any:
-        out, _ = self._split(params, step, in_place=False)
+        changed, _ = self._split(params, step, in_place=False)
+        out = dict(params)
+        out.update(changed)
         if type(params) is dict:
             return out
         try:
@@ -184,41 +210,39 @@ class partition(Prox):  # noqa: N801
             return out
 
     def _split(self, params: Any, step: Hyper, in_place: bool) -> tuple[dict[str, Any], list[Any]]:
-        """``(new values by name, writers)``; the writers are empty unless ``in_place``.
+        """``(new values of the names some rule covers, writers)``; no writers unless ``in_place``.
 
-        With ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`), a tensor of a
-        separable pattern rule whose operator offers a writer (:meth:`Prox._writer`) keeps its
-        old value in the dict and gets a writer instead; calling every writer afterwards
+        With ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`), the tensors of
+        a separable pattern rule whose operator offers a writer (:meth:`Prox._writer`) are left
+        out of the new values and get that writer instead; calling every writer afterwards
         completes the update.
         """
         step = check_step("partition", step)
         params = self._mapping(params)
-        out = dict(params)
+        changed: dict[str, Any] = {}
         writers: list[Any] = []
-        # A separable operator gives the same result on each tensor alone or on all of them
-        # together, so the tensors a pattern rule matches go through one call (one
-        # validation and one batched loop instead of one operator call per tensor).
-        batches: dict[int, tuple[Prox, list[str]]] = {}
-        for key, names, op in self.resolve(params.keys()):
+        batches, others = self._layout(params.keys())
+        for key, names, op in others:
             if isinstance(key, str):
-                v = params[names[0]]
-                if op.separable and isinstance(v, torch.Tensor) and v.is_floating_point():
-                    w = op._writer(v, step) if in_place else None
-                    if w is not None:
-                        writers.append(w)
-                    else:
-                        batches.setdefault(id(op), (op, []))[1].append(names[0])
-                else:
-                    out[names[0]] = op(v, step)
+                changed[names[0]] = op(params[names[0]], step)
             else:
                 new = op(tuple(params[n] for n in names), step)
                 for n, v in zip(names, new):
-                    out[n] = v
-        for op, names in batches.values():
-            new = op([params[n] for n in names], step) if len(names) > 1 else [op(params[names[0]], step)]
+                    changed[n] = v
+        for op, names in batches:
+            leaves = [params[n] for n in names]
+            w = op._writer(leaves, step) if in_place else None
+            if w is not None:
+                writers.append(w)
+                continue
+            if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in leaves):
+                for n, v in zip(names, leaves):  # integer buffers etc.: the operator's own checks
+                    changed[n] = op(v, step)
+                continue
+            new = op(leaves, step) if len(leaves) > 1 else [op(leaves[0], step)]
             for n, v in zip(names, new):
-                out[n] = v
-        return out, writers
+                changed[n] = v
+        return changed, writers
 
     def value(self, params: Any) -> torch.Tensor:
         params = self._mapping(params)

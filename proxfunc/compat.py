@@ -41,25 +41,27 @@ __all__ = [
 ]
 
 
-def _targets(target: Any) -> Any:
-    """The pytree of tensors handed to the operator and written into.
+def _targets(target: Any) -> tuple[Any, list[tuple[Any, torch.Tensor]]]:
+    """The pytree of tensors handed to the operator and written into, and its ``(key, tensor)`` list.
 
     The tensors themselves, not detached copies: ``apply_`` runs under ``torch.no_grad()``,
     so nothing is recorded, and an operator handing a tensor back unchanged is recognised
     by identity.
     """
     if isinstance(target, nn.Module):
-        return dict(target.named_parameters())
+        items = list(target.named_parameters())
+        return dict(items), items
     if isinstance(target, torch.Tensor):
-        return target
+        return target, [(0, target)]
     if isinstance(target, Mapping):
-        return {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        items = [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        return dict(items), items
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
-        items = list(target)
-        for i, t in enumerate(items):
+        seq = tuple(target)
+        for i, t in enumerate(seq):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"apply_: target[{i}] must be a tensor, got {type(t).__name__}")
-        return tuple(items)
+        return seq, [(i, t) for i, t in enumerate(seq) if t is not None]
     raise TypeError(
         "apply_: target must be an nn.Module, a state_dict (mapping of names to tensors), "
         f"a tensor or a sequence of tensors, got {type(target).__name__}"
@@ -103,11 +105,14 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     """
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
-    params = _targets(target)
-    _check_writable(params)
+    params, items = _targets(target)
     with torch.no_grad():
-        new, writers = _compute(op, params, step)
-        pairs = _pairs(new, params)
+        pairs, writers = _compute(op, params, step)
+        # One pass over the tensors: refuse inference tensors and, when writers would update
+        # tensors in place, make sure no two tensors share memory (with tied weights a writer
+        # would apply the prox twice): then every value is computed first and copied.
+        if not _survey(items, overlap=bool(writers)):
+            pairs, writers = _pairs(op(params, step), params), []
         for d, n, where in pairs:
             if not isinstance(n, torch.Tensor) or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
                 at = "".join(f"[{k!r}]" for k in where) or "<tensor>"
@@ -121,49 +126,43 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     return target
 
 
-def _compute(op: Prox, params: Any, step: Hyper) -> tuple[Any, list[Any]]:
-    """``(new values, writers)``: a separable operator overwrites eligible leaves in place.
+def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
+    """``(pairs to copy, writers)``: a separable operator may overwrite tensors itself.
 
-    The fast path (one kernel per tensor, no new tensor, no copy) is taken only when no two
-    tensors share memory: with tied weights a writer would apply the prox twice.
+    The writers (one kernel per tensor, no new tensor, no copy) are handed out here and
+    kept only if :func:`_survey` finds no two tensors sharing memory.
     """
     if _is_compiling():  # traced: the graph does the compute and the copy, as before
-        return op(params, step), []
+        return _pairs(op(params, step), params), []
     if isinstance(op, partition) and isinstance(params, Mapping):
-        new, writers = op._split(params, step, in_place=True)
-    elif op.separable:
+        changed, writers = op._split(params, step, in_place=True)
+        return [(params[k], v, (k,)) for k, v in changed.items() if v is not params[k]], writers
+    if op.separable:
         step = check_step(op._name(), step)
         leaves, _ = flatten(params, op._name())
-        writers = [op._writer(x, step) for x in leaves]
-        if not leaves or any(w is None for w in writers):
-            return op(params, step), []
-        new = params
-    else:
-        return op(params, step), []
-    if writers and not _disjoint(params):
-        return op(params, step), []
-    return new, writers
+        writer = op._writer(leaves, step) if leaves else None
+        if writer is not None:
+            return [], [writer]
+    return _pairs(op(params, step), params), []
 
 
-def _check_writable(params: Any) -> None:
-    if torch.is_inference_mode_enabled():
-        return
-    for k, t in _items(params):
-        if t.is_inference():
-            raise ValueError(
-                f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
-                "it can only be written inside torch.inference_mode()"
-            )
-
-
-def _disjoint(params: Any) -> bool:
-    """True when no two tensors of ``params`` share a byte of memory (ties, overlapping views).
+def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
+    """Raise ``ValueError`` for an inference tensor outside inference mode; with ``overlap``,
+    return whether no two tensors share a byte of memory (ties, overlapping views).
 
     Conservative: a non-contiguous tensor claims its whole storage, and an empty tensor
     lying inside another's span counts as an overlap (the caller then computes and copies).
     """
+    check = not torch.is_inference_mode_enabled()
     spans = []
-    for _, t in _items(params):
+    for k, t in items:
+        if check and t.is_inference():
+            raise ValueError(
+                f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
+                "it can only be written inside torch.inference_mode()"
+            )
+        if not overlap:
+            continue
         if t.is_contiguous():
             start = t.data_ptr()
             spans.append((start, start + t.nbytes))
@@ -172,14 +171,6 @@ def _disjoint(params: Any) -> bool:
             spans.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
     spans.sort()
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
-
-
-def _items(params: Any) -> list[tuple[Any, torch.Tensor]]:
-    """``(name or index, tensor)`` for every tensor of a target from :func:`_targets`."""
-    if isinstance(params, torch.Tensor):
-        return [(0, params)]
-    pairs = params.items() if isinstance(params, Mapping) else enumerate(params)
-    return [(k, t) for k, t in pairs if isinstance(t, torch.Tensor)]
 
 
 # ----------------------------------------------------------------- seed drop-ins

@@ -10,6 +10,8 @@ Optimization 1(3), 2014 (section numbers below refer to it).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,11 @@ _softshrink = torch._C._nn.softshrink  # F.softshrink without the Python wrapper
 
 def _noop() -> None:
     return None
+
+
+def _shrink_all(leaves: list[torch.Tensor], t: float) -> None:
+    for x in leaves:
+        _softshrink(x, t, out=x)
 
 
 #: Devices where many leaves go through ``torch._foreach_*`` (fused multi-tensor kernels).
@@ -112,13 +119,15 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
             return list(torch._foreach_sub(leaves, clamped))
         return [soft_threshold(x, t) for x in leaves]
 
-    def _writer(self, x, step):
+    def _writer(self, leaves, step):
         t = self.reg * step
-        if isinstance(t, float) and t == 0:
+        if not isinstance(t, float):
+            return None
+        if t == 0:
             return _noop  # the identity
         # The same kernel as the functional hot path (bit-identical results), writing into x.
-        if isinstance(t, float) and t > 0 and x.dtype in _INPLACE_DTYPES and x.is_contiguous():
-            return lambda: _softshrink(x, t, out=x)
+        if t > 0 and all(x.dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves):
+            return partial(_shrink_all, leaves, t)
         return None
 
     def _value_leaf(self, x):
