@@ -171,6 +171,19 @@ class Prox:
     def _value(self, leaves: list[torch.Tensor], tree: _tree.Tree) -> torch.Tensor:
         raise NotImplementedError
 
+    def _prox_each(self, args: list[Any], step: Hyper) -> list[Any]:
+        """``[self(a, step) for a in args]``: the operator applied to each argument on its own.
+
+        What a :func:`proxfunc.partition` pattern rule does with the tensors it matches.
+        Operators may batch the work across arguments; the result must equal the loop. A
+        separable operator makes one call on the list of floating tensors (its prox on a list
+        is the list of its proxes).
+        """
+        floats = all(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args)
+        if self.separable and len(args) > 1 and floats:
+            return list(self(list(args), step))
+        return [self(a, step) for a in args]
+
     def _writer(self, leaves: list[torch.Tensor], step: Hyper) -> Any:
         """A callable that overwrites every tensor of ``leaves`` with its prox, in place; or ``None``.
 

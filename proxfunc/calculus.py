@@ -168,10 +168,10 @@ class partition(Prox):  # noqa: N801
     def _layout(self, names: Iterable[str]) -> tuple[list[tuple[Prox, tuple[str, ...]]], list]:
         """``resolve`` arranged for a call: ``(batches, others)``.
 
-        A separable operator gives the same result on each tensor alone or on all of them
-        together, so the tensors its pattern rules match form one batch (``(op, names)``): one
-        validation and one batched loop, or one in-place writer, instead of one call per
-        tensor. ``others`` are the remaining ``(key, names, op)`` entries of ``resolve``.
+        The tensors an operator's pattern rules match form one batch (``(op, names)``) for
+        :meth:`Prox._prox_each`, which may share work across them (a separable operator makes
+        one call; l21 one scale computation), or for one in-place writer. ``others`` are the
+        tuple rules, ``(key, names, op)`` entries of ``resolve``.
         """
         names = tuple(names)
         cache = self.__dict__.get("_cache_layout")
@@ -180,7 +180,7 @@ class partition(Prox):  # noqa: N801
         grouped: dict[int, tuple[Prox, list[str]]] = {}
         others = []
         for key, group, op in self.resolve(names):
-            if isinstance(key, str) and op.separable:
+            if isinstance(key, str):
                 grouped.setdefault(id(op), (op, []))[1].append(group[0])
             else:
                 others.append((key, group, op))
@@ -222,25 +222,17 @@ class partition(Prox):  # noqa: N801
         changed: dict[str, Any] = {}
         writers: list[Any] = []
         batches, others = self._layout(params.keys())
-        for key, names, op in others:
-            if isinstance(key, str):
-                changed[names[0]] = op(params[names[0]], step)
-            else:
-                new = op(tuple(params[n] for n in names), step)
-                for n, v in zip(names, new):
-                    changed[n] = v
+        for _, names, op in others:
+            new = op(tuple(params[n] for n in names), step)
+            for n, v in zip(names, new):
+                changed[n] = v
         for op, names in batches:
             leaves = [params[n] for n in names]
-            w = op._writer(leaves, step) if in_place else None
+            w = op._writer(leaves, step) if in_place and op.separable else None
             if w is not None:
                 writers.append(w)
                 continue
-            if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in leaves):
-                for n, v in zip(names, leaves):  # integer buffers etc.: the operator's own checks
-                    changed[n] = op(v, step)
-                continue
-            new = op(leaves, step) if len(leaves) > 1 else [op(leaves[0], step)]
-            for n, v in zip(names, new):
+            for n, v in zip(names, op._prox_each(leaves, step)):
                 changed[n] = v
         return changed, writers
 

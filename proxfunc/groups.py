@@ -24,8 +24,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _tree
-from ._base import Hyper, Prox, check_hyper
-from ._util import eager_nograd, safe_norm, traceable, zeros_like_value
+from ._base import Hyper, Prox, check_hyper, check_step
+from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .norms import _clamp_sym
 
@@ -98,21 +98,32 @@ class l21(GroupProx):  # noqa: N801
         if eager_nograd(t, leaves):
             return _l21_fast(leaves, dims, t)
         n = self._norms(leaves, dims)
-        scale = torch.where(n > t, 1 - t / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+        scale = block_scale(n, t)
         return [(x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype) for x, d in zip(leaves, dims)]
+
+    def _prox_each(self, args, step):
+        # Eager, nothing to differentiate, tensors of one dtype and device, one int
+        # group_dim: each tensor's norms, then one scale computation for all of them.
+        if len(args) < 2 or not isinstance(self.group_dim, int) or not all(isinstance(a, torch.Tensor) for a in args):
+            return super()._prox_each(args, step)
+        step = check_step(self._name(), step)
+        t = self.reg * step
+        first = args[0]
+        if not (all(a.dtype == first.dtype and a.device == first.device for a in args) and eager_nograd(t, args)):
+            return super()._prox_each(args, step)
+        dims = []
+        for a in args:  # the checks of a call on each tensor alone
+            leaves, tree = _tree.flatten(a, self._name())
+            dims.append(self.groups(leaves, tree)[0][0])
+        return _l21_each(args, dims, t)
 
 
 def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:
-    """l21 in one norm kernel + one scale per leaf: ``scale = max(1 - t / ||x_g||, 0)``.
+    """l21 in one norm kernel per leaf + one scale: ``scale = max(1 - t / ||x_g||, 0)``.
 
-    Same values as the differentiable path: ``1 - t/n <= 0`` exactly when ``n <= t``, and a
-    zero group (``n = 0``) gets ``1 - t/tiny = -inf`` or ``1 - 0/tiny = 1``, both giving 0.
+    Same values as the differentiable path (:func:`proxfunc._util.block_scale_`).
     """
-    norms = []
-    for x, d in zip(leaves, dims):
-        acc = _tree.acc_dtype(x)
-        other = [i for i in range(x.dim()) if i != d]
-        norms.append(torch.linalg.vector_norm(x, 2, dim=other, dtype=acc) if other else x.to(acc).abs())
+    norms = [_group_norm(x, d) for x, d in zip(leaves, dims)]
     if len(norms) == 1:
         n = norms[0]
     else:
@@ -120,11 +131,31 @@ def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[tor
         for m in norms[1:]:
             dtype = torch.promote_types(dtype, m.dtype)
         n = torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
-    scale = (1 - t / n.clamp_min(torch.finfo(n.dtype).tiny)).clamp_min_(0)
-    out = []
-    for x, d in zip(leaves, dims):
-        out.append((x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype))
-    return out
+    scale = block_scale_(n, t)
+    return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
+
+
+def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:
+    """``[_l21_fast([x], [d], t) for x, d in ...]`` with one scale computation for all tensors
+    (same dtype and device): a model's weights cost one norm and one scale kernel each."""
+    norms = [_group_norm(x, d) for x, d in zip(args, dims)]
+    scales = block_scale_(torch.cat(norms), t).split([m.numel() for m in norms])
+    return [_scaled(x, s, d) for x, s, d in zip(args, scales, dims)]
+
+
+def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``||x_g||_2`` of every slice ``g`` of ``x`` along ``d``, in the accumulation dtype."""
+    acc = _tree.acc_dtype(x)
+    if x.dim() == 1:
+        return x.abs() if x.dtype == acc else x.to(acc).abs()
+    other = [i for i in range(x.dim()) if i != d]
+    return torch.linalg.vector_norm(x, 2, dim=other, dtype=acc)
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
+    if x.dtype == scale.dtype:
+        return x * _tree.along(scale, x, d)
+    return (x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype)
 
 
 class linf1(GroupProx):

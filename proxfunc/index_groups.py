@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ._base import Hyper, Prox, check_hyper, is_concrete
-from ._util import safe_norm, traceable, zeros_like_value
+from ._util import block_scale, safe_norm, traceable, zeros_like_value
 from .groups import _check_group_dim, l21
 from .kernels import threshold
 from .norms import l1
@@ -125,7 +125,7 @@ class index_l21(_IndexGroups):  # noqa: N801
         v, member, gidx = self._v(leaves)
         n = self._norms(v, member, gidx)
         t = self.reg * step
-        scale = torch.where(n > t, 1 - t / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+        scale = block_scale(n, t)
         out = torch.where(member, v * scale[gidx], v)
         return unflat(out, leaves)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import eager_nograd, safe_norm, traceable, zeros_like_value
+from ._util import block_scale, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
@@ -221,7 +221,7 @@ class l2(Prox):
         sq = _tree.total([_tree.reduce_except(x, None, "sumsq")[0] for x in leaves], leaves)
         n = safe_norm(sq)
         t = self.reg * step
-        scale = torch.where(n > t, 1 - t / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(n))
+        scale = block_scale(n, t)
         return [(x.to(scale.dtype) * scale).to(x.dtype) for x in leaves]
 
     def _value(self, leaves, tree):

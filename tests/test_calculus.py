@@ -214,3 +214,64 @@ def test_partition_pickle_eq_and_disjointness_is_checked_per_call():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="two rules"):
         pf.partition({"linear1.*": pf.l1(0.1), "*.bias": pf.l1(0.1)})(p, 0.5)
+
+
+# ------------------------------------------------- partition: one batch per operator
+def _batch_model(dtype, seed=0):
+    """Several weights of different shapes, with zero rows, rows at the kink and big/tiny rows."""
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    for i, shape in enumerate([(5, 3), (4, 7), (6,), (3, 2, 4), (1, 1)]):
+        w = torch.randn(shape, generator=g, dtype=torch.float64)
+        if w.dim() > 1:
+            w[0] = 0.0  # a dead neuron
+            w[-1] *= 1e6 if i % 2 else 1e-6
+        p[f"layer{i}.weight"] = w.to(dtype)
+        p[f"layer{i}.bias"] = torch.randn(shape[0], generator=g, dtype=torch.float64).to(dtype)
+    return p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_dim", [0, -1])
+def test_partition_pattern_rule_batch_equals_one_call_per_tensor(dtype, group_dim):
+    """A pattern rule hands its tensors to the operator as one batch (l21: one scale
+    computation for all of them); the result is the same, bit for bit, as one call each."""
+    p = _batch_model(dtype)
+    ops = (pf.l21(0.9, group_dim=group_dim), pf.l21(0.0), pf.l1(0.2), pf.linf1(0.5, group_dim=group_dim))
+    for step in (0.7, torch.tensor(0.7, dtype=torch.float64), 1e-30, 1e30):
+        for op in ops:
+            out = pf.partition({"*.weight": op})(p, step)
+            for k, v in p.items():
+                want = op(v, step) if k.endswith("weight") else v
+                assert out[k].dtype == v.dtype and torch.equal(out[k], want), (k, op, step)
+                assert not torch.isnan(out[k]).any()
+            assert not out["layer0.weight"][0].any()
+
+
+def test_partition_batch_falls_back_for_mixed_dtypes_gradients_and_bad_tensors():
+    p = _batch_model(torch.float32)
+    p["layer1.weight"] = p["layer1.weight"].double()  # mixed dtypes: one call per tensor
+    op = pf.l21(0.9)
+    out = pf.partition({"*.weight": op})(p, 0.5)
+    for k in p:
+        if k.endswith("weight"):
+            assert torch.equal(out[k], op(p[k], 0.5))
+    # gradients flow through the batch (the differentiable path), finite at the dead neuron
+    q = {k: v.double().requires_grad_() for k, v in _batch_model(torch.float64).items()}
+    out = pf.partition({"*.weight": op})(q, 0.5)
+    sum(v.sum() for v in out.values()).backward()
+    for k, v in q.items():
+        assert v.grad is not None and torch.isfinite(v.grad).all(), k
+    ref = {k: v.detach().clone().requires_grad_() for k, v in q.items()}
+    sum(op(v, 0.5).sum() if k.endswith("weight") else v.sum() for k, v in ref.items()).backward()
+    for k in q:
+        assert torch.allclose(q[k].grad, ref[k].grad, rtol=1e-12, atol=0), k
+    # a tensor the operator refuses is refused as it would be alone, naming the problem
+    bad = dict(_batch_model(torch.float32), **{"scalar.weight": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="group_dim 0 is out of range"):
+        pf.partition({"*.weight": op})(bad, 0.5)
+    bad = dict(_batch_model(torch.float32), **{"int.weight": torch.ones(3, 2, dtype=torch.int64)})
+    with pytest.raises(TypeError, match="floating tensor"):
+        pf.partition({"*.weight": op})(bad, 0.5)
+    with pytest.raises(TypeError, match="floating tensor"):
+        pf.partition({"*.weight": pf.l1(0.1)})(bad, 0.5)

@@ -191,3 +191,42 @@ def test_l1_foreach_path_is_bitwise_softshrink(dtype, scale, monkeypatch):
     monkeypatch.setattr(torch, "_foreach_sub", lambda *a: calls.append(1) or real(*a))
     pf.l1(0.37)(leaves, scale)
     assert calls == [1]
+
+
+# ----------------------------------------------- block soft thresholding near its kink
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [False, True])
+def test_block_scale_keeps_relative_accuracy_just_above_the_kink(dtype, grad):
+    """Groups of one entry have an exact norm ``|x|``, so l21, l2 and index_l21 must equal soft
+    thresholding ``x - t sign(x)`` to a few ulps also when ``|x|`` is barely above ``t``.
+    ``1 - t/|x|`` would lose ``eps / delta`` of relative accuracy there (3e-3 at delta=1e-5
+    in float32); ``(|x| - t) / |x|`` is exact up to two roundings."""
+    eps = torch.finfo(dtype).eps
+    t = 0.37
+    delta = torch.logspace(-6 if dtype == torch.float32 else -14, 0, 41, dtype=torch.float64)
+    x = torch.cat([t * (1 + delta), -t * (1 + delta)]).to(dtype)
+    td = float(torch.tensor(t, dtype=dtype))  # the kernels compute with t rounded to dtype
+    want = torch.sign(x.double()) * (x.double().abs() - td)  # exact: Sterbenz, in float64
+    idx = torch.arange(x.numel())
+    ops = {
+        "l21": (pf.l21(1.0), x.reshape(-1, 1)),
+        "l21_vector": (pf.l21(1.0), x),
+        "index_l21": (pf.index_l21(idx, 1.0), x),
+    }
+    for name, (op, arg) in ops.items():
+        arg = arg.clone().requires_grad_(grad)
+        got = op(arg, t).detach().reshape(-1).double()
+        rel = ((got - want).abs() / want.abs()).max()
+        assert rel <= 3 * eps, (name, float(rel))
+    for xi, wi in zip(x[::10], want[::10]):  # l2 of a one-entry tensor
+        got = pf.l2(1.0)(xi.reshape(1).clone().requires_grad_(grad), t).detach().double()
+        assert abs(float(got) - float(wi)) <= 3 * eps * abs(float(wi))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_block_scale_of_an_infinite_norm_is_one_not_nan(grad):
+    x = torch.tensor([[float("inf"), 1.0], [0.0, 0.0], [3.0, 4.0]], requires_grad=grad)
+    out = pf.l21(1.0)(x, 1.0).detach()
+    assert torch.equal(out[0], x.detach()[0]) and not out[1].any()
+    assert torch.allclose(out[2], torch.tensor([2.4, 3.2]))
+    assert not torch.isnan(out).any()
