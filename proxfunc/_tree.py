@@ -147,6 +147,12 @@ def group_count(leaves: list[torch.Tensor], dims: list[int], tree: Tree, owner: 
     return int(sizes[0])
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` already has that dtype (``to`` returns
+    ``t`` itself then; skipping saves about a microsecond per call on small inputs)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: float32 for float16/bfloat16 leaves, the leaf's dtype otherwise."""
     return torch.float32 if t.dtype in LOW_DTYPES else t.dtype
@@ -159,7 +165,7 @@ def reduce_except(t: torch.Tensor, d: int | None, fn: str) -> torch.Tensor:
     per group (shape ``(t.shape[d],)``, or ``(1,)``), in the accumulation dtype. Empty
     groups reduce to 0.
     """
-    x = t.to(acc_dtype(t))
+    x = cast(t, acc_dtype(t))
     if fn == "sumsq":
         x = x * x
     elif fn in ("abssum", "amax_abs"):
@@ -194,9 +200,9 @@ def total(parts: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
     dtype = parts[0].dtype
     for p in parts[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
-    out = parts[0].to(dtype)
+    out = cast(parts[0], dtype)
     for p in parts[1:]:
-        out = out + p.to(dtype)
+        out = out + cast(p, dtype)
     return out
 
 

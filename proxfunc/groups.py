@@ -99,7 +99,7 @@ class l21(GroupProx):  # noqa: N801
             return _l21_fast(leaves, dims, t)
         n = self._norms(leaves, dims)
         scale = block_scale(n, t)
-        return [(x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype) for x, d in zip(leaves, dims)]
+        return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
 
     def _prox_each(self, args, step):
         # Eager, nothing to differentiate, tensors of one dtype and device, one int
@@ -147,15 +147,13 @@ def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
     """``||x_g||_2`` of every slice ``g`` of ``x`` along ``d``, in the accumulation dtype."""
     acc = _tree.acc_dtype(x)
     if x.dim() == 1:
-        return x.abs() if x.dtype == acc else x.to(acc).abs()
+        return _tree.cast(x, acc).abs()
     other = [i for i in range(x.dim()) if i != d]
     return torch.linalg.vector_norm(x, 2, dim=other, dtype=acc)
 
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
-    if x.dtype == scale.dtype:
-        return x * _tree.along(scale, x, d)
-    return (x.to(scale.dtype) * _tree.along(scale, x, d)).to(x.dtype)
+    return _tree.cast(_tree.cast(x, scale.dtype) * _tree.along(scale, x, d), x.dtype)
 
 
 class linf1(GroupProx):
@@ -187,6 +185,6 @@ class linf1(GroupProx):
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        parts = [(x.to(_tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
+        parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
         tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]

@@ -222,7 +222,7 @@ class l2(Prox):
         n = safe_norm(sq)
         t = self.reg * step
         scale = block_scale(n, t)
-        return [(x.to(scale.dtype) * scale).to(x.dtype) for x in leaves]
+        return [_tree.cast(_tree.cast(x, scale.dtype) * scale, x.dtype) for x in leaves]
 
     def _value(self, leaves, tree):
         if not leaves:
@@ -251,7 +251,7 @@ class linf(Prox):
         if not leaves:
             return []
         t = self.reg * step
-        parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
+        parts = [(_tree.cast(x, _tree.acc_dtype(x)), None) for x in leaves]
         tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, None) for x in leaves]
 
@@ -268,5 +268,5 @@ class linf(Prox):
 def _clamp_sym(x: torch.Tensor, tau: torch.Tensor, d: int | None) -> torch.Tensor:
     """``clamp(x, -tau, tau)`` with ``tau`` per group along dim ``d``, in the accumulation dtype."""
     acc = torch.promote_types(_tree.acc_dtype(x), tau.dtype)
-    tb = _tree.along(tau.to(acc), x, d)
-    return torch.clamp(x.to(acc), -tb, tb).to(x.dtype)
+    tb = _tree.along(_tree.cast(tau, acc), x, d)
+    return _tree.cast(torch.clamp(_tree.cast(x, acc), -tb, tb), x.dtype)
