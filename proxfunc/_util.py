@@ -35,7 +35,8 @@ def block_scale(n: torch.Tensor, t: Hyper) -> torch.Tensor:
     relative error for a small factor. Differentiable and traceable; a zero group gets 0
     with finite gradients, and ``n = inf`` gets ``(max - t) / max`` (about 1), not NaN.
     """
-    safe = torch.where(n > 0, n, torch.ones_like(n)).clamp_max(_finfo(n.dtype)[1])
+    # torch.finfo, not the _finfo cache: dynamo folds it to a constant (a dict would be guarded)
+    safe = torch.where(n > 0, n, torch.ones_like(n)).clamp_max(torch.finfo(n.dtype).max)
     return torch.where(n > t, (safe - t) / safe, torch.zeros_like(n))
 
 

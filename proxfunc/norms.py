@@ -13,7 +13,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
@@ -58,11 +57,11 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
     Computed in float32 for float16/bfloat16 inputs and rounded once at the end.
     """
     if isinstance(t, float) and t > 0 and x.dtype not in _tree.LOW_DTYPES:
-        return F.softshrink(x, t)  # the hot path: one kernel, no dtype round trips
+        return _softshrink(x, t)  # the hot path: one kernel, no dtype round trips
     acc = _tree.acc_dtype(x)
     xa = x.to(acc)
     if isinstance(t, float):
-        out = F.softshrink(xa, t) if t > 0 else xa
+        out = _softshrink(xa, t) if t > 0 else xa
     else:
         t = t.to(acc)
         out = xa - torch.clamp(xa, -t, t)
