@@ -2,7 +2,7 @@
 
 Run from the repository root:  ``python -m benchmarks``  (or ``python benchmarks/run.py``).
 Options: ``--rounds N`` (default 7), ``--no-compile``, ``--size N`` (default 4096),
-``--threads N`` (default: torch's default), ``--malloc-default`` (keep glibc's heap trimming).
+``--threads N`` (default: torch's default).
 
 Every row is timed in the same run, interleaved round by round (each round times every
 entry once, each timing the median of a few calls), and the table reports medians over the
@@ -13,8 +13,6 @@ side are meaningful.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import os
 import platform
 import statistics
@@ -55,25 +53,6 @@ def l1_ball_sort(x, r):
 
 
 # --------------------------------------------------------------------------------- timing
-def keep_freed_memory() -> str:
-    """glibc: keep freed memory in the heap instead of returning it to the OS at every free.
-
-    A functional step frees and reallocates megabytes of 256 KiB tensors per call; by default
-    glibc trims the heap top after each free, so the next call page-faults the memory back
-    in, which on this VM made ``clone`` of the 48 MLP tensors ~10x slower (2.4 ms vs 0.24 ms)
-    depending on what else was allocated. Pinning the thresholds makes rows comparable;
-    ``--malloc-default`` keeps glibc's behaviour. Tensors of 32 MiB and more stay mmapped.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return "malloc=default"
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    if mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1:
-        return "malloc=glibc(trim 1GiB, mmap 32MiB)"
-    return "malloc=default"
-
-
 def timeit(fn, reps):
     ts = []
     for _ in range(reps):
@@ -97,9 +76,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--malloc-default", action="store_true", help="keep glibc's heap trimming (see keep_freed_memory)")
     args = ap.parse_args(argv)
-    malloc = "malloc=default" if args.malloc_default else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -210,7 +187,7 @@ def main(argv=None):
 
     print(
         f"# proxfunc benchmarks  torch {torch.__version__}  {platform.processor() or platform.machine()}  "
-        f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  rounds={args.rounds}  {malloc}"
+        f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  rounds={args.rounds}"
     )
     print(f"\n## {n}x{n} float32 (time in ms; ratios to clone in the same mode)\n")
     print("| operator | eager ms | eager / clone | compiled ms | compiled / clone |")

@@ -103,6 +103,10 @@ class partition(Prox):  # noqa: N801
       into **one** argument, in that order: ``op((t1, t2, ...), step)``, so one group can span
       several tensors (``group_dim`` then lines up with the tuple).
 
+    All the tensors that one operator's pattern rules match are handed to it as one batch
+    (:meth:`Prox._prox_each`), with the result of one call per tensor: a separable operator
+    makes a single call, l21 computes every tensor's group norms and then one scale for all.
+
     Parameters no rule matches pass through unchanged (the same tensors). With
     ``strict=True`` (default) a rule that matches nothing, or a tuple entry that does not match
     exactly one name, raises ``ValueError``; a name claimed by two rules always does (the
