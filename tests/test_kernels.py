@@ -72,17 +72,23 @@ def test_matches_sort_reference_on_adversarial_rows(method, dtype, name, absolut
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_groups_spread_over_parts_and_small_blocks(method, monkeypatch):
-    monkeypatch.setattr(K, "_BLOCK", 7)  # blocks of one row: exercises the blocked eager path
+@pytest.mark.parametrize("block", [7, 32])
+def test_groups_spread_over_parts_and_small_blocks(method, block, monkeypatch):
+    # 7: blocks of one row; 32: blocks of 4 rows then 2 (the last block uses a narrowed,
+    # for w2 non-contiguous, view of the shared workspace)
+    monkeypatch.setattr(K, "_BLOCK", block)
     g = torch.Generator().manual_seed(1)
     w1 = torch.randn(6, 4, generator=g, dtype=torch.float64)
     b1 = torch.randn(6, generator=g, dtype=torch.float64)
     w2 = torch.randn(3, 6, generator=g, dtype=torch.float64)
     parts = [(w1, 0), (b1, 0), (w2, 1)]
+    before = [a.clone() for a, _ in parts]
     for r in (0.1, 1.0, 4.0, 50.0):
-        ref = K.threshold_sort(parts, r, absolute=True)
-        got = METHODS[method](parts, r, absolute=True)
-        torch.testing.assert_close(got, ref)
+        for absolute in (True, False):
+            ref = K.threshold_sort(parts, r, absolute=absolute)
+            got = METHODS[method](parts, r, absolute=absolute)
+            torch.testing.assert_close(got, ref)
+    assert all(torch.equal(a, b) for (a, _), b in zip(parts, before))  # inputs untouched
 
 
 def test_single_group_over_several_tensors():

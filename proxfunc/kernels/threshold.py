@@ -173,11 +173,14 @@ def _blocks(parts: list[Part]) -> list[list[Part]]:
     return [[(a.narrow(d, i, min(rows, g - i)), d) for a, d in parts] for i in range(0, g, rows)]
 
 
-def _sum_count_block(vals: list[Part], theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_sum_count`` with float in-place temporaries (vectorised better than bool masks)."""
+def _sum_count_block(
+    vals: list[Part], theta: torch.Tensor, tmp: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_sum_count`` with float in-place temporaries (vectorised better than bool masks),
+    written into the preallocated ``tmp`` (one per part, shaped like it)."""
     s = c = None
-    for v, d in vals:
-        m = torch.sub(v, along(theta, v, d)).sign_().clamp_min_(0)  # 1.0 where v > theta
+    for (v, d), buf in zip(vals, tmp):
+        m = torch.sub(v, along(theta, v, d), out=buf).sign_().clamp_min_(0)  # 1.0 where v > theta
         ca = reduce_except(m, d, "sum")
         if ca is m:  # a 1-d part with d=0 reduces to itself: keep the count before mul_
             ca = ca.clone()
@@ -188,13 +191,20 @@ def _sum_count_block(vals: list[Part], theta: torch.Tensor) -> tuple[torch.Tenso
     return s, c
 
 
-def _fixed_point_block(parts: list[Part], r, absolute: bool, max_iter: int | None) -> torch.Tensor:
-    vals = [(_vals(a, absolute), d) for a, d in parts]  # one block: small, stays in cache
+def _fixed_point_block(
+    parts: list[Part], r, absolute: bool, max_iter: int | None, work: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    # One block: small, stays in cache. Its values and the per-iteration temporary go into
+    # the workspace shared by all blocks: a fresh 1 MiB tensor per iteration was page-faulted
+    # in every time (glibc hands freed chunks of that size back to the OS), half the run time.
+    views = [tuple(b.narrow(d, 0, a.shape[d]) for b in pair) for (a, d), pair in zip(parts, work)]
+    vals = [(torch.abs(a, out=vb) if absolute else a, d) for (a, d), (vb, _) in zip(parts, views)]
+    tmp = [tb for _, tb in views]
     theta, n = _start(vals, r, False)
     count = n
     limit = int(n.max().item()) + 2 if max_iter is None and n.numel() else (max_iter or 1)
     for _ in range(limit):
-        s, c = _sum_count_block(vals, theta)
+        s, c = _sum_count_block(vals, theta, tmp)
         theta = _step(s, c, theta, r)
         if bool(((c == count) | (c == 0)).all()):
             break
@@ -240,7 +250,8 @@ def threshold_fixed_point(
             theta = _fixed_point_single(dparts, r, absolute)
         else:
             blocks = _blocks(dparts)
-            thetas = [_fixed_point_block(b, r, absolute, max_iter) for b in blocks]
+            work = [(torch.empty_like(a) if absolute else a, torch.empty_like(a)) for a, _ in blocks[0]]
+            thetas = [_fixed_point_block(b, r, absolute, max_iter, work) for b in blocks]
             theta = thetas[0] if len(thetas) == 1 else torch.cat(thetas)
     needs_grad = torch.is_grad_enabled() and (
         any(a.requires_grad for a, _ in parts) or (isinstance(radius, torch.Tensor) and radius.requires_grad)
