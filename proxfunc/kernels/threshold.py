@@ -176,11 +176,12 @@ def _blocks(parts: list[Part]) -> list[list[Part]]:
 def _sum_count_block(
     vals: list[Part], theta: torch.Tensor, tmp: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_sum_count`` with float in-place temporaries (vectorised better than bool masks),
-    written into the preallocated ``tmp`` (one per part, shaped like it)."""
+    """``_sum_count`` with a float mask (vectorised better than a bool one) written into the
+    preallocated ``tmp`` (one per part, shaped like it): ``gt`` with a float ``out`` is one
+    pass, where ``sign(v - theta).clamp(min=0)`` took three."""
     s = c = None
     for (v, d), buf in zip(vals, tmp):
-        m = torch.sub(v, along(theta, v, d), out=buf).sign_().clamp_min_(0)  # 1.0 where v > theta
+        m = torch.gt(v, along(theta, v, d), out=buf)  # 1.0 where v > theta, else 0.0
         ca = reduce_except(m, d, "sum")
         if ca is m:  # a 1-d part with d=0 reduces to itself: keep the count before mul_
             ca = ca.clone()
