@@ -20,7 +20,7 @@ import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc import norms
 
 K = sys.modules["proxfunc.kernels.threshold"]
-METHODS = {"fixed_point": K.threshold_fixed_point, "unrolled": K.threshold_unrolled}
+METHODS = {"fixed_point": K.threshold_fixed_point, "unrolled": K.threshold_unrolled, "max": K.threshold_max}
 
 
 def tol(v, dtype):
@@ -236,3 +236,18 @@ def test_block_scale_of_an_infinite_norm_is_one_not_nan(grad):
     assert torch.equal(out[0], x.detach()[0]) and not out[1].any()
     assert torch.allclose(out[2], torch.tensor([2.4, 3.2]))
     assert not torch.isnan(out).any()
+
+
+def test_threshold_max_gradients_equal_the_sort_reference_away_from_ties():
+    """The small-input path (max over the prefix candidates) has the sort reference's
+    gradient with respect to the values and the radius, and passes gradcheck."""
+    g = torch.Generator().manual_seed(7)
+    for absolute in (False, True):
+        v = torch.randn(5, 9, generator=g, dtype=torch.float64).requires_grad_()
+        r = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad((K.threshold_max([(v, 0)], r, absolute=absolute) * w).sum(), (v, r))
+        ref = torch.autograd.grad((K.threshold_sort([(v, 0)], r, absolute=absolute) * w).sum(), (v, r))
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda v, r, a=absolute: K.threshold_max([(v, 0)], r, absolute=a), (v, r))
