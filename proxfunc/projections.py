@@ -19,7 +19,7 @@ import torch
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import eager_nograd, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -115,7 +115,7 @@ def _numel(leaves) -> int:
     return sum(x.numel() for x in leaves)
 
 
-def _polish_sum(d: list[torch.Tensor], radius: Hyper) -> list[torch.Tensor]:
+def _polish_sum(d: list[torch.Tensor], radius: Hyper, in_place: bool = False) -> list[torch.Tensor]:
     """``max(d, 0)`` corrected once so that its sum is ``radius`` to rounding (``d = v - theta``).
 
     ``max(v - theta, 0)`` inherits the absolute error of ``theta`` (about ``eps * max v``),
@@ -123,24 +123,46 @@ def _polish_sum(d: list[torch.Tensor], radius: Hyper) -> list[torch.Tensor]:
     1e-10``: the float32 result would be 0). Shifting the active entries (``v >= theta``) by the
     common ``(radius - sum) / k`` removes that error, which is common to all of them.
     (A polish, not a new method: the threshold stays the exact sort-free one.)
+
+    With ``in_place`` (eager, nothing to differentiate, ``d`` fresh tensors) the same
+    operations overwrite ``d``, bit for bit: an inactive entry has ``d < cut <= 0``, so its
+    ``max(d, 0)`` is 0 and a multiplication by the mask stands for the ``where``.
     """
-    z = [di.clamp_min(0) for di in d]
     # the active set is never empty: when rounding put theta a hair above the largest entry
     # (radius below eps * max v, e.g. on tied maxima) the largest entries are the active ones
     tops = [di.amax() for di in d if di.numel()]
+    if tops:
+        top = tops[0]
+        for tp in tops[1:]:
+            top = torch.maximum(top, tp.to(top.dtype))
+        cut = top.clamp(max=0)
+        act = [di >= cut.to(di.dtype) for di in d]
+    z = [di.clamp_min_(0) if in_place else di.clamp_min(0) for di in d]
     if not tops:
         return z
-    top = tops[0]
-    for tp in tops[1:]:
-        top = torch.maximum(top, tp.to(top.dtype))
-    cut = top.clamp(max=0)
-    act = [di >= cut.to(di.dtype) for di in d]
     s = _tree.total([zi.sum() for zi in z], z)
     k = _tree.total([a.sum().to(s.dtype) for a in act], z)
     k = k.clamp_min(1)
     # (z - s/k) + r/k rather than z + (r - s)/k: exact when r is far below s's rounding
     mean, share = s / k, radius / k
+    if in_place:
+        return [zi.sub_(mean.to(zi.dtype)).add_(share).clamp_min_(0).mul_(a) for zi, a in zip(z, act)]
     return [torch.where(a, ((zi - mean.to(zi.dtype)) + share).clamp_min(0), zi) for zi, a in zip(z, act)]
+
+
+def _l1_ball_eager(leaves: list[torch.Tensor], radius: Hyper) -> list[torch.Tensor]:
+    """``l1_ball`` on the eager path with nothing to differentiate: the same operations as the
+    differentiable path, bit for bit, written into one fresh ``|x|`` per leaf.
+
+    The differentiable path allocates about a dozen full-size temporaries; each is a fresh
+    page-faulted buffer on large inputs, which cost more than the arithmetic.
+    """
+    mags = [_tree.cast(x, _tree.acc_dtype(x)).abs() for x in leaves]
+    tau = threshold([(m, None) for m in mags], radius, traceable=False).clamp_min(0).reshape(())
+    if bool(tau <= 0):  # inside the ball: x comes back bit for bit (as a new tensor)
+        return [x.clone() for x in leaves]
+    mags = _polish_sum([m.sub_(tau.to(m.dtype)) for m in mags], radius, in_place=True)
+    return [_tree.cast(torch.copysign(m, x, out=m), x.dtype) for m, x in zip(mags, leaves)]
 
 
 class simplex(Projection):  # noqa: N801
@@ -164,7 +186,8 @@ class simplex(Projection):  # noqa: N801
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
         # one group (the whole object): a 0-d threshold, so 0-d leaves keep their shape
         theta = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).reshape(())
-        z = _polish_sum([x.to(theta.dtype) - theta for x in leaves], self.radius)
+        # x - theta is a fresh tensor: on the eager path the polish may overwrite it
+        z = _polish_sum([x.to(theta.dtype) - theta for x in leaves], self.radius, eager_nograd(self.radius, leaves))
         return [zi.to(x.dtype) for zi, x in zip(z, leaves)]
 
     def _value(self, leaves, tree):
@@ -198,6 +221,8 @@ class l1_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
+        if eager_nograd(self.radius, leaves):
+            return _l1_ball_eager(leaves, self.radius)
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
         tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves), absolute=True)
         tau = tau.clamp_min(0).reshape(())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import proxfunc as pf
@@ -340,3 +340,36 @@ def test_tied_maxima_with_tiny_or_zero_radius():
             q = pf.l1_ball(r)(-x, 1.0)
             assert pf.l1_ball(r).value(q) == 0 and torch.allclose(q, -p, rtol=1e-12, atol=0)
         assert torch.equal(pf.l1_ball(0.0)(x, 1.0), torch.zeros(4, dtype=torch.float64))
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    log_scale=st.sampled_from([-9, -3, 0, 3, 9]),
+    log_radius=st.sampled_from([-30, -8, -1, 0, 2, 5]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    leaves=st.integers(1, 3),
+    ties=st.booleans(),
+)
+def test_eager_in_place_path_equals_the_differentiable_path_bit_for_bit(
+    seed, log_scale, log_radius, dtype, leaves, ties
+):
+    """l1_ball and simplex write their eager, no-grad result into fresh buffers; it must be the
+    differentiable path's result exactly (same operations, same order), zeros and all."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for i in range(leaves):
+        x = torch.randn(3 + 5 * i, 4, generator=g, dtype=torch.float64) * 10.0**log_scale
+        if ties:
+            x = x.sign() * x.abs().round().clamp_max(2) * 10.0**log_scale
+        x[0] = 0.0
+        xs.append(x.to(dtype))
+    assume(all(torch.isfinite(x).all() for x in xs))  # float16 overflows at 1e9
+    r = 10.0**log_radius
+    for op in (pf.l1_ball(r), pf.simplex(r)):
+        fast = op(xs, 1.0)
+        slow = op([x.clone().requires_grad_() for x in xs], 1.0)
+        for a, b, x in zip(fast, slow, xs):
+            assert a.dtype == x.dtype and not a.requires_grad
+            assert torch.equal(a, b.detach()), (op, dtype)
+            assert a.data_ptr() != x.data_ptr()  # a new tensor, also inside the ball
