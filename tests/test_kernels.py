@@ -134,9 +134,15 @@ def test_random_shapes_match_sort(g, n, r, seed, scale, quantize):
 
 
 @pytest.mark.parametrize("name", ["gauss", "ties", "all_equal", "zeros", "geometric", "one_big"])
-def test_single_group_compaction_path(name):
-    # d=None on every part: the eager path filters the candidates after each step.
-    v = rows(name, torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("block", [None, 100])
+def test_single_group_compaction_path(name, dtype, block, monkeypatch):
+    # d=None on every part: the eager path streams the values in chunks while many entries
+    # are active, then filters the candidates after each step. block=100: chunks of 100
+    # entries, none lined up with the parts (2 x 257 and 14 x 257 or fewer entries)
+    if block is not None:
+        monkeypatch.setattr(K, "_BLOCK", block)
+    v = rows(name, dtype)
     parts = [(v[:2], None), (v[2:].reshape(-1), None)]
     for r in (1e-30, 1e-3, 1.0, 50.0, 1e30):
         ref = K.threshold_sort(parts, r, absolute=True)

@@ -216,25 +216,69 @@ def _fixed_point_block(
 
 
 def _fixed_point_single(parts: list[Part], r, absolute: bool) -> torch.Tensor:
-    """One group (the whole object): Michelot with compaction of the candidates.
+    """One group (the whole object): Michelot's fixed point, streamed, then compacted.
 
-    ``theta`` only increases, so entries at or below it never become active again; each
-    step keeps only ``{v > theta}`` (Condat 2016's filtering), so the work shrinks
-    geometrically after the first pass.
+    ``theta`` only increases, so entries at or below it never become active again. While
+    more than an eighth of the entries are active, each step streams the values in
+    cache-sized chunks (a float mask ``v > theta`` into one reused buffer, its count and the
+    masked sum): no temporary the size of the input. Then the candidates ``{v > theta}`` are
+    kept (Condat 2016's filtering) and the work shrinks geometrically. Compacting from the
+    first step (boolean indexing of the whole input) allocated and page-faulted about half
+    the input per step.
     """
-    vals = [_vals(a, absolute).reshape(-1) for a, _ in parts]
-    theta, n = _start([(v, None) for v in vals], r, False)
-    count = n
-    for _ in range(int(n.max().item()) + 2 if n.numel() else 1):
+    chunks = []
+    for a, _ in parts:
+        flat = a.reshape(-1)
+        chunks += [flat[i : i + _BLOCK] for i in range(0, flat.numel(), _BLOCK)]
+    total = sum(c.numel() for c in chunks)
+    if total == 0:
+        return _start(parts, r, absolute)[0]
+    dtype = chunks[0].dtype
+    for c in chunks[1:]:
+        dtype = torch.promote_types(dtype, c.dtype)
+    size = max(c.numel() for c in chunks)
+    mask = chunks[0].new_empty(size, dtype=dtype)
+    vbuf = chunks[0].new_empty(size, dtype=dtype) if absolute else None
+
+    def values(c: torch.Tensor) -> torch.Tensor:
+        if vbuf is not None:
+            return torch.abs(c, out=vbuf[: c.numel()])
+        return c if c.dtype == dtype else c.to(dtype)
+
+    tops, sums = [], []
+    for c in chunks:
+        v = values(c)
+        tops.append(v.amax())
+        sums.append(v.sum())
+    theta = torch.maximum(torch.stack(tops).amax() - r, (torch.stack(sums).sum() - r) / total).reshape(1)
+    count = total
+    for _ in range(total + 2):
+        if count * 8 <= total:
+            break
+        counts, sums = [], []
+        for c in chunks:
+            v = values(c)
+            m = torch.gt(v, theta, out=mask[: v.numel()])
+            counts.append(m.sum())  # exact: a chunk has fewer than 2**24 entries
+            sums.append(m.mul_(v).sum())
+        cnt = int(torch.stack(counts).sum(dtype=torch.float64).item())
+        if cnt == 0:  # only for r == 0 once theta is the maximum: that is the answer
+            return theta
+        theta = torch.maximum(theta, (torch.stack(sums).sum() - r) / cnt)
+        if cnt == count:
+            return theta
+        count = cnt
+    vals = [values(c)[values(c) > theta] for c in chunks]  # the few candidates left
+    for _ in range(count + 2):
         vals = [v[v > theta] for v in vals]
         c = sum(v.numel() for v in vals)
-        if c == 0:  # only for r == 0 once theta is the maximum: that is the answer
+        if c == 0:
             break
         s = sum(v.sum(dtype=theta.dtype) for v in vals)
         theta = torch.maximum(theta, (s - r) / c)
-        if c == int(count.item()):
+        if c == count:
             break
-        count = torch.full_like(count, c)
+        count = c
     return theta
 
 
