@@ -23,7 +23,9 @@ the final active set in one differentiable formula, so gradients flow to ``v`` a
 
 * :func:`threshold_fixed_point` (eager, concrete tensors): iterates until the active set of
   every group is stable, block by block over the groups so that each block of rows stays in
-  cache for all its iterations (one read of the data from memory in total).
+  cache for all its iterations (one read of the data from memory in total). One group over
+  everything is streamed in cache-sized chunks while many entries are active, then its
+  candidates are filtered (Condat 2016).
 * :func:`threshold_unrolled` (traceable: ``torch.compile``, ``torch.func`` transforms): the
   same iteration unrolled a fixed number of times (no host read, no sort, fixed shapes;
   inductor fuses the steps into one per-row loop). When the active set has not settled after
