@@ -152,6 +152,7 @@ def main(argv=None):
             shrink(v, 1e-7, out=v) for v in params.values()
         ],
         "prox l21 on weights, functional": lambda: prox_l21(params, 1e-3),
+        "prox l21 on weights, in place (apply_ on the name->parameter dict)": lambda: apply_(prox_l21, named, 1e-3),
         "l21 on weights, one call per weight (no batching)": lambda: [
             weight_l21(v, 1e-3) for k, v in params.items() if k.endswith("weight")
         ],

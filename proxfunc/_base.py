@@ -185,15 +185,17 @@ class Prox:
         return [self(a, step) for a in args]
 
     def _writer(self, leaves: list[torch.Tensor], step: Hyper) -> Any:
-        """A callable that overwrites every tensor of ``leaves`` with its prox, in place; or ``None``.
+        """A callable that overwrites every tensor ``x`` of ``leaves`` with ``self(x, step)``,
+        each on its own, in place; or ``None``.
 
-        Only for separable operators (a leaf's new value depends on that leaf alone), and only
-        for the in-place layer (:func:`proxfunc.compat.apply_`): it asks for the writers
-        before anything is written and calls them after every other new value has been
-        computed and checked, so a writer must not fail. ``step`` is already validated.
-        ``None`` (the default) means "compute new values and copy them", always correct.
-        One writer serves a whole list, so a model's worth of tensors costs one eligibility
-        pass and one call instead of a closure per tensor.
+        For the in-place layer only (:func:`proxfunc.compat.apply_`), which asks a separable
+        operator for a writer over all the tensors of a target (its prox on them jointly is
+        the same) and any operator for the tensors of a ``partition`` pattern rule (each its
+        own argument). apply_ asks for the writers before anything is written and calls them
+        after every other new value has been computed and checked, so a writer must not fail
+        (it checks its arguments when asked). ``step`` is already validated. ``None`` (the
+        default) means "compute new values and copy them", always correct. One writer serves a
+        whole list: one eligibility pass and one call instead of a closure per tensor.
         """
         return None
 

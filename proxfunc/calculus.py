@@ -217,9 +217,9 @@ class partition(Prox):  # noqa: N801
         """``(new values of the names some rule covers, writers)``; no writers unless ``in_place``.
 
         With ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`), the tensors of
-        a separable pattern rule whose operator offers a writer (:meth:`Prox._writer`) are left
-        out of the new values and get that writer instead; calling every writer afterwards
-        completes the update.
+        a pattern rule whose operator offers a writer for them (:meth:`Prox._writer`, each
+        tensor on its own) are left out of the new values and get that writer instead; calling
+        every writer afterwards completes the update.
         """
         step = check_step("partition", step)
         params = self._mapping(params)
@@ -232,7 +232,7 @@ class partition(Prox):  # noqa: N801
                 changed[n] = v
         for op, names in batches:
             leaves = [params[n] for n in names]
-            w = op._writer(leaves, step) if in_place and op.separable else None
+            w = op._writer(leaves, step) if in_place else None
             if w is not None:
                 writers.append(w)
                 continue

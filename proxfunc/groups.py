@@ -18,6 +18,7 @@ auto-sizing); Murray et al., *Auto-Sizing the Transformer Network*, WNGT 2019.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from . import _tree
 from ._base import Hyper, Prox, check_hyper, check_step
 from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
-from .norms import _clamp_sym
+from .norms import _INPLACE_DTYPES, _clamp_sym
 
 __all__ = ["l21", "linf1", "GroupProx"]
 
@@ -104,18 +105,34 @@ class l21(GroupProx):  # noqa: N801
     def _prox_each(self, args, step):
         # Eager, nothing to differentiate, tensors of one dtype and device, one int
         # group_dim: each tensor's norms, then one scale computation for all of them.
-        if len(args) < 2 or not isinstance(self.group_dim, int) or not all(isinstance(a, torch.Tensor) for a in args):
+        plan = self._each_plan(args, step, len(args) >= 2)
+        if plan is None:
             return super()._prox_each(args, step)
+        return _l21_each(args, *plan)
+
+    def _writer(self, leaves, step):
+        # In a partition pattern batch (each tensor its own groups): scale in place, the
+        # same arithmetic as _l21_each (float32/float64, contiguous, float step).
+        if not all(x.dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves):
+            return None
+        plan = self._each_plan(leaves, step, isinstance(step, float))
+        return None if plan is None else partial(_l21_each, leaves, *plan, True)
+
+    def _each_plan(self, args, step, ok: bool) -> tuple[list[int], Hyper] | None:
+        """``(group dim of each tensor, threshold)`` when each argument can go through one
+        batched call (after the checks of a call on each alone), else ``None``."""
+        if not (ok and args and isinstance(self.group_dim, int) and all(isinstance(a, torch.Tensor) for a in args)):
+            return None
         step = check_step(self._name(), step)
         t = self.reg * step
         first = args[0]
         if not (all(a.dtype == first.dtype and a.device == first.device for a in args) and eager_nograd(t, args)):
-            return super()._prox_each(args, step)
+            return None
         dims = []
         for a in args:  # the checks of a call on each tensor alone
             leaves, tree = _tree.flatten(a, self._name())
             dims.append(self.groups(leaves, tree)[0][0])
-        return _l21_each(args, dims, t)
+        return dims, t
 
 
 def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:
@@ -135,11 +152,14 @@ def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[tor
     return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
 
 
-def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:
+def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper, in_place: bool = False) -> list[torch.Tensor]:
     """``[_l21_fast([x], [d], t) for x, d in ...]`` with one scale computation for all tensors
-    (same dtype and device): a model's weights cost one norm and one scale kernel each."""
+    (same dtype and device): a model's weights cost one norm and one scale kernel each.
+    ``in_place`` (float32/float64 tensors, the in-place layer) multiplies them in place."""
     norms = [_group_norm(x, d) for x, d in zip(args, dims)]
     scales = block_scale_(torch.cat(norms), t).split([m.numel() for m in norms])
+    if in_place:
+        return [x.mul_(_tree.along(s, x, d)) for x, s, d in zip(args, scales, dims)]
     return [_scaled(x, s, d) for x, s, d in zip(args, scales, dims)]
 
 

@@ -325,7 +325,13 @@ def test_apply_fast_path_is_bitwise_the_functional_prox(dtype, step):
     # l1 on a whole model writes in place with the functional kernel (float32/64, float step)
     # and falls back to compute-and-copy otherwise; both must equal the pure operator exactly.
     step = torch.tensor(0.3, dtype=torch.float64) if step == "tensor" else step
-    for op in (pf.l1(0.7), pf.partition({"*.bias": pf.l1(0.7), "0.weight": pf.l21(0.5), "2.weight": pf.l1(0.1)})):
+    ops = (
+        pf.l1(0.7),
+        pf.partition({"*.bias": pf.l1(0.7), "0.weight": pf.l21(0.5), "2.weight": pf.l1(0.1)}),
+        # both weights in one l21 writer (each its own groups), the biases in one l1 writer
+        pf.partition({"*.weight": pf.l21(0.5, group_dim=-1), "*.bias": pf.l1(0.1)}),
+    )
+    for op in ops:
         net = _mlp(dtype)
         params = {k: v.detach().clone() for k, v in net.named_parameters()}
         want = op(params, step) if isinstance(op, pf.partition) else dict(zip(params, op(list(params.values()), step)))
@@ -350,6 +356,9 @@ def test_apply_fast_path_writes_once_and_only_where_it_may():
     sd = {"enc.weight": W, "dec.weight": W}
     want = pf.l1(0.2)(W, 0.5)
     pg.apply_(pf.partition({"*": pf.l1(0.2)}), sd, 0.5)
+    assert torch.equal(W, want)
+    want = pf.l21(0.4)(W, 0.5)  # the same for l21's writer
+    pg.apply_(pf.partition({"*": pf.l21(0.4)}), sd, 0.5)
     assert torch.equal(W, want)
     # views of one storage passed together: also computed from the old values, then copied
     base = torch.randn(10)
