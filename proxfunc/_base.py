@@ -184,6 +184,19 @@ class Prox:
             return list(self(list(args), step))
         return [self(a, step) for a in args]
 
+    def _writer_tree(self, params: Any, step: Hyper) -> Any:
+        """A callable that overwrites the tensors of ``params`` with ``self(params, step)`` (one
+        argument, e.g. a layer's ``(weight, bias)``), in place; or ``None``.
+
+        The in-place layer's counterpart of :meth:`_writer` for a whole target or a
+        ``partition`` tuple rule; the same contract (checks when asked, cannot fail when
+        called). A separable operator's prox on the whole is its prox on each tensor.
+        """
+        if not self.separable:
+            return None
+        leaves, _ = _tree.flatten(params, self._name())
+        return self._writer(leaves, step) if leaves else None
+
     def _writer(self, leaves: list[torch.Tensor], step: Hyper) -> Any:
         """A callable that overwrites every tensor ``x`` of ``leaves`` with ``self(x, step)``,
         each on its own, in place; or ``None``.

@@ -217,9 +217,10 @@ class partition(Prox):  # noqa: N801
         """``(new values of the names some rule covers, writers)``; no writers unless ``in_place``.
 
         With ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`), the tensors of
-        a pattern rule whose operator offers a writer for them (:meth:`Prox._writer`, each
-        tensor on its own) are left out of the new values and get that writer instead; calling
-        every writer afterwards completes the update.
+        a rule whose operator offers a writer for them (:meth:`Prox._writer` for a pattern
+        rule's tensors, each on its own; :meth:`Prox._writer_tree` for a tuple rule's one
+        argument) are left out of the new values and get that writer instead; calling every
+        writer afterwards completes the update.
         """
         step = check_step("partition", step)
         params = self._mapping(params)
@@ -227,8 +228,12 @@ class partition(Prox):  # noqa: N801
         writers: list[Any] = []
         batches, others = self._layout(params.keys())
         for _, names, op in others:
-            new = op(tuple(params[n] for n in names), step)
-            for n, v in zip(names, new):
+            arg = tuple(params[n] for n in names)
+            w = op._writer_tree(arg, step) if in_place else None
+            if w is not None:
+                writers.append(w)
+                continue
+            for n, v in zip(names, op(arg, step)):
                 changed[n] = v
         for op, names in batches:
             leaves = [params[n] for n in names]

@@ -25,7 +25,6 @@ from torch import nn
 from . import groups as _groups
 from . import norms as _norms
 from ._base import Hyper, Prox, _is_compiling, check_step
-from ._tree import flatten
 from .calculus import partition
 
 __all__ = [
@@ -127,22 +126,20 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
 
 
 def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
-    """``(pairs to copy, writers)``: a separable operator may overwrite tensors itself.
+    """``(pairs to copy, writers)``: an operator may overwrite the tensors itself.
 
-    The writers (one kernel per tensor, no new tensor, no copy) are handed out here and
-    kept only if :func:`_survey` finds no two tensors sharing memory.
+    The writers (no new tensor, no copy: :meth:`Prox._writer_tree`, and per rule inside a
+    partition) are handed out here and kept only if :func:`_survey` finds no two tensors
+    sharing memory.
     """
     if _is_compiling():  # traced: the graph does the compute and the copy, as before
         return _pairs(op(params, step), params), []
     if isinstance(op, partition) and isinstance(params, Mapping):
         changed, writers = op._split(params, step, in_place=True)
         return [(params[k], v, (k,)) for k, v in changed.items() if v is not params[k]], writers
-    if op.separable:
-        step = check_step(op._name(), step)
-        leaves, _ = flatten(params, op._name())
-        writer = op._writer(leaves, step) if leaves else None
-        if writer is not None:
-            return [], [writer]
+    writer = op._writer_tree(params, check_step(op._name(), step))
+    if writer is not None:
+        return [], [writer]
     return _pairs(op(params, step), params), []
 
 

@@ -55,6 +55,22 @@ class GroupProx(Prox):
         dims = _tree.group_dims(self.group_dim, leaves, tree, self._name())
         return dims, _tree.group_count(leaves, dims, tree, self._name())
 
+    def _tree_plan(self, params: Any, step: Hyper) -> tuple[list[torch.Tensor], list[int], Hyper] | None:
+        """``(leaves, group dims, threshold)`` for an in-place writer over one argument, after
+        the checks of a call; ``None`` unless the leaves are float32/float64 tensors of one
+        dtype, contiguous, eager, with nothing to differentiate and a float step."""
+        leaves, tree = _tree.flatten(params, self._name())
+        if not isinstance(step, float) or not leaves:
+            return None
+        dtype = leaves[0].dtype
+        if not all(x.dtype == dtype and dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves):
+            return None
+        t = self.reg * step
+        if not eager_nograd(t, leaves):
+            return None
+        dims, _ = self.groups(leaves, tree)
+        return leaves, dims, t
+
     def group_norms(self, params: Any) -> torch.Tensor:
         """``g(group_i)`` for every group ``i``, a vector of length G (the per-neuron norms)."""
         leaves, tree = _tree.flatten(params, self._name())
@@ -110,6 +126,12 @@ class l21(GroupProx):  # noqa: N801
             return super()._prox_each(args, step)
         return _l21_each(args, *plan)
 
+    def _writer_tree(self, params, step):
+        # One argument, e.g. a layer's (weight, bias): the joint norms, then each tensor is
+        # scaled in place with the arithmetic of _l21_fast.
+        plan = self._tree_plan(params, step)
+        return None if plan is None else partial(_l21_fast, *plan, True)
+
     def _writer(self, leaves, step):
         # In a partition pattern batch (each tensor its own groups): scale in place, the
         # same arithmetic as _l21_each (float32/float64, contiguous, float step).
@@ -135,10 +157,11 @@ class l21(GroupProx):  # noqa: N801
         return dims, t
 
 
-def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[torch.Tensor]:
+def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper, in_place: bool = False) -> list[torch.Tensor]:
     """l21 in one norm kernel per leaf + one scale: ``scale = max(1 - t / ||x_g||, 0)``.
 
-    Same values as the differentiable path (:func:`proxfunc._util.block_scale_`).
+    Same values as the differentiable path (:func:`proxfunc._util.block_scale_`). With
+    ``in_place`` (leaves of one float32/float64 dtype) the leaves are scaled in place.
     """
     norms = [_group_norm(x, d) for x, d in zip(leaves, dims)]
     if len(norms) == 1:
@@ -149,6 +172,8 @@ def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> list[tor
             dtype = torch.promote_types(dtype, m.dtype)
         n = torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
     scale = block_scale_(n, t)
+    if in_place:
+        return [x.mul_(_tree.along(scale, x, d)) for x, d in zip(leaves, dims)]
     return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
 
 
@@ -208,3 +233,15 @@ class linf1(GroupProx):
         parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
         tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]
+
+    def _writer_tree(self, params, step):
+        # One argument, e.g. a layer's (weight, bias): the thresholds from the old values,
+        # then each tensor clamped in place (the same clamp as _prox).
+        plan = self._tree_plan(params, step)
+        return None if plan is None else partial(_linf1_in_place, *plan)
+
+
+def _linf1_in_place(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> None:
+    tau = threshold(list(zip(leaves, dims)), t, traceable=False, absolute=True).clamp_min(0)
+    for x, d in zip(leaves, dims):
+        _clamp_sym(x, tau, d, out=x)

@@ -264,8 +264,11 @@ class linf(Prox):
         return self.reg * m
 
 
-def _clamp_sym(x: torch.Tensor, tau: torch.Tensor, d: int | None) -> torch.Tensor:
-    """``clamp(x, -tau, tau)`` with ``tau`` per group along dim ``d``, in the accumulation dtype."""
+def _clamp_sym(x: torch.Tensor, tau: torch.Tensor, d: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``clamp(x, -tau, tau)`` with ``tau`` per group along dim ``d``, in the accumulation dtype
+    (``out``: written there, for a float32/float64 ``x`` whose dtype ``tau`` shares)."""
     acc = torch.promote_types(_tree.acc_dtype(x), tau.dtype)
     tb = _tree.along(_tree.cast(tau, acc), x, d)
+    if out is not None:
+        return torch.clamp(x, -tb, tb, out=out)
     return _tree.cast(torch.clamp(_tree.cast(x, acc), -tb, tb), x.dtype)

@@ -330,6 +330,9 @@ def test_apply_fast_path_is_bitwise_the_functional_prox(dtype, step):
         pf.partition({"*.bias": pf.l1(0.7), "0.weight": pf.l21(0.5), "2.weight": pf.l1(0.1)}),
         # both weights in one l21 writer (each its own groups), the biases in one l1 writer
         pf.partition({"*.weight": pf.l21(0.5, group_dim=-1), "*.bias": pf.l1(0.1)}),
+        # tuple rules: one joint writer each (neuron i = row i of W1, b1[i], column i of W2)
+        pf.partition({("0.weight", "0.bias", "2.weight"): pf.l21(0.9, group_dim=(0, 0, 1)), "2.bias": pf.l1(0.1)}),
+        pf.partition({("0.weight", "0.bias", "2.weight"): pf.linf1(0.9, group_dim=(0, 0, 1))}),
     )
     for op in ops:
         net = _mlp(dtype)
@@ -337,12 +340,29 @@ def test_apply_fast_path_is_bitwise_the_functional_prox(dtype, step):
         want = op(params, step) if isinstance(op, pf.partition) else dict(zip(params, op(list(params.values()), step)))
         objs = {k: id(v) for k, v in net.named_parameters()}
         target = net if isinstance(op, pf.partition) else list(net.parameters())
+        ptrs = {k: v.data_ptr() for k, v in net.named_parameters()}
         pg.apply_(op, target, step)
         got = dict(net.named_parameters())
         assert {k: id(v) for k, v in got.items()} == objs
+        assert {k: v.data_ptr() for k, v in got.items()} == ptrs
         for k in want:
             assert torch.equal(got[k].detach(), want[k]), k
             assert got[k].dtype == dtype
+
+
+def test_joint_writers_fall_back_for_mixed_dtypes_and_views():
+    # l21 / linf1 on a (weight, bias) pair write in place only for one float32/float64 dtype
+    # and contiguous tensors; otherwise they compute and copy: the values are the same.
+    for op in (pf.l21(0.8), pf.linf1(0.8)):
+        W, b = torch.randn(5, 3), torch.randn(5, dtype=torch.float64)
+        want = op((W, b), 0.5)
+        pg.apply_(op, (W, b), 0.5)
+        assert torch.equal(W, want[0]) and torch.equal(b, want[1])
+        W = torch.randn(3, 5).t()  # non-contiguous
+        b = torch.randn(5)
+        want = op((W, b), 0.5)
+        pg.apply_(op, (W, b), 0.5)
+        assert torch.equal(W, want[0]) and torch.equal(b, want[1])
 
 
 def test_apply_fast_path_writes_once_and_only_where_it_may():
@@ -360,6 +380,10 @@ def test_apply_fast_path_writes_once_and_only_where_it_may():
     want = pf.l21(0.4)(W, 0.5)  # the same for l21's writer
     pg.apply_(pf.partition({"*": pf.l21(0.4)}), sd, 0.5)
     assert torch.equal(W, want)
+    for op in (pf.l21(0.4), pf.linf1(0.4)):  # and for the joint writers: one tensor twice
+        want = op((W, W), 0.5)[0]
+        pg.apply_(op, (W, W), 0.5)
+        assert torch.equal(W, want)
     # views of one storage passed together: also computed from the old values, then copied
     base = torch.randn(10)
     a, b = base[:5], base[5:]
