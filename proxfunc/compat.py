@@ -96,11 +96,13 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     ``target``. Nothing is written unless every new value was computed and has the shape,
     dtype and device of the tensor it replaces.
 
-    Separable operators that offer a writer (l1, also inside a ``partition``) update eligible
-    tensors in place with one kernel each (float32/float64, contiguous, a float step), after
-    everything else is computed; the result is bit-identical to ``op(target, step)``. When two
-    tensors share memory (tied weights, overlapping views) every value is computed first and
-    copied, so nothing is shrunk twice.
+    Operators that offer a writer update eligible tensors themselves, with no new tensor and
+    no copy (float32/float64, contiguous, a float step): l1 with one ``softshrink`` kernel per
+    tensor, l21 and linf1 by scaling / clamping each tensor after the group norms /
+    thresholds, also inside a ``partition`` (pattern and tuple rules). They run after
+    everything else is computed and checked; the result is bit-identical to
+    ``op(target, step)``. When two tensors share memory (tied weights, overlapping views)
+    every value is computed first and copied, so nothing is shrunk twice.
     """
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
