@@ -151,6 +151,25 @@ def test_single_group_compaction_path(name, dtype, block, monkeypatch):
             assert (got - ref).abs().max() <= tol(v.reshape(1, -1), v.dtype) + 8 * torch.finfo(v.dtype).eps * r
 
 
+@pytest.mark.parametrize("absolute", [True, False])
+def test_single_group_over_parts_of_different_dtypes(absolute, monkeypatch):
+    # linf / l1_ball / simplex over a float32 and a float64 tensor: one group, computed in
+    # float64; chunks of 100 entries so that the streamed steps convert chunk by chunk
+    monkeypatch.setattr(K, "_BLOCK", 100)
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(300, generator=g), torch.randn(7, 50, generator=g, dtype=torch.float64)
+    for r in (1e-3, 0.1, 5.0, 1e3):
+        got = K.threshold_fixed_point([(a, None), (b, None)], r, absolute=absolute)
+        ref = K.threshold_sort([(a.double(), None), (b, None)], r, absolute=absolute)
+        assert got.dtype == torch.float64
+        assert (got - ref).abs().max() <= 1e-12 * (1 + r)
+    for op in (pf.linf(2.0), pf.l1_ball(3.0), pf.simplex(3.0)):
+        fast = op([a, b], 1.0)
+        slow = op([a.clone().requires_grad_(), b.clone().requires_grad_()], 1.0)
+        for u, v in zip(fast, slow):
+            torch.testing.assert_close(u, v.detach(), rtol=0, atol=1e-6)
+
+
 def test_operators_eager_blocked_equal_traced_and_sort(monkeypatch):
     import proxfunc as pf
 

@@ -243,9 +243,10 @@ def _fixed_point_single(parts: list[Part], r, absolute: bool) -> torch.Tensor:
     vbuf = chunks[0].new_empty(size, dtype=dtype) if absolute else None
 
     def values(c: torch.Tensor) -> torch.Tensor:
-        if vbuf is not None:
-            return torch.abs(c, out=vbuf[: c.numel()])
-        return c if c.dtype == dtype else c.to(dtype)
+        if vbuf is None:
+            return c if c.dtype == dtype else c.to(dtype)
+        out = vbuf[: c.numel()]
+        return torch.abs(c, out=out) if c.dtype == dtype else out.copy_(c).abs_()
 
     tops, sums = [], []
     for c in chunks:
