@@ -167,7 +167,10 @@ def test_single_group_over_parts_of_different_dtypes(absolute, monkeypatch):
         fast = op([a, b], 1.0)
         slow = op([a.clone().requires_grad_(), b.clone().requires_grad_()], 1.0)
         for u, v in zip(fast, slow):
-            torch.testing.assert_close(u, v.detach(), rtol=0, atol=1e-6)
+            if isinstance(op, pf.linf):  # its gradient path re-evaluates the threshold
+                torch.testing.assert_close(u, v.detach(), rtol=0, atol=1e-6)
+            else:  # the eager in-place polish: bit for bit, also across dtypes
+                assert u.dtype == v.dtype and torch.equal(u, v.detach())
 
 
 def test_operators_eager_blocked_equal_traced_and_sort(monkeypatch):
