@@ -27,6 +27,7 @@ from torch import nn
 
 import proxfunc as pf
 import proxfunc.kernels.threshold  # noqa: F401
+from proxfunc.compat import ProxOptimizer, apply_
 
 K = sys.modules["proxfunc.kernels.threshold"]
 
@@ -87,12 +88,15 @@ def main(argv=None):
     t_l1, t_l21, t_linf1, r_ball = 0.5, 0.5 * n**0.5, 5.0, 0.1 * n * n
 
     l1, l21, linf1, ball = pf.l1(t_l1), pf.l21(t_l21), pf.linf1(t_linf1), pf.l1_ball(r_ball)
+    x_inplace = x.clone()
     big: dict[str, object] = {
         "clone": lambda: x.clone(),
         "l1": lambda: l1(x, 1.0),
         "l1 ref (unfused)": lambda: soft_unfused(x, t_l1),
         "l21": lambda: l21(x, 1.0),
         "l21 ref (unfused)": lambda: l21_unfused(x, t_l21),
+        # in place on a copy: no output to allocate (l21's cost does not depend on the values)
+        "l21 in place (compat.apply_)": lambda: apply_(l21, x_inplace, 1.0),
         "linf1": lambda: linf1(x, 1.0),
         "linf1 ref (sort)": lambda: linf1_sort(x, t_linf1),
         "l1_ball": lambda: ball(x, 1.0),
@@ -133,7 +137,6 @@ def main(argv=None):
     params = {k: v.detach() for k, v in model.named_parameters()}
     prox_model = pf.partition({"*": pf.l1(1e-4)})
     prox_l21 = pf.partition({"*.weight": pf.l21(1e-4)})
-    from proxfunc.compat import ProxOptimizer, apply_
 
     named = dict(model.named_parameters())  # what ProxOptimizer holds
     weight_l21 = pf.l21(1e-4)
