@@ -158,6 +158,14 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in LOW_DTYPES else t.dtype
 
 
+def common_acc_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
+    """The accumulation dtypes of non-empty ``leaves`` promoted together."""
+    dtype = acc_dtype(leaves[0])
+    for x in leaves[1:]:
+        dtype = torch.promote_types(dtype, acc_dtype(x))
+    return dtype
+
+
 def reduce_except(t: torch.Tensor, d: int | None, fn: str) -> torch.Tensor:
     """Reduce ``t`` over every dim except ``d`` (``d=None``: over all dims, one group).
 

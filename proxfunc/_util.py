@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._tree import acc_dtype
+from ._tree import acc_dtype, common_acc_dtype
 
 __all__ = [
     "safe_norm",
@@ -130,7 +130,4 @@ def zeros_like_value(leaves: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d zero in the value dtype of ``leaves`` (float32 for half types)."""
     if not leaves:
         return torch.zeros(())
-    dtype = acc_dtype(leaves[0])
-    for x in leaves[1:]:
-        dtype = torch.promote_types(dtype, acc_dtype(x))
-    return torch.zeros((), dtype=dtype, device=leaves[0].device)
+    return torch.zeros((), dtype=common_acc_dtype(leaves), device=leaves[0].device)

@@ -28,7 +28,7 @@ from . import _tree
 from ._base import Hyper, Prox, check_hyper, check_step
 from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
-from .norms import _INPLACE_DTYPES, _clamp_sym
+from .norms import _clamp_sym, _writable
 
 __all__ = ["l21", "linf1", "GroupProx"]
 
@@ -60,10 +60,9 @@ class GroupProx(Prox):
         the checks of a call; ``None`` unless the leaves are float32/float64 tensors of one
         dtype, contiguous, eager, with nothing to differentiate and a float step."""
         leaves, tree = _tree.flatten(params, self._name())
-        if not isinstance(step, float) or not leaves:
+        if not isinstance(step, float) or not leaves or not _writable(leaves):
             return None
-        dtype = leaves[0].dtype
-        if not all(x.dtype == dtype and dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves):
+        if not all(x.dtype == leaves[0].dtype for x in leaves):
             return None
         t = self.reg * step
         if not eager_nograd(t, leaves):
@@ -121,7 +120,7 @@ class l21(GroupProx):  # noqa: N801
     def _prox_each(self, args, step):
         # Eager, nothing to differentiate, tensors of one dtype and device, one int
         # group_dim: each tensor's norms, then one scale computation for all of them.
-        plan = self._each_plan(args, step, len(args) >= 2)
+        plan = self._each_plan(args, step) if len(args) >= 2 else None
         if plan is None:
             return super()._prox_each(args, step)
         return _l21_each(args, *plan)
@@ -135,15 +134,15 @@ class l21(GroupProx):  # noqa: N801
     def _writer(self, leaves, step):
         # In a partition pattern batch (each tensor its own groups): scale in place, the
         # same arithmetic as _l21_each (float32/float64, contiguous, float step).
-        if not all(x.dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves):
+        if not isinstance(step, float) or not _writable(leaves):
             return None
-        plan = self._each_plan(leaves, step, isinstance(step, float))
+        plan = self._each_plan(leaves, step)
         return None if plan is None else partial(_l21_each, leaves, *plan, True)
 
-    def _each_plan(self, args, step, ok: bool) -> tuple[list[int], Hyper] | None:
+    def _each_plan(self, args, step) -> tuple[list[int], Hyper] | None:
         """``(group dim of each tensor, threshold)`` when each argument can go through one
         batched call (after the checks of a call on each alone), else ``None``."""
-        if not (ok and args and isinstance(self.group_dim, int) and all(isinstance(a, torch.Tensor) for a in args)):
+        if not (args and isinstance(self.group_dim, int) and all(isinstance(a, torch.Tensor) for a in args)):
             return None
         step = check_step(self._name(), step)
         t = self.reg * step

@@ -26,6 +26,11 @@ _INPLACE_DTYPES = (torch.float32, torch.float64)
 _softshrink = torch._C._nn.softshrink  # F.softshrink without the Python wrapper, for ``out=``
 
 
+def _writable(leaves: list[torch.Tensor]) -> bool:
+    """Every leaf float32/float64 and contiguous: what the in-place writers overwrite."""
+    return all(x.dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves)
+
+
 def _noop() -> None:
     return None
 
@@ -125,7 +130,7 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         if t == 0:
             return _noop  # the identity
         # The same kernel as the functional hot path (bit-identical results), writing into x.
-        if t > 0 and all(x.dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves):
+        if t > 0 and _writable(leaves):
             return partial(_shrink_all, leaves, t)
         return None
 

@@ -157,9 +157,8 @@ def _l1_ball_eager(leaves: list[torch.Tensor], radius: Hyper) -> list[torch.Tens
     The differentiable path allocates about a dozen full-size temporaries; each is a fresh
     page-faulted buffer on large inputs, which cost more than the arithmetic.
     """
-    dtype = _tree.acc_dtype(leaves[0])  # the threshold's dtype (the differentiable path
-    for x in leaves[1:]:  # promotes every leaf to it before the polish)
-        dtype = torch.promote_types(dtype, _tree.acc_dtype(x))
+    # the threshold's dtype: the differentiable path promotes every leaf to it before the polish
+    dtype = _tree.common_acc_dtype(leaves)
     mags = [_tree.cast(x, dtype).abs() for x in leaves]
     tau = threshold([(m, None) for m in mags], radius, traceable=False).clamp_min(0).reshape(())
     if bool(tau <= 0):  # inside the ball: x comes back bit for bit (as a new tensor)

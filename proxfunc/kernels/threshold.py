@@ -197,14 +197,16 @@ def _sum_count_block(
 
 
 def _fixed_point_block(
-    parts: list[Part], r, absolute: bool, max_iter: int | None, work: list[tuple[torch.Tensor, torch.Tensor]]
+    parts: list[Part], r, absolute: bool, max_iter: int | None, work: list[tuple[torch.Tensor | None, torch.Tensor]]
 ) -> torch.Tensor:
     # One block: small, stays in cache. Its values and the per-iteration temporary go into
     # the workspace shared by all blocks: a fresh 1 MiB tensor per iteration was page-faulted
     # in every time (glibc hands freed chunks of that size back to the OS), half the run time.
-    views = [tuple(b.narrow(d, 0, a.shape[d]) for b in pair) for (a, d), pair in zip(parts, work)]
-    vals = [(torch.abs(a, out=vb) if absolute else a, d) for (a, d), (vb, _) in zip(parts, views)]
-    tmp = [tb for _, tb in views]
+    # The workspace is shaped like the first block; a shorter last block uses a narrowed view.
+    vals = [
+        (torch.abs(a, out=vb.narrow(d, 0, a.shape[d])) if absolute else a, d) for (a, d), (vb, _) in zip(parts, work)
+    ]
+    tmp = [tb.narrow(d, 0, a.shape[d]) for (a, d), (_, tb) in zip(parts, work)]
     theta, n = _start(vals, r, False)
     count = n
     limit = int(n.max().item()) + 2 if max_iter is None and n.numel() else (max_iter or 1)
@@ -271,9 +273,11 @@ def _fixed_point_single(parts: list[Part], r, absolute: bool) -> torch.Tensor:
         if cnt == count:
             return theta
         count = cnt
-    vals = [values(c)[values(c) > theta] for c in chunks]  # the few candidates left
+    vals = []  # the few candidates left
+    for c in chunks:
+        v = values(c)
+        vals.append(v[v > theta])
     for _ in range(count + 2):
-        vals = [v[v > theta] for v in vals]
         c = sum(v.numel() for v in vals)
         if c == 0:
             break
@@ -282,6 +286,7 @@ def _fixed_point_single(parts: list[Part], r, absolute: bool) -> torch.Tensor:
         if c == count:
             break
         count = c
+        vals = [v[v > theta] for v in vals]
     return theta
 
 
@@ -300,7 +305,8 @@ def threshold_fixed_point(
             theta = _fixed_point_single(dparts, r, absolute)
         else:
             blocks = _blocks(dparts)
-            work = [(torch.empty_like(a) if absolute else a, torch.empty_like(a)) for a, _ in blocks[0]]
+            # per part: a buffer for |values| (absolute only) and one for the mask
+            work = [(torch.empty_like(a) if absolute else None, torch.empty_like(a)) for a, _ in blocks[0]]
             thetas = [_fixed_point_block(b, r, absolute, max_iter, work) for b in blocks]
             theta = thetas[0] if len(thetas) == 1 else torch.cat(thetas)
     needs_grad = torch.is_grad_enabled() and (
