@@ -2,7 +2,10 @@
 
 Run from the repository root:  ``python -m benchmarks``  (or ``python benchmarks/run.py``).
 Options: ``--rounds N`` (default 7), ``--no-compile``, ``--size N`` (default 4096),
-``--threads N`` (default: torch's default).
+``--threads N`` (default: torch's default), ``--device D`` (default ``cpu``; ``cuda`` for a GPU).
+
+On a GPU every timing synchronizes before and after a batch of calls and reports the mean
+call of the batch (device work is asynchronous; a sync per call would time the sync).
 
 Every row is timed in the same run, interleaved round by round (each round times every
 entry once, each timing the median of a few calls), and the table reports medians over the
@@ -54,7 +57,15 @@ def l1_ball_sort(x, r):
 
 
 # --------------------------------------------------------------------------------- timing
-def timeit(fn, reps):
+def timeit(fn, reps, sync=None):
+    """Median of ``reps`` single calls; with ``sync`` (a GPU), the mean of one synced batch."""
+    if sync is not None:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -63,12 +74,12 @@ def timeit(fn, reps):
     return statistics.median(ts)
 
 
-def mlp(layers=24, width=256):
+def mlp(layers=24, width=256, device="cpu"):
     torch.manual_seed(0)
     mods = []
     for _ in range(layers):
         mods += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*mods)
+    return nn.Sequential(*mods).to(device)
 
 
 def main(argv=None):
@@ -77,13 +88,17 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else None
 
     n = args.size
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, n, generator=g)
+    x = torch.randn(n, n, generator=g).to(dev)
     # Hyperparameters that leave part of every row alive (a realistic prox step).
     t_l1, t_l21, t_linf1, r_ball = 0.5, 0.5 * n**0.5, 5.0, 0.1 * n * n
 
@@ -108,7 +123,7 @@ def main(argv=None):
         def comp(f):
             return torch.compile(f, fullgraph=True)
 
-        step = torch.tensor(1.0)
+        step = torch.tensor(1.0, device=dev)
         cc = comp(lambda a: a.clone())
         c_l1, c_l21, c_linf1, c_ball = (comp(lambda a, s, op=op: op(a, s)) for op in (l1, l21, linf1, ball))
         c_l1_ref = comp(lambda a: soft_unfused(a, t_l1))
@@ -127,10 +142,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         for f in compiled.values():
             f()
+        if sync:
+            sync()
         print(f"# compiled {len(compiled)} functions in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     # whole-model prox step vs SGD(foreach=True).step()
-    model = mlp()
+    model = mlp(device=dev)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=True)
@@ -140,7 +157,7 @@ def main(argv=None):
 
     named = dict(model.named_parameters())  # what ProxOptimizer holds
     weight_l21 = pf.l21(1e-4)
-    model2 = mlp()
+    model2 = mlp(device=dev)
     for p in model2.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     prox_sgd = ProxOptimizer(torch.optim.SGD(model2.parameters(), lr=1e-3, foreach=True), prox_model, params=model2)
@@ -163,7 +180,7 @@ def main(argv=None):
     }
 
     # the seed xor example: Linear(2 -> 100) weight + bias, 20000 calls in the seed
-    w, b = torch.randn(100, 2), torch.randn(100)
+    w, b = torch.randn(100, 2, device=dev), torch.randn(100, device=dev)
     wp, bp = nn.Parameter(w.clone()), nn.Parameter(b.clone())
     wp.grad, bp.grad = torch.randn_like(wp), torch.randn_like(bp)
     sgd_small = torch.optim.SGD([wp, bp], lr=1e-3, foreach=True)
@@ -179,6 +196,8 @@ def main(argv=None):
 
     tables = {"eager": big, "compiled": compiled, "model": model_rows, "xor": xor_rows}
     reps = {"eager": 3, "compiled": 3, "model": 20, "xor": 200}
+    if gpu:  # batches long enough that launch queues, not host syncs, set the pace
+        reps = {"eager": 20, "compiled": 20, "model": 50, "xor": 200}
     times: dict[tuple[str, str], list[float]] = {}
     for f_tab in tables.values():  # warm up
         for f in f_tab.values():
@@ -186,22 +205,24 @@ def main(argv=None):
     for _ in range(args.rounds):
         for tab, rows in tables.items():
             for name, f in rows.items():
-                times.setdefault((tab, name), []).append(timeit(f, reps[tab]))
+                times.setdefault((tab, name), []).append(timeit(f, reps[tab], sync))
     med = {k: statistics.median(v) for k, v in times.items()}
 
+    where = torch.cuda.get_device_name(dev) if gpu else platform.processor() or platform.machine()
     print(
-        f"# proxfunc benchmarks  torch {torch.__version__}  {platform.processor() or platform.machine()}  "
+        f"# proxfunc benchmarks  torch {torch.__version__}  {where}  "
         f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  rounds={args.rounds}"
     )
     print(f"\n## {n}x{n} float32 (time in ms; ratios to clone in the same mode)\n")
+    digits = 3 if gpu else 1
     print("| operator | eager ms | eager / clone | compiled ms | compiled / clone |")
     print("|---|---:|---:|---:|---:|")
     for name in big:
         e = med[("eager", name)]
-        row = f"| {name} | {e * 1e3:.1f} | {e / med[('eager', 'clone')]:.2f} |"
+        row = f"| {name} | {e * 1e3:.{digits}f} | {e / med[('eager', 'clone')]:.2f} |"
         if ("compiled", name) in med:
             c = med[("compiled", name)]
-            row += f" {c * 1e3:.1f} | {c / med[('compiled', 'clone')]:.2f} |"
+            row += f" {c * 1e3:.{digits}f} | {c / med[('compiled', 'clone')]:.2f} |"
         else:
             row += " - | - |"
         print(row)
