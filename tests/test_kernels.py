@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import proxfunc as pf
 import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc import norms
+from proxfunc.compat import apply_
 
 K = sys.modules["proxfunc.kernels.threshold"]
 METHODS = {"fixed_point": K.threshold_fixed_point, "unrolled": K.threshold_unrolled, "max": K.threshold_max}
@@ -225,6 +226,14 @@ def test_l1_foreach_path_is_bitwise_softshrink(dtype, scale, monkeypatch):
     monkeypatch.setattr(torch, "_foreach_sub", lambda *a: calls.append(1) or real(*a))
     pf.l1(0.37)(leaves, scale)
     assert calls == [1]
+    # in place (compat.apply_): the same kernels writing into the leaves, bit for bit
+    real_ = torch._foreach_sub_
+    monkeypatch.setattr(torch, "_foreach_sub_", lambda *a: calls.append(2) or real_(*a))
+    copies = [x.clone() for x in leaves]
+    apply_(pf.l1(0.37), copies, scale)
+    assert calls == [1, 2]
+    for a, b in zip(copies, want):
+        assert torch.equal(a, b) and not torch.signbit(a[a == 0]).any()
 
 
 # ----------------------------------------------- block soft thresholding near its kink
@@ -279,3 +288,14 @@ def test_threshold_max_gradients_equal_the_sort_reference_away_from_ties():
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         assert torch.autograd.gradcheck(lambda v, r, a=absolute: K.threshold_max([(v, 0)], r, absolute=a), (v, r))
+
+
+def test_threshold_max_sums_long_groups_in_float64():
+    """A float32 prefix sum over 2**20 entries drifts; the long-group path accumulates in float64."""
+    g = torch.Generator().manual_seed(11)
+    v = torch.rand(1 << 20, generator=g) * 3
+    for r in (1.0, 1e3, float(v.sum()) * 0.5):
+        want = K.threshold_sort([(v.double(), None)], r)
+        got = K.threshold_max([(v, None)], r)
+        assert got.dtype == torch.float32
+        assert float((got.double() - want).abs().max()) <= 2 * torch.finfo(torch.float32).eps * float(want.abs().max())
