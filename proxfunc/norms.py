@@ -46,14 +46,30 @@ def _shrink_all(leaves: list[torch.Tensor], t: float) -> None:
 _FOREACH_DEVICES = ("cuda",)
 
 
-def _foreach_ok(leaves: list[torch.Tensor], t: Hyper) -> bool:
-    if len(leaves) < 2 or not isinstance(t, float) or t <= 0:
+def _foreach_device(leaves: list[torch.Tensor]) -> bool:
+    """Two or more float32/float64 leaves on one device where foreach kernels pay."""
+    if len(leaves) < 2 or leaves[0].device.type not in _FOREACH_DEVICES:
         return False
     first = leaves[0]
-    if first.device.type not in _FOREACH_DEVICES:
+    return all(x.device == first.device and x.dtype in _INPLACE_DTYPES for x in leaves)
+
+
+def _foreach_ok(leaves: list[torch.Tensor], t: Hyper) -> bool:
+    if not isinstance(t, float) or t <= 0:
         return False
-    same = all(x.device == first.device and x.dtype in _INPLACE_DTYPES for x in leaves)
-    return same and eager_nograd(t, leaves)
+    return _foreach_device(leaves) and eager_nograd(t, leaves)
+
+
+def _foreach_clamped(leaves: list[torch.Tensor], t: float) -> list[torch.Tensor]:
+    """``clamp(x, -t, t)`` for every leaf in two multi-tensor launches. ``x - clamp(x, -t, t)``
+    equals ``softshrink(x, t)`` bit for bit (both are ``x -/+ t`` or exactly ``+0``)."""
+    clamped = torch._foreach_clamp_max(leaves, t)
+    torch._foreach_clamp_min_(clamped, -t)
+    return clamped
+
+
+def _shrink_all_foreach(leaves: list[torch.Tensor], t: float) -> None:
+    torch._foreach_sub_(leaves, _foreach_clamped(leaves, t))
 
 
 def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
@@ -115,12 +131,8 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
 
     def _prox(self, leaves, step, tree):
         t = self.reg * step  # once for all leaves
-        if _foreach_ok(leaves, t):
-            # x - clamp(x, -t, t) equals softshrink(x, t) bit for bit (both are x -/+ t or
-            # exactly 0); three multi-tensor launches instead of one kernel per leaf.
-            clamped = torch._foreach_clamp_max(leaves, t)
-            torch._foreach_clamp_min_(clamped, -t)
-            return list(torch._foreach_sub(leaves, clamped))
+        if _foreach_ok(leaves, t):  # three multi-tensor launches instead of one kernel per leaf
+            return list(torch._foreach_sub(leaves, _foreach_clamped(leaves, t)))
         return [soft_threshold(x, t) for x in leaves]
 
     def _writer(self, leaves, step):
@@ -129,9 +141,9 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
             return None
         if t == 0:
             return _noop  # the identity
-        # The same kernel as the functional hot path (bit-identical results), writing into x.
+        # The same kernels as the functional hot path (bit-identical results), writing into x.
         if t > 0 and _writable(leaves):
-            return partial(_shrink_all, leaves, t)
+            return partial(_shrink_all_foreach if _foreach_device(leaves) else _shrink_all, leaves, t)
         return None
 
     def _value_leaf(self, x):
