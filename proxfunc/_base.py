@@ -251,7 +251,11 @@ class Prox:
         return _key(self._params()) == _key(other._params())  # type: ignore[union-attr]
 
     def __hash__(self) -> int:
-        return hash((type(self), _key(self._params())))
+        try:
+            params = self._params()
+        except AttributeError:  # not initialised yet: torch 2.11's dynamo hashes a new object
+            return hash(type(self))  # before tracing its __init__ (an operator made in a compiled step)
+        return hash((type(self), _key(params)))
 
     def __reduce__(self):  # pickling (optimizer state_dicts may hold operators)
         return (_rebuild, (type(self), dict(self._params())))

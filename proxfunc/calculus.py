@@ -890,11 +890,6 @@ def _tree_total_abs(leaves, dims):
     return total([reduce_except(x, d, "abssum") for x, d in zip(leaves, dims)], leaves)
 
 
-class _LazyTable(dict):
-    def get(self, key, default=None):  # type: ignore[override]
-        if not self:
-            self.update(_conj_table())
-        return super().get(key, default)
-
-
-_CONJ: dict[type, Any] = _LazyTable()
+#: Filled at import: a plain dict that dynamo reads as a constant. (A dict subclass filling
+#: itself on first ``get`` looked empty to torch 2.11's dynamo when the first lookup was traced.)
+_CONJ: dict[type, Any] = _conj_table()
