@@ -32,6 +32,57 @@ __all__ = [
 LOW_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# ------------------------------------------------------------------- torch.utils._pytree
+# torch 2.0/2.1 have tree_flatten / tree_unflatten and a one-tree tree_map only; the rest
+# (tree_leaves, tree_structure, several trees in tree_map, paths) is built on those there.
+def tree_leaves(tree: Any) -> list[Any]:
+    return pytree.tree_flatten(tree)[0]
+
+
+def tree_structure(tree: Any) -> pytree.TreeSpec:
+    return pytree.tree_flatten(tree)[1]
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``fn`` over the leaves of ``tree`` and of each tree in ``rest`` (same structure)."""
+    if not rest:
+        return pytree.tree_map(fn, tree)
+    leaves, spec = pytree.tree_flatten(tree)
+    others = []
+    for r in rest:
+        r_leaves, r_spec = pytree.tree_flatten(r)
+        if r_spec != spec:
+            raise ValueError(f"tree_map: trees of different structures: {spec} and {r_spec}")
+        others.append(r_leaves)
+    return pytree.tree_unflatten([fn(*xs) for xs in zip(leaves, *others)], spec)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """The path of every leaf as ``keystr`` writes it (``['w']``, ``[0]``, ``.field``), in
+    ``tree_flatten``'s order."""
+    if hasattr(pytree, "tree_flatten_with_path"):
+        return [pytree.keystr(k) for k, _ in pytree.tree_flatten_with_path(tree)[0]]
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        kind = pytree._get_node_type(node)
+        if kind not in pytree.SUPPORTED_NODES:
+            out.append(prefix)
+            return
+        children, context = pytree.SUPPORTED_NODES[kind].flatten_fn(node)
+        if isinstance(node, dict):
+            keys = [f"[{k!r}]" for k in context]
+        elif isinstance(node, tuple) and hasattr(node, "_fields"):
+            keys = [f".{f}" for f in node._fields]
+        else:
+            keys = [f"[{i}]" for i in range(len(children))]
+        for k, child in zip(keys, children):
+            walk(child, prefix + k)
+
+    walk(tree, "")
+    return out
+
+
 class Tree:
     """Structure of a flattened ``params`` tree: spec, positions of ``None`` leaves, paths."""
 
@@ -49,7 +100,7 @@ class Tree:
     @property
     def spec(self) -> pytree.TreeSpec:
         if self._spec is None:
-            self._spec = pytree.tree_structure(self._params)
+            self._spec = tree_structure(self._params)
         return self._spec
 
     def unflatten(self, leaves: list[torch.Tensor]) -> Any:
@@ -65,8 +116,7 @@ class Tree:
     @property
     def paths(self) -> list[str]:
         """Readable paths of the tensor leaves, e.g. ``['linear1.weight']`` or ``[0]``."""
-        flat, _ = pytree.tree_flatten_with_path(self._params)
-        names = [pytree.keystr(k) or "<root>" for k, _ in flat]
+        names = [k or "<root>" for k in leaf_paths(self._params)]
         return [names[i] for i in self.slots]
 
 
@@ -98,8 +148,7 @@ _LEAF_SPEC = pytree.tree_flatten(torch.empty(0))[1]
 
 
 def _path_of(params: Any, i: int) -> str:
-    flat, _ = pytree.tree_flatten_with_path(params)
-    return pytree.keystr(flat[i][0])
+    return leaf_paths(params)[i]
 
 
 def _check_leaf(leaf: Any, owner: str, where: str) -> None:

@@ -8,6 +8,7 @@ from ._base import Hyper, _is_compiling, is_concrete
 from ._tree import acc_dtype, common_acc_dtype
 
 __all__ = [
+    "clamp",
     "safe_norm",
     "block_scale",
     "block_scale_",
@@ -18,6 +19,29 @@ __all__ = [
     "inf_like",
     "zeros_like_value",
 ]
+
+
+def _half_clamp_on_cpu() -> bool:
+    try:
+        torch.clamp(torch.zeros(1, dtype=torch.float16), -1.0, 1.0)
+    except RuntimeError:  # torch 2.0: "clamp_scalar_cpu" not implemented for 'Half'
+        return False
+    return True
+
+
+_HALF_CLAMP = _half_clamp_on_cpu()
+
+
+def clamp(x: torch.Tensor, lo: float | torch.Tensor | None, hi: float | torch.Tensor | None) -> torch.Tensor:
+    """``torch.clamp(x, lo, hi)``; where torch has no float16 clamp on the CPU (2.0), the same
+    by ``maximum`` / ``minimum`` with the bounds rounded to float16, as clamp rounds them."""
+    if _HALF_CLAMP or x.dtype != torch.float16 or x.device.type != "cpu":
+        return torch.clamp(x, lo, hi)
+    if lo is not None:
+        x = torch.maximum(x, torch.as_tensor(lo, dtype=x.dtype))
+    if hi is not None:
+        x = torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype))
+    return x
 
 
 def safe_norm(sq: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from . import _tree
 from ._base import Prox
 from .calculus import partition
 
@@ -680,7 +680,7 @@ def _padded(conv: nn.Conv2d) -> bool:
 def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model(*inputs)
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return [t for t in _tree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: float = 1e-4, atol: float = 1e-5):

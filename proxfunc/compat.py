@@ -164,7 +164,7 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
             continue
         if t.is_contiguous():
             start = t.data_ptr()
-            spans.append((start, start + t.nbytes))
+            spans.append((start, start + t.numel() * t.element_size()))  # Tensor.nbytes: torch >= 2.1
         else:  # the whole storage: conservative
             s = t.untyped_storage()
             spans.append((s.data_ptr(), s.data_ptr() + s.nbytes()))

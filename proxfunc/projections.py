@@ -19,7 +19,7 @@ import torch
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import eager_nograd, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import clamp, eager_nograd, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -68,11 +68,11 @@ class box(Projection):  # noqa: N801
                 lo_f = None if lo == float("-inf") else lo
                 hi_f = None if hi == float("inf") else hi
                 # box() with both bounds infinite is the identity (torch.clamp refuses two Nones)
-                out.append(x if lo_f is None and hi_f is None else torch.clamp(x, lo_f, hi_f))
+                out.append(x if lo_f is None and hi_f is None else clamp(x, lo_f, hi_f))
             else:
                 lo_t = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
                 hi_t = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
-                out.append(torch.clamp(x, lo_t, hi_t))
+                out.append(clamp(x, lo_t, hi_t))
         return out
 
     def _value(self, leaves, tree):
@@ -90,7 +90,7 @@ class nonneg(Projection):  # noqa: N801
     separable = True
 
     def _prox(self, leaves, step, tree):
-        return [torch.clamp_min(x, 0) for x in leaves]
+        return [clamp(x, 0.0, None) for x in leaves]
 
     def _value(self, leaves, tree):
         ok = torch.ones((), dtype=torch.bool)
@@ -285,8 +285,8 @@ class linf_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         r = self.radius
         if isinstance(r, float):
-            return [torch.clamp(x, -r, r) for x in leaves]
-        return [torch.clamp(x, -r.to(x.dtype), r.to(x.dtype)) for x in leaves]
+            return [clamp(x, -r, r) for x in leaves]
+        return [clamp(x, -r.to(x.dtype), r.to(x.dtype)) for x in leaves]
 
     def _value(self, leaves, tree):
         ok = torch.ones((), dtype=torch.bool)

@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.func import grad_and_value
-from torch.utils import _pytree as pytree
 
+from . import _tree
 from ._base import Hyper, Prox, _is_compiling, check_hyper
 from ._tree import acc_dtype
 from .calculus import identity
@@ -56,11 +56,11 @@ Stepsize = float | Callable[[Any], Hyper] | None
 
 # --------------------------------------------------------------------------- pytree arithmetic
 def _map(fn: Callable[..., torch.Tensor], tree: Any, *rest: Any) -> Any:
-    return pytree.tree_map(fn, tree, *rest)
+    return _tree.tree_map(fn, tree, *rest)
 
 
 def _leaves(tree: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    return [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
 def _vdot(a: Any, b: Any) -> torch.Tensor:

@@ -23,6 +23,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 _FACTOR = 10 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 1
 
 
+def _compile_supported() -> bool:
+    try:
+        from torch._dynamo.eval_frame import check_if_dynamo_supported
+
+        check_if_dynamo_supported()
+    except Exception:  # torch 2.0 on Python 3.11+, or a platform dynamo does not run on
+        return False
+    return True
+
+
+#: Tests that call ``torch.compile``: skipped, with the reason, where this torch cannot compile.
+requires_compile = pytest.mark.skipif(
+    not _compile_supported(),
+    reason="torch.compile is not supported by this torch and Python (torch 2.0: Python <= 3.10)",
+)
+
+
 def examples(n: int) -> int:
     """Per-test example budget: ``n`` normally, ten times that under the thorough profile."""
     return n * _FACTOR

@@ -14,10 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils import _pytree as pytree
 
 import proxfunc as pf
 from tests.cases import CASES
+from tests.helpers import pytree
 
 SET = settings(max_examples=25, deadline=None)
 _FIRST = [c.name for c in CASES].index("ridge")

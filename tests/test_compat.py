@@ -12,6 +12,7 @@ from torch import nn
 
 import proxfunc as pf
 import proxfunc.compat as pg
+from tests.conftest import requires_compile
 
 
 class Net(nn.Module):
@@ -415,6 +416,7 @@ def test_apply_fast_path_keeps_autograd_and_optimizer_state_usable():
         assert p.requires_grad
 
 
+@requires_compile
 def test_apply_under_torch_compile_computes_and_copies():
     # Traced, apply_ takes the compute-and-copy path (no host reads of data pointers).
     net = _mlp()

@@ -15,10 +15,13 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.func import functional_call, grad
-from torch.utils import _pytree as pytree
 
 import proxfunc as pf
 from tests.cases import CASES
+from tests.conftest import requires_compile
+from tests.helpers import pytree
+
+pytestmark = requires_compile
 
 HYPER = [c for c in CASES if any(isinstance(getattr(c.make_op(), k), float) for k in c.make_op()._fields)]
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils import _pytree as pytree
 
 import proxfunc as pf
 from tests.cases import CASES, named
 from tests.conftest import examples
+from tests.helpers import pytree
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -19,7 +19,6 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call, grad, vmap
-from torch.utils import _pytree as pytree
 
 import proxfunc as pf
 import proxfunc.compat as pg
@@ -27,6 +26,8 @@ import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc import autosize, norms
 from proxfunc.compat import ProxOptimizer, apply_
 from tests.cases import CASES
+from tests.conftest import requires_compile
+from tests.helpers import pytree
 
 #: PROXFUNC_TEST_DEVICE=cpu runs this file against the CPU itself (to check the file, not a GPU).
 CUDA = torch.device(os.environ.get("PROXFUNC_TEST_DEVICE", "cuda"))
@@ -249,6 +250,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@requires_compile
 def test_inductor_on_cuda_one_graph_no_recompile(fresh_dynamo):
     """l1, l21, linf1, the l1 ball and a whole-model partition, compiled by inductor (Triton)."""
     g = torch.Generator().manual_seed(6)
@@ -271,6 +273,7 @@ def test_inductor_on_cuda_one_graph_no_recompile(fresh_dynamo):
         assert cnt.frame_count == 1, op
 
 
+@requires_compile
 def test_design_training_step_compiled_on_cuda(fresh_dynamo):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(CUDA)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from proxfunc import demo
+from tests.conftest import requires_compile
 
 
 def _widths(text: str) -> dict[str, tuple[int, int]]:
@@ -87,6 +88,7 @@ def test_bad_arguments_exit_with_usage(bad, capsys):
     assert "usage" in capsys.readouterr().err
 
 
+@requires_compile
 def test_compiled_step_matches_the_eager_step():
     args = ["--epochs", "1", "--hidden", "16", "--reg", "0.01", "--no-progress"]
     eager = demo.main(args)

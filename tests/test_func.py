@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
-from torch.utils import _pytree as pytree
 
 import proxfunc as pf
 from proxfunc.compat import apply_
 from tests.cases import CASES, layer, named
+from tests.helpers import pytree
 
 STEP = 0.7
 ids = repr

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad
 
 import proxfunc as pf
 from proxfunc.compat import ProxOptimizer
+from tests.conftest import requires_compile
 
 D = torch.float64
 
@@ -161,6 +162,7 @@ def _compiled_adam_step(model, opt):
     return _COMPILED["adam"]
 
 
+@requires_compile
 def test_compiled_train_step_matches_eager(digits):
     X, y = digits
     X, y = X[:256], y[:256]

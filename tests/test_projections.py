@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import proxfunc as pf
 from tests import oracles as O
 from tests.conftest import examples
+from tests.helpers import pytree
 
 KINDS = ["box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
 MODES = st.sampled_from(O.MODES)
@@ -89,7 +90,7 @@ def test_projection_is_the_nearest_feasible_point(kind, seed, mode):
     op, kw = make(kind, scale, rng)
     tree, flat = _pair(x, rng)
     out = op(tree, 1.0)
-    for o, i in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(tree)):
+    for o, i in zip(pytree.tree_leaves(out), pytree.tree_leaves(tree)):
         assert o.shape == i.shape
     p = flat(out)
     num = O.num_proj(kind, x, **kw).reshape(x.shape)

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import proxfunc as pf
 from tests import oracles as O
 from tests.conftest import examples
+from tests.helpers import pytree
 
 # ----------------------------------------------------------------------------- specs
 
@@ -229,11 +230,11 @@ def _matrix(spec, leaves, dims):
 
 
 def _run(spec, params, reg, t):
-    ins, spec_in = torch.utils._pytree.tree_flatten(params)
+    ins, spec_in = pytree.tree_flatten(params)
     before = [x.clone() for x in ins]
     out = spec.make(reg)(params, t)
     assert all(torch.equal(x, c) for x, c in zip(ins, before))  # pure
-    outs, spec_out = torch.utils._pytree.tree_flatten(out)
+    outs, spec_out = pytree.tree_flatten(out)
     assert spec_in == spec_out
     for i, o in zip(ins, outs):
         assert o.shape == i.shape and o.dtype == i.dtype  # 0-d and empty leaves included
@@ -350,7 +351,7 @@ def test_non_expansive(spec, seed, mode, log_scale):
     rel = float(10.0 ** rng.uniform(-6, 1))
     noise = [_t(rng.standard_normal(tuple(x.shape)) * scale * rel) for x in leaves]
     by_id = {id(x): n for x, n in zip(leaves, noise)}
-    params2 = torch.utils._pytree.tree_map(lambda x: x + by_id[id(x)], params)
+    params2 = pytree.tree_map(lambda x: x + by_id[id(x)], params)
     t = float(10.0 ** rng.uniform(-2, 2))
     reg = _reg_for(spec, rng, scale, t)
     op = spec.make(reg)
@@ -376,8 +377,8 @@ def test_low_precision_matches_float64_rounded(spec, dtype, seed, mode):
     scale = float(10.0 ** rng.uniform(lo, hi))
     params, leaves, dims, pick = spec.build(rng, scale, mode, False)
     lim = 6e4 if dtype == torch.float16 else float("inf")  # float16 overflows above 65504
-    params_lo = torch.utils._pytree.tree_map(lambda x: x.clamp(-lim, lim).to(dtype), params)
-    params_up = torch.utils._pytree.tree_map(lambda x: x.to(torch.float64), params_lo)  # same values, float64
+    params_lo = pytree.tree_map(lambda x: x.clamp(-lim, lim).to(dtype), params)
+    params_up = pytree.tree_map(lambda x: x.to(torch.float64), params_lo)  # same values, float64
     t = float(10.0 ** rng.uniform(-1, 1))
     reg = _reg_for(spec, rng, scale, t)
     op = spec.make(reg)

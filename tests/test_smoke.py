@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 from tests.cases import CASES
+from tests.helpers import pytree
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)

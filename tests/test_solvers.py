@@ -19,6 +19,7 @@ from sklearn.linear_model import ElasticNet, Lasso, LogisticRegression, MultiTas
 
 import proxfunc as pf
 from proxfunc.solvers import ProximalGradient, proximal_gradient
+from tests.conftest import requires_compile
 
 D = torch.float64
 
@@ -312,6 +313,7 @@ def test_init_update_loop_equals_run(diabetes):
     torch.testing.assert_close(r2.params, r3.params)
 
 
+@requires_compile
 def test_compiled_update_matches_eager():
     # One iteration (line search included: masked trials under tracing) compiled and driven by a
     # loop. backend="eager" traces with dynamo (the code path taken under torch.compile) without
