@@ -30,12 +30,22 @@ __all__ = ["Prox", "Hyper", "is_concrete", "check_hyper", "check_step"]
 Hyper = float | torch.Tensor
 
 
-def _is_compiling() -> bool:
+def _compiling_probe() -> Any:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    dynamo = getattr(torch, "_dynamo", None)  # torch < 2.3
-    return bool(dynamo is not None and dynamo.is_compiling())
+        return compiler.is_compiling
+    from torch import _dynamo  # torch < 2.3
+
+    return _dynamo.is_compiling
+
+
+# Looked up once: dynamo constant-folds a call of this function, where torch 2.1's dynamo
+# could not trace the lookup itself (it refused ``module is not None``).
+_compiling = _compiling_probe()
+
+
+def _is_compiling() -> bool:
+    return bool(_compiling())
 
 
 def is_concrete(t: torch.Tensor) -> bool:
