@@ -12,7 +12,8 @@ group dim ``d_k`` (``None``: the whole tensor is the one group). Group ``i`` is 
 ``a_k`` sliced at ``i`` along ``d_k``. Nothing is concatenated. With ``absolute=True`` the
 values are ``|a_k|`` (computed on the fly, block by block, never materialised in full).
 
-Method (sort-free, exact): Michelot's fixed point, started from the lower bound
+Method (sort-free, exact; eagerly on a GPU a sort measured faster, see :func:`_sorts`):
+Michelot's fixed point, started from the lower bound
 ``theta_0 = max(max_j v_j - r, (sum_j v_j - r) / n)`` (both satisfy ``f(theta_0) >= r`` for
 ``f(t) = sum_j max(v_j - t, 0)``). Each step keeps the entries above ``theta`` and sets
 ``theta`` to their mean excess ``(sum_{v > theta} v - r) / #{v > theta}``, which is Newton's
@@ -384,7 +385,8 @@ def threshold_max(parts: list[Part], radius: torch.Tensor | float, *, absolute: 
 def threshold(
     parts: list[Part], radius: torch.Tensor | float, *, traceable: bool, absolute: bool = False
 ) -> torch.Tensor:
-    """The simplex threshold per group, sort-free on both the eager and the traceable path."""
+    """The simplex threshold per group: sort-free when traced and eagerly on the CPU; eagerly
+    on other devices and for tiny inputs, :func:`threshold_max` (see :func:`_sorts`)."""
     if traceable:
         return threshold_unrolled(parts, radius, absolute=absolute)
     if _sorts(parts):
@@ -398,7 +400,7 @@ def _sorts(parts: list[Part]) -> bool:
     Tiny inputs (the xor example: 100 groups of 3): a fixed handful of kernels and no host
     round trips beat any iteration; the sort of a few entries per row is free. Off the CPU
     (a GPU): the device's segmented sort (no host sync) beat the fixed point's synced steps
-    about 3x on an H200 (4096x4096 rows: 0.88 vs 2.76 ms; one group of 2**24 entries: 1.19 vs
-    2.40 ms; ``python -m benchmarks.cuda_variants``). Compiled code stays sort-free.
+    on an H200: 4096x4096 rows 0.88 vs 2.74 ms; one group of 2**24 entries 1.2-1.4 vs
+    2.2-2.4 ms (``python -m benchmarks.cuda_variants``). Compiled code stays sort-free.
     """
     return sum(a.numel() for a, _ in parts) <= _SMALL or parts[0][0].device.type != "cpu"
