@@ -2,6 +2,7 @@
 # The GPU checks in one call (a lent device machine's time is short): CUDA tests, the threshold
 # methods side by side, the benchmark table on the GPU (4096^2 eager + compiled, 16384^2 eager),
 # the whole suite under that machine's torch. Each stage has its own time limit; logs go to $OUT (or ./gpu-out).
+# SKIP_SUITE=1 leaves the whole-suite stage out (it needs pytest-xdist and ~90 s).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
