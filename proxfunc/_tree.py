@@ -207,8 +207,16 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in LOW_DTYPES else t.dtype
 
 
+def common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtypes of a non-empty list of tensors promoted together."""
+    dtype = tensors[0].dtype
+    for x in tensors[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
 def common_acc_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
-    """The accumulation dtypes of non-empty ``leaves`` promoted together."""
+    """The accumulation dtypes of a non-empty list of leaves promoted together."""
     dtype = acc_dtype(leaves[0])
     for x in leaves[1:]:
         dtype = torch.promote_types(dtype, acc_dtype(x))
@@ -254,9 +262,7 @@ def total(parts: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
     if not parts:
         dtype = torch.get_default_dtype()
         return torch.zeros((), dtype=dtype)
-    dtype = parts[0].dtype
-    for p in parts[1:]:
-        dtype = torch.promote_types(dtype, p.dtype)
+    dtype = common_dtype(parts)
     out = cast(parts[0], dtype)
     for p in parts[1:]:
         out = out + cast(p, dtype)

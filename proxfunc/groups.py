@@ -166,9 +166,7 @@ def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper, in_place: b
     if len(norms) == 1:
         n = norms[0]
     else:
-        dtype = norms[0].dtype
-        for m in norms[1:]:
-            dtype = torch.promote_types(dtype, m.dtype)
+        dtype = _tree.common_dtype(norms)
         n = torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
     scale = block_scale_(n, t)
     if in_place:

@@ -32,9 +32,7 @@ __all__ = ["l0", "group_l0", "top_k", "group_top_k", "scad", "mcp"]
 
 def rows(leaves: list[torch.Tensor], dims: list[int], G: int) -> torch.Tensor:
     """The groups as the rows of one ``(G, N)`` matrix (accumulation dtype)."""
-    acc = _tree.acc_dtype(leaves[0])
-    for x in leaves[1:]:
-        acc = torch.promote_types(acc, _tree.acc_dtype(x))
+    acc = _tree.common_acc_dtype(leaves)
     return torch.cat([x.to(acc).movedim(d, 0).reshape(G, -1) for x, d in zip(leaves, dims)], dim=1)
 
 

@@ -38,16 +38,9 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- helpers
-def _acc(leaves: list[torch.Tensor]) -> torch.dtype:
-    dtype = _tree.acc_dtype(leaves[0])
-    for x in leaves[1:]:
-        dtype = torch.promote_types(dtype, _tree.acc_dtype(x))
-    return dtype
-
-
 def flat(leaves: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """All leaves flattened and concatenated into one vector (in the accumulation dtype)."""
-    dtype = dtype or _acc(leaves)
+    dtype = dtype or _tree.common_acc_dtype(leaves)
     if len(leaves) == 1:
         return leaves[0].to(dtype).reshape(-1)
     return torch.cat([x.to(dtype).reshape(-1) for x in leaves])

@@ -46,7 +46,7 @@ import math
 
 import torch
 
-from .._tree import along, reduce_except
+from .._tree import along, common_dtype, reduce_except
 
 __all__ = ["threshold", "threshold_fixed_point", "threshold_unrolled", "threshold_sort", "threshold_max", "UNROLL"]
 
@@ -249,9 +249,7 @@ def _fixed_point_single(parts: list[Part], r, absolute: bool) -> torch.Tensor:
     total = sum(c.numel() for c in chunks)
     if total == 0:
         return _start(parts, r, absolute)[0]
-    dtype = chunks[0].dtype
-    for c in chunks[1:]:
-        dtype = torch.promote_types(dtype, c.dtype)
+    dtype = common_dtype(chunks)
     size = max(c.numel() for c in chunks)
     mask = chunks[0].new_empty(size, dtype=dtype)
     vbuf = chunks[0].new_empty(size, dtype=dtype) if absolute else None
