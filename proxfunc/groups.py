@@ -168,10 +168,7 @@ def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper, in_place: b
     else:
         dtype = _tree.common_dtype(norms)
         n = torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
-    scale = block_scale_(n, t)
-    if in_place:
-        return [x.mul_(_tree.along(scale, x, d)) for x, d in zip(leaves, dims)]
-    return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
+    return _apply_scales(leaves, [block_scale_(n, t)] * len(leaves), dims, in_place)
 
 
 def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper, in_place: bool = False) -> list[torch.Tensor]:
@@ -180,9 +177,7 @@ def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper, in_place: boo
     ``in_place`` (float32/float64 tensors, the in-place layer) multiplies them in place."""
     norms = [_group_norm(x, d) for x, d in zip(args, dims)]
     scales = block_scale_(torch.cat(norms), t).split([m.numel() for m in norms])
-    if in_place:
-        return [x.mul_(_tree.along(s, x, d)) for x, s, d in zip(args, scales, dims)]
-    return [_scaled(x, s, d) for x, s, d in zip(args, scales, dims)]
+    return _apply_scales(args, scales, dims, in_place)
 
 
 def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -196,6 +191,16 @@ def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
     return _tree.cast(_tree.cast(x, scale.dtype) * _tree.along(scale, x, d), x.dtype)
+
+
+def _apply_scales(
+    leaves: list[torch.Tensor], scales: list[torch.Tensor], dims: list[int], in_place: bool
+) -> list[torch.Tensor]:
+    """Each leaf times its per-group scale along its group dim: new tensors, or (``in_place``,
+    leaves of the scale's float32/float64 dtype) multiplied in place."""
+    if in_place:
+        return [x.mul_(_tree.along(s, x, d)) for x, s, d in zip(leaves, scales, dims)]
+    return [_scaled(x, s, d) for x, s, d in zip(leaves, scales, dims)]
 
 
 class linf1(GroupProx):
