@@ -6,7 +6,7 @@ References: Parikh & Boyd (2014) section 2.2 (separable sums) and section 2.3 (c
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -153,10 +153,9 @@ class partition(Prox):  # noqa: N801
         A string rule yields one entry per matched name (its tensor alone); a tuple rule
         yields one entry holding all of its names (one joint argument).
         """
-        names = tuple(names)
-        cache = self.__dict__.get("_cache_resolve")
-        if cache is not None and cache[0] == names:
-            return cache[1]
+        return self._cached("_cache_resolve", tuple(names), self._resolve)
+
+    def _resolve(self, names: tuple[str, ...]) -> list[tuple[Key, tuple[str, ...], Prox]]:
         for k in names:
             if not isinstance(k, str):
                 raise TypeError(f"partition: params keys must be strings, got {k!r}")
@@ -164,10 +163,7 @@ class partition(Prox):  # noqa: N801
         # A pure function of (rule keys, strict, names), evaluated once at trace time under
         # torch.compile (the glob matching is plain Python that dynamo need not trace).
         idx = _resolve_plan(keys, self.strict, names)
-        plan = [(self.rules[i][0], group, self.rules[i][1]) for i, group in idx]
-        if not _is_compiling():
-            object.__setattr__(self, "_cache_resolve", (names, plan))
-        return plan
+        return [(self.rules[i][0], group, self.rules[i][1]) for i, group in idx]
 
     def _layout(self, names: Iterable[str]) -> tuple[list[tuple[Prox, tuple[str, ...]]], list]:
         """``resolve`` arranged for a call: ``(batches, others)``.
@@ -177,10 +173,9 @@ class partition(Prox):  # noqa: N801
         one call; l21 one scale computation), or for one in-place writer. ``others`` are the
         tuple rules, ``(key, names, op)`` entries of ``resolve``.
         """
-        names = tuple(names)
-        cache = self.__dict__.get("_cache_layout")
-        if cache is not None and cache[0] == names:
-            return cache[1]
+        return self._cached("_cache_layout", tuple(names), self._arrange)
+
+    def _arrange(self, names: tuple[str, ...]) -> tuple[list[tuple[Prox, tuple[str, ...]]], list]:
         grouped: dict[int, tuple[Prox, list[str]]] = {}
         others = []
         for key, group, op in self.resolve(names):
@@ -188,10 +183,18 @@ class partition(Prox):  # noqa: N801
                 grouped.setdefault(id(op), (op, []))[1].append(group[0])
             else:
                 others.append((key, group, op))
-        layout = ([(op, tuple(ns)) for op, ns in grouped.values()], others)
+        return [(op, tuple(ns)) for op, ns in grouped.values()], others
+
+    def _cached(self, slot: str, names: tuple[str, ...], compute: Callable[[tuple[str, ...]], Any]) -> Any:
+        """``compute(names)``, remembered for the last ``names`` seen (a training loop passes the
+        same keys every step). Not stored while tracing: there the result is a graph constant."""
+        cache = self.__dict__.get(slot)
+        if cache is not None and cache[0] == names:
+            return cache[1]
+        value = compute(names)
         if not _is_compiling():
-            object.__setattr__(self, "_cache_layout", (names, layout))
-        return layout
+            object.__setattr__(self, slot, (names, value))
+        return value
 
     def _mapping(self, params: Any) -> Mapping[str, Any]:
         if not isinstance(params, Mapping):
