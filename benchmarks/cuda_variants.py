@@ -7,23 +7,20 @@ and ``max_k (c_k - r) / k``; each checked against the float64 sort reference.
 """
 
 import sys
-import time
 
 import torch
 
 import proxfunc.kernels.threshold  # noqa: F401
 
+from .run import timeit
+
 K = sys.modules["proxfunc.kernels.threshold"]
 
 
 def bench(fn, reps=20):
+    """One warm-up call, then the mean call of a synced batch (``run.timeit`` on a GPU)."""
     fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    return timeit(fn, reps, torch.cuda.synchronize)
 
 
 def main():

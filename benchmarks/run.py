@@ -75,11 +75,15 @@ def timeit(fn, reps, sync=None):
 
 
 def mlp(layers=24, width=256, device="cpu"):
+    """The benchmark MLP, with small random gradients in place (as after a backward pass)."""
     torch.manual_seed(0)
     mods = []
     for _ in range(layers):
         mods += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*mods).to(device)
+    model = nn.Sequential(*mods).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
 
 
 def main(argv=None):
@@ -148,8 +152,6 @@ def main(argv=None):
 
     # whole-model prox step vs SGD(foreach=True).step()
     model = mlp(device=dev)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=True)
     params = {k: v.detach() for k, v in model.named_parameters()}
     prox_model = pf.partition({"*": pf.l1(1e-4)})
@@ -158,8 +160,6 @@ def main(argv=None):
     named = dict(model.named_parameters())  # what ProxOptimizer holds
     weight_l21 = pf.l21(1e-4)
     model2 = mlp(device=dev)
-    for p in model2.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
     prox_sgd = ProxOptimizer(torch.optim.SGD(model2.parameters(), lr=1e-3, foreach=True), prox_model, params=model2)
     shrink = torch._C._nn.softshrink
     model_rows = {
