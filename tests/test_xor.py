@@ -2,7 +2,8 @@
 
 * examples/seed_xor.py is the seed README's final code with only the import line changed
   (``import proxfunc.compat as pg``); it must run unchanged and prune most neurons
-  (the seed says "around 15 of the 100"; ten seeds give 10..27, see docs/readme_tests.md);
+  (the seed says "around 15 of the 100"; ten seeds give 10..27 under torch 2.13 and 2..4
+  under torch 2.14.1, see the README);
 * examples/xor.py is the functional version (functional_call + torch.func.grad + a
   partition binding linear1.weight and linear1.bias); run here with fewer epochs.
 """
@@ -41,7 +42,11 @@ def test_seed_readme_xor_runs_unchanged_and_prunes():
     initial = int(re.search(r"H initially .*?: (\d+)", out).group(1))
     remaining = int(re.search(r"H remaining .*?: (\d+)", out).group(1))
     assert initial == 100
-    assert 3 <= remaining <= 40, out
+    # Most neurons pruned. Two is the fewest ReLU units that represent xor (one cannot: its
+    # output is monotone along one direction), and the prediction check below fails with
+    # fewer. The count follows float rounding through 20000 prox steps: seeds 0-9 leave 10-27
+    # under torch 2.13 (CPU wheel) and 2-4 under torch 2.14.1, all fitting xor (README).
+    assert 2 <= remaining <= 40, out
     preds = _predictions(out)
     assert len(preds) == 4, out
     for target, pred in preds:
