@@ -1,9 +1,13 @@
-"""GPU timings of the threshold methods side by side (``python -m benchmarks.cuda_variants``).
+"""GPU timings of method variants side by side (``python -m benchmarks.cuda_variants``).
 
 linf1's row thresholds on a 4096x4096 float32 matrix and the l1 ball's one threshold over it:
 the eager fixed point (what ``pf.linf1`` / ``pf.l1_ball`` use eagerly), the unrolled fixed point
 run eagerly (the traceable path: no host sync, a fixed number of passes), the sort reference
 and ``max_k (c_k - r) / k``; each checked against the float64 sort reference.
+
+Then eager l21 taken apart at 4096^2 and 16384^2 (the norm kernel, the scale, the multiply,
+the whole operator, each against ``clone``), and the CUDA kernels one l21 call launches
+(``torch.profiler``), to see where time beyond three passes goes.
 """
 
 import sys
@@ -44,6 +48,47 @@ def main():
             err = float(((got.double() - want).abs() / want.abs().clamp_min(1e-30)).max())
             t = bench(lambda fn=fn, parts=parts, r=r: fn(parts, r, absolute=True))
             print(f"| {name} | {label} | {t * 1e6:.0f} | {t / clone:.1f} | {err:.1e} |")
+    for size in (4096, 16384):
+        l21_parts(size)
+
+
+def l21_parts(n):
+    """Eager l21 on an n x n float32 matrix, piece by piece, against clone (group_dim=0: rows)."""
+    import proxfunc as pf
+    from proxfunc._util import block_scale_
+
+    x = torch.randn(n, n, device="cuda")
+    t = 0.5 * n**0.5
+    op = pf.l21(t)
+    norms = torch.linalg.vector_norm(x, 2, dim=[1], dtype=torch.float32)
+    scale = block_scale_(norms.clone(), t)
+    rows = {
+        "clone": lambda: x.clone(),
+        "row norms: vector_norm(x, dim=[1], dtype=float32)": lambda: torch.linalg.vector_norm(
+            x, 2, dim=[1], dtype=torch.float32
+        ),
+        "row norms: vector_norm(x, dim=1)": lambda: torch.linalg.vector_norm(x, 2, dim=1),
+        "row sums: x.sum(1)": lambda: x.sum(1),
+        "scale of the n norms: block_scale_": lambda: block_scale_(norms.clone(), t),
+        "multiply: x * scale[:, None]": lambda: x * scale[:, None],
+        "l21(x, 1.0), whole operator": lambda: op(x, 1.0),
+    }
+    clone = bench(rows["clone"])
+    print(f"\n## eager l21 on {n}x{n} float32, piece by piece\n")
+    print("| piece | us | / clone |")
+    print("|---|---:|---:|")
+    for name, fn in rows.items():
+        us = bench(fn)
+        print(f"| {name} | {us * 1e6:.1f} | {us / clone:.2f} |")
+    from torch.profiler import ProfilerActivity, profile
+
+    op(x, 1.0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        op(x, 1.0)
+        torch.cuda.synchronize()
+    print(f"\nCUDA kernels of one l21 call at {n}x{n}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
 
 
 if __name__ == "__main__":

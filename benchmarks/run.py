@@ -178,6 +178,11 @@ def main(argv=None):
         ],
         "ProxOptimizer(SGD).step(): SGD step + in-place l1 prox": lambda: prox_sgd.step(),
     }
+    if not args.no_compile:  # the in-place step traced by inductor: one kernel over every tensor
+        c_apply = torch.compile(lambda p, s: apply_(prox_model, p, s), fullgraph=True)
+        lr = torch.tensor(1e-3, device=dev)
+        row = "prox l1, in place, compiled (torch.compile of apply_, lr a 0-d tensor)"
+        model_rows[row] = lambda: c_apply(named, lr)
 
     # the seed xor example: Linear(2 -> 100) weight + bias, 20000 calls in the seed
     w, b = torch.randn(100, 2, device=dev), torch.randn(100, device=dev)

@@ -16,6 +16,7 @@ apply, in place, the exact prox of ``reg * g`` with step ``lr`` to ``parameter``
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -108,6 +109,10 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
     params, items = _targets(target)
     with torch.no_grad():
+        if _is_compiling():  # traced: the graph computes the new values and copies them
+            for d, n, _ in _pairs(op(params, step), params):
+                d.copy_(n)
+            return target
         pairs, writers = _compute(op, params, step)
         # One pass over the tensors: refuse inference tensors and, when writers would update
         # tensors in place, make sure no two tensors share memory (with tied weights a writer
@@ -134,8 +139,6 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
     partition) are handed out here and kept only if :func:`_survey` finds no two tensors
     sharing memory.
     """
-    if _is_compiling():  # traced: the graph does the compute and the copy, as before
-        return _pairs(op(params, step), params), []
     if isinstance(op, partition) and isinstance(params, Mapping):
         changed, writers = op._split(params, step, in_place=True)
         return [(params[k], v, (k,)) for k, v in changed.items() if v is not params[k]], writers
@@ -151,25 +154,36 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
 
     Conservative: a non-contiguous tensor claims its whole storage, and an empty tensor
     lying inside another's span counts as an overlap (the caller then computes and copies).
+    One attribute sweep per question (``map`` over the tensors): this runs on every in-place
+    step of a training loop.
     """
-    check = not torch.is_inference_mode_enabled()
-    spans = []
-    for k, t in items:
-        if check and t.is_inference():
-            raise ValueError(
-                f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
-                "it can only be written inside torch.inference_mode()"
-            )
-        if not overlap:
-            continue
-        if t.is_contiguous():
-            start = t.data_ptr()
-            spans.append((start, start + t.numel() * t.element_size()))  # Tensor.nbytes: torch >= 2.1
-        else:  # the whole storage: conservative
-            s = t.untyped_storage()
-            spans.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
-    spans.sort()
+    tensors = [t for _, t in items]
+    if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):
+        k = next(k for k, t in items if t.is_inference())
+        raise ValueError(
+            f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
+            "it can only be written inside torch.inference_mode()"
+        )
+    if not overlap or len(tensors) < 2:
+        return True
+    if all(map(torch.Tensor.is_contiguous, tensors)):
+        starts = list(map(torch.Tensor.data_ptr, tensors))
+        spans = sorted(zip(starts, map(operator.add, starts, map(_nbytes, tensors))))
+    else:
+        spans = sorted(map(_span, tensors))
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``t`` may touch: its own for a contiguous tensor, else its whole storage."""
+    if t.is_contiguous():
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    s = t.untyped_storage()
+    return s.data_ptr(), s.data_ptr() + s.nbytes()
+
+
+#: ``t.nbytes`` (torch >= 2.1: one attribute read) or ``numel * element_size`` (torch 2.0).
+_nbytes = operator.attrgetter("nbytes") if hasattr(torch.Tensor, "nbytes") else (lambda t: t.numel() * t.element_size())
 
 
 # ----------------------------------------------------------------- seed drop-ins

@@ -274,6 +274,26 @@ def test_inductor_on_cuda_one_graph_no_recompile(fresh_dynamo):
 
 
 @requires_compile
+def test_apply_compiled_in_place_on_cuda(fresh_dynamo):
+    """compat.apply_ traced by inductor writes a CUDA module in place, one graph for every lr."""
+    model, ref = mlp(CUDA), mlp(CUDA)
+    part = pf.partition({("0.weight", "0.bias"): pf.linf1(0.05), "2.weight": pf.l21(0.1), "4.*": pf.l1(0.01)})
+    cnt = CompileCounterWithBackend("inductor")
+    step = torch.compile(lambda s: apply_(part, model, s), backend=cnt, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        step(torch.tensor(0.5, device=CUDA))
+    apply_(part, ref, 0.5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in (0.3, 0.1):
+            step(torch.tensor(s, device=CUDA))
+            apply_(part, ref, s)
+    assert cnt.frame_count == 1
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert a.device.type == CUDA.type and a.requires_grad
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@requires_compile
 def test_design_training_step_compiled_on_cuda(fresh_dynamo):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(CUDA)
