@@ -50,12 +50,14 @@ def main():
             print(f"| {name} | {label} | {t * 1e6:.0f} | {t / clone:.1f} | {err:.1e} |")
     for size in (4096, 16384):
         l21_parts(size)
+    scale_sweep()
 
 
 def l21_parts(n):
     """Eager l21 on an n x n float32 matrix, piece by piece, against clone (group_dim=0: rows)."""
     import proxfunc as pf
     from proxfunc._util import block_scale_
+    from proxfunc.kernels.scale import mul_along
 
     x = torch.randn(n, n, device="cuda")
     t = 0.5 * n**0.5
@@ -70,7 +72,8 @@ def l21_parts(n):
         "row norms: vector_norm(x, dim=1)": lambda: torch.linalg.vector_norm(x, 2, dim=1),
         "row sums: x.sum(1)": lambda: x.sum(1),
         "scale of the n norms: block_scale_": lambda: block_scale_(norms.clone(), t),
-        "multiply: x * scale[:, None]": lambda: x * scale[:, None],
+        "multiply: x * scale[:, None] (ATen, broadcast)": lambda: x * scale[:, None],
+        "multiply: kernels.scale.mul_along (Triton)": lambda: mul_along(x, scale, 0),
         "l21(x, 1.0), whole operator": lambda: op(x, 1.0),
     }
     clone = bench(rows["clone"])
@@ -89,6 +92,35 @@ def l21_parts(n):
         torch.cuda.synchronize()
     print(f"\nCUDA kernels of one l21 call at {n}x{n}:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+
+
+def scale_sweep():
+    """ATen's broadcast multiply against the Triton kernel by size (where MIN_NUMEL comes from),
+    rows of 1024 entries and columns of 1024 (d = last dim), float32."""
+    from proxfunc.kernels import scale
+
+    print("\n## per-group scale by size: ATen broadcast vs Triton (us)\n")
+    print("| entries | layout | clone | ATen | Triton | Triton, 4 warps |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for k in (14, 16, 18, 20, 22, 24):
+        for layout, d in (("rows", 0), ("columns", 1)):
+            us = [f"{t * 1e6:.1f}" for t in _scale_times((1 << k) // 1024, 1024, d, scale)]
+            print(f"| 2^{k} | {layout} | " + " | ".join(us) + " |")
+
+
+def _scale_times(rows, cols, d, scale):
+    """(clone, ATen broadcast multiply, Triton kernel, Triton with 4 warps) of x * s along d."""
+    x = torch.randn(rows, cols, device="cuda")
+    s = torch.rand(x.shape[d], device="cuda")
+    out = torch.empty_like(x)
+    v = s[:, None] if d == 0 else s[None, :]
+    clone = bench(lambda: x.clone())
+    aten = bench(lambda: torch.mul(x, v, out=out))
+    tri = bench(lambda: scale._launch(x, s, d, out))
+    old, scale._NUM_WARPS = scale._NUM_WARPS, 4
+    tri4 = bench(lambda: scale._launch(x, s, d, out))
+    scale._NUM_WARPS = old
+    return clone, aten, tri, tri4
 
 
 if __name__ == "__main__":

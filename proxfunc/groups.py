@@ -28,6 +28,7 @@ from . import _tree
 from ._base import Hyper, Prox, check_hyper, check_step
 from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
+from .kernels.scale import mul_along, scaled
 from .norms import _clamp_sym, _writable
 
 __all__ = ["l21", "linf1", "GroupProx"]
@@ -115,7 +116,7 @@ class l21(GroupProx):  # noqa: N801
             return _l21_fast(leaves, dims, t)
         n = self._norms(leaves, dims)
         scale = block_scale(n, t)
-        return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
+        return [scaled(x, scale, d) for x, d in zip(leaves, dims)]
 
     def _prox_each(self, args, step):
         # Eager, nothing to differentiate, tensors of one dtype and device, one int
@@ -189,18 +190,15 @@ def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
     return torch.linalg.vector_norm(x, 2, dim=other, dtype=acc)
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor, d: int) -> torch.Tensor:
-    return _tree.cast(_tree.cast(x, scale.dtype) * _tree.along(scale, x, d), x.dtype)
-
-
 def _apply_scales(
     leaves: list[torch.Tensor], scales: list[torch.Tensor], dims: list[int], in_place: bool
 ) -> list[torch.Tensor]:
     """Each leaf times its per-group scale along its group dim: new tensors, or (``in_place``,
-    leaves of the scale's float32/float64 dtype) multiplied in place."""
+    leaves of the scale's float32/float64 dtype) multiplied in place. One vectorized pass per
+    large CUDA tensor (:func:`proxfunc.kernels.scale.mul_along`), bit-identical to ATen's."""
     if in_place:
-        return [x.mul_(_tree.along(s, x, d)) for x, s, d in zip(leaves, scales, dims)]
-    return [_scaled(x, s, d) for x, s, d in zip(leaves, scales, dims)]
+        return [mul_along(x, s, d, out=x) for x, s, d in zip(leaves, scales, dims)]
+    return [mul_along(x, s, d) for x, s, d in zip(leaves, scales, dims)]
 
 
 class linf1(GroupProx):

@@ -25,6 +25,8 @@ import proxfunc.compat as pg
 import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc import autosize, norms
 from proxfunc.compat import ProxOptimizer, apply_
+from proxfunc.kernels import scale
+from tests import test_scale_kernel
 from tests.cases import CASES
 from tests.conftest import requires_compile
 from tests.helpers import pytree
@@ -183,6 +185,57 @@ def test_l1_foreach_path_is_taken_and_bitwise_softshrink(dtype, monkeypatch):
     apply_(pf.l1(0.37), copies, 1.0)
     assert calls == [1, 2]
     assert all(torch.equal(a, b) for a, b in zip(copies, got))
+
+
+BIG = [((2048, 1024), 0), ((1024, 2048), 1), ((128, 512, 3, 3), 1), ((16, 600, 130), 1), ((1536, 1024), None)]
+
+
+@pytest.mark.parametrize("shape,d", BIG)
+@pytest.mark.parametrize("xd,sd", test_scale_kernel.DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
+    """l21's per-group scale on CUDA runs the Triton kernel (rounding to nearest even) and equals
+    ATen's broadcast multiply bit for bit: new tensor, ``out=``, in place."""
+    calls = []
+    launch = scale._launch
+    monkeypatch.setattr(scale, "_launch", lambda *a: calls.append(1) or launch(*a))
+    x, s = test_scale_kernel.operands(shape, d, xd, sd)
+    x, s = x.to(CUDA), s.to(CUDA)
+    want = test_scale_kernel.reference(x, s, d)
+    assert torch.equal(scale.mul_along(x, s, d), want)
+    out = torch.empty_like(x)
+    assert torch.equal(scale.mul_along(x, s, d, out=out), want)
+    if xd == sd:
+        y = x.clone()
+        scale.mul_along(y, s, d, out=y)
+        assert torch.equal(y, want)
+    if CUDA.type == "cuda":
+        assert scale._get_kernel() is not None, "triton ships with torch's CUDA wheels"
+        assert len(calls) == (3 if xd == sd else 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
+    """l21 (functional, a partition batch, in place) on large CUDA tensors: the Triton scale
+    changes no bit against ATen's kernel."""
+    g = torch.Generator().manual_seed(3)
+    W = (torch.randn(2048, 1024, generator=g) * 0.05).to(dtype).to(CUDA)
+    V = (torch.randn(1024, 2048, generator=g) * 0.05).to(dtype).to(CUDA)
+    op, part = pf.l21(1.5), pf.partition({"w": pf.l21(1.5), "v": pf.l21(1.5, group_dim=1)})
+
+    def run():
+        one = op(W, 1.0)
+        both = part({"w": W, "v": V}, 1.0)
+        inplace = {"w": W.clone(), "v": V.clone()}
+        apply_(part, inplace, 1.0)
+        return [one, both["w"], both["v"], inplace["w"], inplace["v"]]
+
+    with_kernel = run()
+    monkeypatch.setattr(scale, "_kernel", False)  # ATen's broadcast multiply
+    without = run()
+    for a, b in zip(with_kernel, without):
+        assert torch.equal(a, b)
+    assert int((with_kernel[0].abs().sum(1) == 0).sum()) > 0  # some rows died, some lived
+    assert int((with_kernel[0].abs().sum(1) > 0).sum()) > 0
 
 
 # ------------------------------------------------------------------------- compat, in place
