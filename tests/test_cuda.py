@@ -198,6 +198,7 @@ def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
     calls = []
     launch = scale._launch
     monkeypatch.setattr(scale, "_launch", lambda *a: calls.append(1) or launch(*a))
+    monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
     x, s = test_scale_kernel.operands(shape, d, xd, sd)
     x, s = x.to(CUDA), s.to(CUDA)
     want = test_scale_kernel.reference(x, s, d)
@@ -213,6 +214,13 @@ def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
         assert len(calls) == (3 if xd == sd else 2)
 
 
+def test_small_tensors_keep_atens_kernel(monkeypatch):
+    monkeypatch.setattr(scale, "_launch", lambda *a: pytest.fail("Triton launched below MIN_NUMEL"))
+    x = torch.randn(512, 512, device=CUDA)
+    s = torch.rand(512, device=CUDA)
+    assert torch.equal(scale.mul_along(x, s, 0), x * s[:, None])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
     """l21 (functional, a partition batch, in place) on large CUDA tensors: the Triton scale
@@ -221,6 +229,10 @@ def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
     W = (torch.randn(2048, 1024, generator=g) * 0.05).to(dtype).to(CUDA)
     V = (torch.randn(1024, 2048, generator=g) * 0.05).to(dtype).to(CUDA)
     op, part = pf.l21(1.5), pf.partition({"w": pf.l21(1.5), "v": pf.l21(1.5, group_dim=1)})
+    calls = []
+    launch = scale._launch
+    monkeypatch.setattr(scale, "_launch", lambda *a: calls.append(1) or launch(*a))
+    monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
 
     def run():
         one = op(W, 1.0)
@@ -230,6 +242,8 @@ def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
         return [one, both["w"], both["v"], inplace["w"], inplace["v"]]
 
     with_kernel = run()
+    if CUDA.type == "cuda":
+        assert len(calls) == 5  # l21, the partition's two batches, in place twice
     monkeypatch.setattr(scale, "_kernel", False)  # ATen's broadcast multiply
     without = run()
     for a, b in zip(with_kernel, without):

@@ -9,7 +9,7 @@ Why a kernel of our own: on CUDA, ATen runs a broadcast multiply (``x * s[:, Non
 generic elementwise kernel, which does not vectorize operands with a zero stride; on an H200
 it took 1.51x the time of a ``clone`` of ``x`` (2.6 TB/s) where one read and one write
 should take 1.0x. A Triton kernel that loads ``s`` once per row (or per column block) runs
-at 1.03-1.07x (``python -m benchmarks.cuda_variants``). It is used eagerly (callers only
+at 1.02-1.06x on large tensors (``python -m benchmarks.cuda_variants``). It is used eagerly (callers only
 reach this module when nothing is differentiated or traced) for contiguous CUDA tensors of
 at least ``MIN_NUMEL`` entries, when ``triton`` imports (it ships with torch's CUDA wheels)
 and ``PROXFUNC_TRITON`` is not ``0``; everything else takes the ATen expression.
@@ -27,8 +27,11 @@ from .. import _tree
 
 __all__ = ["mul_along", "scaled", "MIN_NUMEL"]
 
-#: Smaller tensors take ATen's kernel: Triton's launch costs more host time than it saves.
-MIN_NUMEL = 1 << 20
+#: Smaller tensors take ATen's kernel. Triton's launch costs ~19 us of host time (H200 host,
+#: torch 2.11): the multiply alone is faster from 2**24 entries (36 vs 55 us), but an eager
+#: l21 call at that size is bound by host time (its ~90 us of Python and launches exceed the
+#: GPU's 62 us) and gained nothing; at 2**28 it went from 2.08x to 1.58x a clone.
+MIN_NUMEL = 1 << 25
 #: Entries per program (a power of two); rows shorter than ``_MIN_ROW`` take ATen's kernel.
 _BLOCK = 4096
 _MIN_ROW = 512
