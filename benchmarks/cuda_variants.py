@@ -51,6 +51,33 @@ def main():
     for size in (4096, 16384):
         l21_parts(size)
     scale_sweep()
+    linf1_fused()
+
+
+def linf1_fused():
+    """Eager linf1 (groups = rows): the fused Triton kernel against the sort path it replaces."""
+    import proxfunc as pf
+    from proxfunc.kernels import linf1_rows
+
+    print("\n## eager linf1, rows: fused Triton kernel vs the sort path (us, / clone)\n")
+    print("| shape | clone | fused kernel | sort path | max abs diff |")
+    print("|---|---:|---:|---:|---:|")
+    for shape in ((4096, 4096), (16384, 4096), (65536, 256), (1024, 8192)):
+        x = torch.randn(shape, device="cuda")
+        op = pf.linf1(5.0)
+        clone = bench(lambda x=x: x.clone())
+        fused = bench(lambda x=x, op=op: op(x, 1.0))
+        a = op(x, 1.0)
+        keep = linf1_rows._get_kernel
+        linf1_rows._get_kernel = lambda: None
+        try:
+            sort = bench(lambda x=x, op=op: op(x, 1.0))
+            b = op(x, 1.0)
+        finally:
+            linf1_rows._get_kernel = keep
+        diff = float((a - b).abs().max())
+        print(f"| {shape[0]}x{shape[1]} | {clone * 1e6:.0f} | {fused * 1e6:.0f} ({fused / clone:.2f}) "
+              f"| {sort * 1e6:.0f} ({sort / clone:.2f}) | {diff:.1e} |")  # fmt: skip
 
 
 def l21_parts(n):

@@ -25,8 +25,8 @@ import proxfunc.compat as pg
 import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc import autosize, norms
 from proxfunc.compat import ProxOptimizer, apply_
-from proxfunc.kernels import scale
-from tests import test_scale_kernel
+from proxfunc.kernels import linf1_rows, scale
+from tests import test_triton_kernels
 from tests.cases import CASES
 from tests.conftest import requires_compile
 from tests.helpers import pytree
@@ -191,7 +191,7 @@ BIG = [((2048, 1024), 0), ((1024, 2048), 1), ((128, 512, 3, 3), 1), ((16, 600, 1
 
 
 @pytest.mark.parametrize("shape,d", BIG)
-@pytest.mark.parametrize("xd,sd", test_scale_kernel.DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("xd,sd", test_triton_kernels.DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
     """l21's per-group scale on CUDA runs the Triton kernel (rounding to nearest even) and equals
     ATen's broadcast multiply bit for bit: new tensor, ``out=``, in place."""
@@ -199,9 +199,9 @@ def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
     launch = scale._launch
     monkeypatch.setattr(scale, "_launch", lambda *a: calls.append(1) or launch(*a))
     monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
-    x, s = test_scale_kernel.operands(shape, d, xd, sd)
+    x, s = test_triton_kernels.operands(shape, d, xd, sd)
     x, s = x.to(CUDA), s.to(CUDA)
-    want = test_scale_kernel.reference(x, s, d)
+    want = test_triton_kernels.reference(x, s, d)
     assert torch.equal(scale.mul_along(x, s, d), want)
     out = torch.empty_like(x)
     assert torch.equal(scale.mul_along(x, s, d, out=out), want)
@@ -212,6 +212,31 @@ def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
     if CUDA.type == "cuda":
         assert scale._get_kernel() is not None, "triton ships with torch's CUDA wheels"
         assert len(calls) == (3 if xd == sd else 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_linf1_rows_kernel_against_the_sort_reference(dtype, monkeypatch):
+    """linf1 on one CUDA matrix (groups = rows) runs the fused Triton kernel, functional and in
+    place, and equals the clamp at the float64 sort-based threshold to float rounding."""
+    calls = []
+    launch = linf1_rows._launch
+    monkeypatch.setattr(linf1_rows, "_launch", lambda *a: calls.append(1) or launch(*a))
+    expected = 0
+    for name, x0 in test_triton_kernels.linf1_rows_cases().items():
+        for r in test_triton_kernels.LINF1_RADII:
+            x = x0.to(dtype).to(CUDA)
+            want = test_triton_kernels.linf1_reference(x0.to(dtype), r)
+            got = pf.linf1(r)(x, 1.0)
+            assert got.dtype == dtype and got.device.type == CUDA.type
+            err = float((got.cpu().double() - want).abs().max())
+            assert err <= test_triton_kernels.linf1_tol(x0, dtype), (name, r, err)
+            y = x.clone()
+            apply_(pf.linf1(r), y, 1.0)
+            assert torch.equal(y, got), (name, r)
+            expected += 2
+    if CUDA.type == "cuda":
+        assert linf1_rows._get_kernel() is not None
+        assert len(calls) == expected
 
 
 def test_small_tensors_keep_atens_kernel(monkeypatch):
@@ -244,7 +269,7 @@ def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
     with_kernel = run()
     if CUDA.type == "cuda":
         assert len(calls) == 5  # l21, the partition's two batches, in place twice
-    monkeypatch.setattr(scale, "_kernel", False)  # ATen's broadcast multiply
+    monkeypatch.setattr(scale, "_get_kernel", lambda: None)  # ATen's broadcast multiply
     without = run()
     for a, b in zip(with_kernel, without):
         assert torch.equal(a, b)

@@ -9,21 +9,20 @@ Why a kernel of our own: on CUDA, ATen runs a broadcast multiply (``x * s[:, Non
 generic elementwise kernel, which does not vectorize operands with a zero stride; on an H200
 it took 1.51x the time of a ``clone`` of ``x`` (2.6 TB/s) where one read and one write
 should take 1.0x. A Triton kernel that loads ``s`` once per row (or per column block) runs
-at 1.02-1.06x on large tensors (``python -m benchmarks.cuda_variants``). It is used eagerly (callers only
-reach this module when nothing is differentiated or traced) for contiguous CUDA tensors of
-at least ``MIN_NUMEL`` entries, when ``triton`` imports (it ships with torch's CUDA wheels)
-and ``PROXFUNC_TRITON`` is not ``0``; everything else takes the ATen expression.
+at 1.02-1.06x on large tensors (``python -m benchmarks.cuda_variants``). It is used eagerly
+(callers only reach this module when nothing is differentiated or traced) for contiguous
+CUDA tensors of at least ``MIN_NUMEL`` entries when triton is usable
+(:mod:`proxfunc.kernels._triton`); everything else takes the ATen expression.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Any
 
 import torch
 
 from .. import _tree
+from . import _triton
 
 __all__ = ["mul_along", "scaled", "MIN_NUMEL"]
 
@@ -36,8 +35,6 @@ MIN_NUMEL = 1 << 25
 _BLOCK = 4096
 _MIN_ROW = 512
 _NUM_WARPS = 8
-
-_kernel: Any = None  # the jitted Triton kernel; False once triton is known to be unusable
 
 
 def mul_along(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,10 +64,7 @@ def _usable(x: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None) -> bool:
 
 
 def _get_kernel() -> Any:
-    global _kernel
-    if _kernel is None:
-        _kernel = _compile() or False
-    return _kernel or None
+    return _triton.kernel("mul_along", _build)
 
 
 def _geometry(shape: torch.Size, d: int | None) -> tuple[int, int, int, bool]:
@@ -104,7 +98,7 @@ def _launch(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tensor) 
     if kernel is None or row_len < _MIN_ROW or rows * chunks >= 2**31 or x.numel() == 0:
         return _aten_into(x, s, d, out)
     size_d = 1 if d is None else x.shape[d]
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with _triton.on_device(x):
         kernel[(rows * chunks,)](
             x,
             s,
@@ -121,16 +115,7 @@ def _launch(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tensor) 
     return out
 
 
-def _compile() -> Any:
-    """The jitted kernel, or ``None`` when triton cannot be imported or is switched off."""
-    if os.environ.get("PROXFUNC_TRITON", "1") == "0":
-        return None
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # not installed (CPU wheels), or broken: ATen's kernel then
-        return None
-
+def _build(triton: Any, tl: Any) -> Any:
     @triton.jit
     def mul_along_kernel(x_ptr, s_ptr, o_ptr, row_len, chunks, size_d, inner, BY_ROW: tl.constexpr,
                          INNER_ONE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip

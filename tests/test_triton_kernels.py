@@ -1,11 +1,17 @@
-"""``kernels.scale.mul_along`` (l21's per-group scale) equals the ATen expression bit for bit.
+"""proxfunc's Triton kernels (eager CUDA paths) against oracles written out here.
 
-Oracle: ``(x.to(s.dtype) * s.reshape(along d)).to(x.dtype)`` written out here. The Triton
-kernel itself is checked on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in a
+* ``kernels.scale.mul_along`` (l21's per-group scale) equals the ATen expression
+  ``(x.to(s.dtype) * s.reshape(along d)).to(x.dtype)`` bit for bit. Shapes cover both kernel
+  layouts (a row per slice; slices inside a row, with and without the division), ``d=None``,
+  rows not a multiple of the block, and the fallbacks.
+* ``kernels.linf1_rows`` (linf1's threshold and clamp, fused per row) equals the clamp at the
+  sort-based threshold (``threshold_sort`` in float64) to float rounding, on Gaussian rows,
+  ties, all-equal and zero rows, rows of 1 and 8192 entries, radii 0 to 1e9.
+
+The kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in one
 subprocess so the rest of the suite never sees the variable) when ``triton`` is installed
-(``.ci/run`` installs it); ``tests/test_cuda.py`` checks it compiled on a GPU. Shapes cover
-both kernel layouts (a row per slice; slices inside a row, with and without the division),
-``d=None``, rows not a multiple of the block, and the fallbacks.
+(the test extra installs it on Linux x86-64); ``tests/test_cuda.py`` checks them compiled on a
+GPU, where they are used.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import pytest
 import torch
 
 import proxfunc as pf
+import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc.compat import apply_
-from proxfunc.kernels import scale
+from proxfunc.kernels import _triton, linf1_rows, scale
 
+K = sys.modules["proxfunc.kernels.threshold"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (shape, d): by row (inner >= 512), inside a row with d last (no division), inside a row with
@@ -45,6 +53,37 @@ DTYPES = [
     (torch.bfloat16, torch.float32),
     (torch.float16, torch.float32),
 ]
+
+
+def linf1_rows_cases():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "gauss": torch.randn(33, 257, generator=g, dtype=torch.float64),
+        "ties": torch.randint(-2, 3, (16, 300), generator=g).double(),
+        "equal": torch.full((4, 100), -0.75, dtype=torch.float64),
+        "zeros": torch.zeros(3, 50, dtype=torch.float64),
+        "long": torch.randn(4, 8192, generator=g, dtype=torch.float64),
+        "3d": torch.randn(5, 7, 9, generator=g, dtype=torch.float64) * 1e-3,
+        "vector": torch.randn(20, generator=g, dtype=torch.float64),
+    }
+
+
+LINF1_RADII = (0.0, 1e-9, 0.5, 5.0, 1e9)
+
+
+def linf1_reference(x, r):
+    """clamp(x_g, -tau_g, tau_g) with tau_g from the sort-based threshold, in float64."""
+    tau = K.threshold_sort([(x.double(), 0)], r, absolute=True).clamp_min(0)
+    tb = tau.reshape([-1] + [1] * (x.dim() - 1))
+    return torch.clamp(x.double(), -tb, tb)
+
+
+def linf1_tol(x, dtype):
+    """Float rounding of the sums (pairwise, in float32 below float64) and of the result."""
+    eps = torch.finfo(dtype).eps
+    big = float(x.abs().max()) if x.numel() else 1.0
+    n = x.numel() // max(x.shape[0], 1)
+    return 8 * eps * big * max(1, n) ** 0.5 + 2 * eps * big
 
 
 def reference(x, s, d):
@@ -106,17 +145,44 @@ def test_cpu_tensors_never_reach_the_kernel(monkeypatch):
     assert torch.equal(y, got)
 
 
+def test_linf1_rows_covers_rows_of_one_contiguous_tensor_only(monkeypatch):
+    # The layout checks (the kernel itself is never reached here: CPU tensors).
+    monkeypatch.setattr(linf1_rows, "_get_kernel", lambda: object())
+    x = torch.randn(64, 100)
+    assert linf1_rows.usable(x, 0, 0.5, None) and linf1_rows.usable(x, -2, 0.5, x)
+    assert not linf1_rows.usable(x, 1, 0.5, None)  # groups are columns
+    assert not linf1_rows.usable(x, None, 0.5, None)  # one group over everything
+    assert not linf1_rows.usable(x.t(), 0, 0.5, None)  # rows not contiguous
+    assert not linf1_rows.usable(x, 0, torch.tensor(0.5), None)  # tensor threshold: ATen path
+    assert not linf1_rows.usable(torch.randn(2, linf1_rows.MAX_ROW + 1), 0, 0.5, None)
+    assert not linf1_rows.usable(x, 0, 0.5, torch.empty(64, 100, dtype=torch.float64))
+    assert not linf1_rows.usable(torch.randint(0, 3, (4, 4)), 0, 0.5, None)
+    assert linf1_rows.linf1_rows(x, 0, 0.5) is None  # a CPU tensor: the caller's path
+
+
+def test_linf1_on_the_cpu_never_launches(monkeypatch):
+    monkeypatch.setattr(linf1_rows, "_launch", lambda *a: pytest.fail("kernel launched for a CPU tensor"))
+    x = torch.randn(64, 300, dtype=torch.float64)
+    got = pf.linf1(2.0)(x, 1.0)
+    torch.testing.assert_close(got, linf1_reference(x, 2.0), rtol=0, atol=1e-12)
+    y = x.clone()
+    apply_(pf.linf1(2.0), y, 1.0)
+    assert torch.equal(y, got)
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("PROXFUNC_TRITON", "0")
-    monkeypatch.setattr(scale, "_kernel", None)  # not loaded yet; restored afterwards
+    monkeypatch.setattr(_triton, "_BUILT", {})  # nothing built yet; restored afterwards
     assert scale._get_kernel() is None
+    assert _triton._BUILT == {"mul_along": False}
 
 
 _INTERPRETED = textwrap.dedent(
     """
     import torch
-    from proxfunc.kernels import scale
-    from tests.test_scale_kernel import DTYPES, SHAPES, operands, reference
+    from proxfunc.kernels import linf1_rows, scale
+    from tests.test_triton_kernels import DTYPES, LINF1_RADII, SHAPES, linf1_reference, linf1_rows_cases
+    from tests.test_triton_kernels import linf1_tol, operands, reference
 
     assert scale._get_kernel() is not None, "triton did not load"
     bad = []
@@ -137,7 +203,20 @@ _INTERPRETED = textwrap.dedent(
                 ok = ok and scale._launch(y, s, d, y) is y and torch.equal(y, want)
             if not ok:
                 bad.append((shape, d, str(xd)))
-    print("checked", len(SHAPES) * len(DTYPES), "bad", bad)
+
+    assert linf1_rows._get_kernel() is not None
+    for name, x0 in linf1_rows_cases().items():
+        for r in LINF1_RADII:
+            for dt in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+                x = x0.to(dt)
+                want = linf1_reference(x, r)
+                got = linf1_rows._launch(x, r, torch.empty_like(x))
+                y = x.clone()
+                linf1_rows._launch(y, r, y)  # in place: each program reads its row first
+                err = float((got.double() - want).abs().max())
+                if not (err <= linf1_tol(x0, dt) and torch.equal(y, got) and got.dtype == dt):
+                    bad.append(("linf1_rows", name, r, str(dt), err))
+    print("checked", len(SHAPES) * len(DTYPES), "+ linf1 rows; bad", bad)
     assert not bad, bad
     """
 )
@@ -151,4 +230,4 @@ def test_triton_kernel_under_the_interpreter():
         [sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "bad []" in r.stdout
+    assert "bad []" in r.stdout, r.stdout
