@@ -94,11 +94,13 @@ def _build(triton: Any, tl: Any) -> Any:
         v = tl.abs(xa)  # 0 outside the row
         zero = tl.zeros_like(v)
         rr = tl.load(r_ptr)
-        n = row_len.to(xa.dtype)
+        # n counted from the mask, not row_len.to(...): Triton turns an int argument equal to 1
+        # into a compile-time constant, and the loop-carried values must keep one type
+        n = tl.sum(mask.to(xa.dtype), axis=0)
         # the lower bound max(max v - r, (sum v - r) / n), then Michelot's steps
         theta = tl.maximum(tl.max(v, axis=0) - rr, (tl.sum(v, axis=0) - rr) / n)
         count = n
-        steps = row_len * 0
+        steps = (n * 0).to(tl.int32)
         going = n > 0
         while going:
             active = (v > theta) & mask
