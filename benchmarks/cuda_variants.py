@@ -62,10 +62,12 @@ def linf1_fused():
     print("\n## eager linf1, rows: fused Triton kernel vs the sort path (us, / clone)\n")
     print("| shape | clone | fused kernel | sort path | max abs diff |")
     print("|---|---:|---:|---:|---:|")
-    for shape in ((4096, 4096), (16384, 4096), (65536, 256), (1024, 8192)):
-        x = torch.randn(shape, device="cuda")
+    for shape in ((4096, 4096), (16384, 4096), (65536, 256), (1024, 8192), (4096, 4096, "bias")):
+        x = torch.randn(shape[:2], device="cuda")
+        if len(shape) > 2:  # a layer's (weight, bias): neuron i is x[i, :] and its bias
+            x = (x, torch.randn(shape[0], device="cuda"))
         op = pf.linf1(5.0)
-        clone = bench(lambda x=x: x.clone())
+        clone = bench(lambda x=x: torch.utils._pytree.tree_map(torch.clone, x))
         fused = bench(lambda x=x, op=op: op(x, 1.0))
         a = op(x, 1.0)
         keep = linf1_rows._get_kernel
@@ -75,8 +77,9 @@ def linf1_fused():
             b = op(x, 1.0)
         finally:
             linf1_rows._get_kernel = keep
-        diff = float((a - b).abs().max())
-        print(f"| {shape[0]}x{shape[1]} | {clone * 1e6:.0f} | {fused * 1e6:.0f} ({fused / clone:.2f}) "
+        diff = max(float((p - q).abs().max()) for p, q in zip(*(torch.utils._pytree.tree_leaves(t) for t in (a, b))))
+        name = f"{shape[0]}x{shape[1]}" + (" + bias" if len(shape) > 2 else "")
+        print(f"| {name} | {clone * 1e6:.0f} | {fused * 1e6:.0f} ({fused / clone:.2f}) "
               f"| {sort * 1e6:.0f} ({sort / clone:.2f}) | {diff:.1e} |")  # fmt: skip
 
 

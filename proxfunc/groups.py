@@ -231,10 +231,10 @@ class linf1(GroupProx):
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        if len(leaves) == 1 and leaves[0].is_cuda and isinstance(t, float) and eager_nograd(t, leaves):
-            y = linf1_rows(leaves[0], dims[0], t)  # one fused, sort-free pass per row (Triton)
-            if y is not None:
-                return [y]
+        if leaves[0].is_cuda and isinstance(t, float) and eager_nograd(t, leaves):
+            ys = linf1_rows(leaves, dims, t)  # one fused, sort-free pass per group (Triton)
+            if ys is not None:
+                return ys
         parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
         tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]
@@ -247,7 +247,7 @@ class linf1(GroupProx):
 
 
 def _linf1_in_place(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> None:
-    if len(leaves) == 1 and isinstance(t, float) and linf1_rows(leaves[0], dims[0], t, out=leaves[0]) is not None:
+    if isinstance(t, float) and linf1_rows(leaves, dims, t, out=leaves) is not None:
         return
     tau = threshold(list(zip(leaves, dims)), t, traceable=False, absolute=True).clamp_min(0)
     for x, d in zip(leaves, dims):

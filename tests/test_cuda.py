@@ -216,23 +216,25 @@ def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_linf1_rows_kernel_against_the_sort_reference(dtype, monkeypatch):
-    """linf1 on one CUDA matrix (groups = rows) runs the fused Triton kernel, functional and in
-    place, and equals the clamp at the float64 sort-based threshold to float rounding."""
+    """linf1 on one CUDA matrix (groups = rows), or a (weight, bias) pair, runs the fused Triton
+    kernel, functional and in place, and equals the clamp at the float64 sort-based threshold
+    to float rounding."""
     calls = []
     launch = linf1_rows._launch
     monkeypatch.setattr(linf1_rows, "_launch", lambda *a: calls.append(1) or launch(*a))
     expected = 0
-    for name, x0 in test_triton_kernels.linf1_rows_cases().items():
+    for name, masters in test_triton_kernels.linf1_rows_cases().items():
         for r in test_triton_kernels.LINF1_RADII:
-            x = x0.to(dtype).to(CUDA)
-            want = test_triton_kernels.linf1_reference(x0.to(dtype), r)
-            got = pf.linf1(r)(x, 1.0)
-            assert got.dtype == dtype and got.device.type == CUDA.type
-            err = float((got.cpu().double() - want).abs().max())
-            assert err <= test_triton_kernels.linf1_tol(x0, dtype), (name, r, err)
-            y = x.clone()
-            apply_(pf.linf1(r), y, 1.0)
-            assert torch.equal(y, got), (name, r)
+            xs = tuple(x.to(dtype).to(CUDA) for x in masters)
+            want = test_triton_kernels.linf1_reference([x.to(dtype) for x in masters], r)
+            got = pf.linf1(r)(xs, 1.0)  # one tensor, or a (weight, bias)-like pair
+            for a, w in zip(got, want):
+                assert a.dtype == dtype and a.device.type == CUDA.type
+                err = float((a.cpu().double() - w).abs().max())
+                assert err <= test_triton_kernels.linf1_tol(masters, dtype), (name, r, err)
+            ys = tuple(x.clone() for x in xs)
+            apply_(pf.linf1(r), ys, 1.0)
+            assert all(torch.equal(y, a) for y, a in zip(ys, got)), (name, r)
             expected += 2
     if CUDA.type == "cuda":
         assert linf1_rows._get_kernel() is not None

@@ -6,7 +6,8 @@
   rows not a multiple of the block, and the fallbacks.
 * ``kernels.linf1_rows`` (linf1's threshold and clamp, fused per row) equals the clamp at the
   sort-based threshold (``threshold_sort`` in float64) to float rounding, on Gaussian rows,
-  ties, all-equal and zero rows, rows of 1 and 8192 entries, radii 0 to 1e9.
+  ties, all-equal and zero rows, rows of 1 and 8192 entries, groups made of a row of a
+  weight and an entry of a bias (or a row of a second tensor), radii 0 to 1e9.
 
 The kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in one
 subprocess so the rest of the suite never sees the variable) when ``triton`` is installed
@@ -56,33 +57,43 @@ DTYPES = [
 
 
 def linf1_rows_cases():
+    """name -> the leaves of one linf1 argument, groups along dim 0 (float64 masters)."""
     g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 300, generator=g, dtype=torch.float64)
     return {
-        "gauss": torch.randn(33, 257, generator=g, dtype=torch.float64),
-        "ties": torch.randint(-2, 3, (16, 300), generator=g).double(),
-        "equal": torch.full((4, 100), -0.75, dtype=torch.float64),
-        "zeros": torch.zeros(3, 50, dtype=torch.float64),
-        "long": torch.randn(4, 8192, generator=g, dtype=torch.float64),
-        "3d": torch.randn(5, 7, 9, generator=g, dtype=torch.float64) * 1e-3,
-        "vector": torch.randn(20, generator=g, dtype=torch.float64),
+        "gauss": [torch.randn(33, 257, generator=g, dtype=torch.float64)],
+        "ties": [torch.randint(-2, 3, (16, 300), generator=g).double()],
+        "equal": [torch.full((4, 100), -0.75, dtype=torch.float64)],
+        "zeros": [torch.zeros(3, 50, dtype=torch.float64)],
+        "long": [torch.randn(4, 8192, generator=g, dtype=torch.float64)],
+        "3d": [torch.randn(5, 7, 9, generator=g, dtype=torch.float64) * 1e-3],
+        "vector": [torch.randn(20, generator=g, dtype=torch.float64)],
+        # a layer's (weight, bias): neuron i is W[i, :] and b[i]; a bias that dominates its row
+        "weight+bias": [W, torch.randn(40, generator=g, dtype=torch.float64) * 10],
+        "weight+bias, tied": [W.round(), W[:, 0].round()],
+        "two matrices": [torch.randn(6, 1000, generator=g, dtype=torch.float64), torch.randn(6, 3, 5, generator=g)],
     }
 
 
 LINF1_RADII = (0.0, 1e-9, 0.5, 5.0, 1e9)
 
 
-def linf1_reference(x, r):
-    """clamp(x_g, -tau_g, tau_g) with tau_g from the sort-based threshold, in float64."""
-    tau = K.threshold_sort([(x.double(), 0)], r, absolute=True).clamp_min(0)
-    tb = tau.reshape([-1] + [1] * (x.dim() - 1))
-    return torch.clamp(x.double(), -tb, tb)
+def linf1_reference(leaves, r):
+    """clamp(x_g, -tau_g, tau_g) with tau_g from the sort-based threshold over the group's
+    entries in all leaves, in float64."""
+    tau = K.threshold_sort([(x.double(), 0) for x in leaves], r, absolute=True).clamp_min(0)
+    out = []
+    for x in leaves:
+        tb = tau.reshape([-1] + [1] * (x.dim() - 1))
+        out.append(torch.clamp(x.double(), -tb, tb))
+    return out
 
 
-def linf1_tol(x, dtype):
+def linf1_tol(leaves, dtype):
     """Float rounding of the sums (pairwise, in float32 below float64) and of the result."""
     eps = torch.finfo(dtype).eps
-    big = float(x.abs().max()) if x.numel() else 1.0
-    n = x.numel() // max(x.shape[0], 1)
+    big = max(float(x.abs().max()) for x in leaves)
+    n = sum(x.numel() // max(x.shape[0], 1) for x in leaves)
     return 8 * eps * big * max(1, n) ** 0.5 + 2 * eps * big
 
 
@@ -145,26 +156,32 @@ def test_cpu_tensors_never_reach_the_kernel(monkeypatch):
     assert torch.equal(y, got)
 
 
-def test_linf1_rows_covers_rows_of_one_contiguous_tensor_only(monkeypatch):
+def test_linf1_rows_covers_rows_of_one_or_two_contiguous_tensors_only(monkeypatch):
     # The layout checks (the kernel itself is never reached here: CPU tensors).
     monkeypatch.setattr(linf1_rows, "_get_kernel", lambda: object())
-    x = torch.randn(64, 100)
-    assert linf1_rows.usable(x, 0, 0.5, None) and linf1_rows.usable(x, -2, 0.5, x)
-    assert not linf1_rows.usable(x, 1, 0.5, None)  # groups are columns
-    assert not linf1_rows.usable(x, None, 0.5, None)  # one group over everything
-    assert not linf1_rows.usable(x.t(), 0, 0.5, None)  # rows not contiguous
-    assert not linf1_rows.usable(x, 0, torch.tensor(0.5), None)  # tensor threshold: ATen path
-    assert not linf1_rows.usable(torch.randn(2, linf1_rows.MAX_ROW + 1), 0, 0.5, None)
-    assert not linf1_rows.usable(x, 0, 0.5, torch.empty(64, 100, dtype=torch.float64))
-    assert not linf1_rows.usable(torch.randint(0, 3, (4, 4)), 0, 0.5, None)
-    assert linf1_rows.linf1_rows(x, 0, 0.5) is None  # a CPU tensor: the caller's path
+    use = linf1_rows.usable
+    x, b = torch.randn(64, 100), torch.randn(64)
+    assert use([x], [0], 0.5, None) and use([x], [-2], 0.5, [x]) and use([x, b], [0, 0], 0.5, [x, b])
+    assert not use([x], [1], 0.5, None)  # groups are columns
+    assert not use([x], [None], 0.5, None)  # one group over everything
+    assert not use([x.t()], [0], 0.5, None)  # rows not contiguous
+    assert not use([x], [0], torch.tensor(0.5), None)  # tensor threshold: the ATen path
+    assert not use([torch.randn(2, linf1_rows.MAX_ROW + 1)], [0], 0.5, None)
+    assert not use([torch.randn(2, linf1_rows.MAX_ROW), torch.randn(2)], [0, 0], 0.5, None)  # group too long
+    assert not use([x], [0], 0.5, [torch.empty(64, 100, dtype=torch.float64)])
+    assert not use([torch.randint(0, 3, (4, 4))], [0], 0.5, None)
+    assert not use([x, b.double()], [0, 0], 0.5, None)  # mixed dtypes
+    assert not use([x, torch.randn(63)], [0, 0], 0.5, None)  # different group counts
+    assert not use([x, b, b.clone()], [0, 0, 0], 0.5, None)  # three leaves
+    assert not use([x, x.t()], [0, 1], 0.5, None)
+    assert linf1_rows.linf1_rows([x], [0], 0.5) is None  # a CPU tensor: the caller's path
 
 
 def test_linf1_on_the_cpu_never_launches(monkeypatch):
     monkeypatch.setattr(linf1_rows, "_launch", lambda *a: pytest.fail("kernel launched for a CPU tensor"))
     x = torch.randn(64, 300, dtype=torch.float64)
     got = pf.linf1(2.0)(x, 1.0)
-    torch.testing.assert_close(got, linf1_reference(x, 2.0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, linf1_reference([x], 2.0)[0], rtol=0, atol=1e-12)
     y = x.clone()
     apply_(pf.linf1(2.0), y, 1.0)
     assert torch.equal(y, got)
@@ -205,16 +222,17 @@ _INTERPRETED = textwrap.dedent(
                 bad.append((shape, d, str(xd)))
 
     assert linf1_rows._get_kernel() is not None
-    for name, x0 in linf1_rows_cases().items():
+    for name, masters in linf1_rows_cases().items():
         for r in LINF1_RADII:
-            for dt in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-                x = x0.to(dt)
-                want = linf1_reference(x, r)
-                got = linf1_rows._launch(x, r, torch.empty_like(x))
-                y = x.clone()
-                linf1_rows._launch(y, r, y)  # in place: each program reads its row first
-                err = float((got.double() - want).abs().max())
-                if not (err <= linf1_tol(x0, dt) and torch.equal(y, got) and got.dtype == dt):
+            for dt in (torch.float64, torch.float32, torch.bfloat16):  # float16: test_cuda
+                xs = [x.to(dt) for x in masters]
+                want = linf1_reference(xs, r)
+                got = linf1_rows._launch(xs, r, [torch.empty_like(x) for x in xs])
+                ys = [x.clone() for x in xs]
+                linf1_rows._launch(ys, r, ys)  # in place: each program reads its rows first
+                err = max(float((a.double() - b).abs().max()) for a, b in zip(got, want))
+                same = all(torch.equal(a, b) and a.dtype == dt for a, b in zip(ys, got))
+                if not (err <= linf1_tol(masters, dt) and same):
                     bad.append(("linf1_rows", name, r, str(dt), err))
     print("checked", len(SHAPES) * len(DTYPES), "+ linf1 rows; bad", bad)
     assert not bad, bad
