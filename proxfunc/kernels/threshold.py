@@ -399,6 +399,7 @@ def _sorts(parts: list[Part]) -> bool:
     round trips beat any iteration; the sort of a few entries per row is free. Off the CPU
     (a GPU): the device's segmented sort (no host sync) beat the fixed point's synced steps
     on an H200: 4096x4096 rows 0.88 vs 2.74 ms; one group of 2**24 entries 1.2-1.4 vs
-    2.2-2.4 ms (``python -m benchmarks.cuda_variants``). Compiled code stays sort-free.
+    2.2-2.4 ms (``python -m benchmarks.cuda_variants``). Compiled code stays sort-free, and
+    eager linf1 on CUDA rows never gets here (:mod:`proxfunc.kernels.linf1_rows`).
     """
     return sum(a.numel() for a, _ in parts) <= _SMALL or parts[0][0].device.type != "cpu"
