@@ -58,6 +58,8 @@ def _aten_into(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tenso
 def _usable(x: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None) -> bool:
     if x.device.type != "cuda" or x.numel() < MIN_NUMEL or not x.is_contiguous() or not s.is_contiguous():
         return False
+    if s.device != x.device:
+        return False
     if out is not None and not (out is x or (out.is_contiguous() and out.shape == x.shape)):
         return False
     return _get_kernel() is not None
