@@ -187,6 +187,29 @@ def test_linf1_on_the_cpu_never_launches(monkeypatch):
     assert torch.equal(y, got)
 
 
+def test_a_kernel_that_cannot_run_is_switched_off_with_a_warning(monkeypatch):
+    # Triton compiles at the first launch; a GPU or toolchain it cannot compile for raises
+    # there. The operator must still answer (ATen path), once warned, kernel off for good.
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                raise RuntimeError("no compiler for this GPU")
+
+            return run
+
+    monkeypatch.setattr(_triton, "_BUILT", {"mul_along": Broken(), "linf1_rows": Broken()})
+    x, s = operands((600, 700), 0, torch.float32, torch.float32)
+    out = torch.empty_like(x)
+    with pytest.warns(RuntimeWarning, match="'mul_along' could not run"):
+        got = scale._launch(x, s, 0, out)
+    assert got is out and torch.equal(got, reference(x, s, 0))
+    assert scale._get_kernel() is None
+    xs = [torch.randn(8, 50)]
+    with pytest.warns(RuntimeWarning, match="'linf1_rows' could not run"):
+        assert linf1_rows._launch(xs, 0.5, [torch.empty_like(xs[0])]) is None
+    assert linf1_rows._get_kernel() is None
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("PROXFUNC_TRITON", "0")
     monkeypatch.setattr(_triton, "_BUILT", {})  # nothing built yet; restored afterwards

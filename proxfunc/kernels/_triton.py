@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["kernel", "on_device"]
+__all__ = ["kernel", "launch", "on_device"]
 
 _BUILT: dict[str, Any] = {}  # name -> jitted kernel, or False when triton is unusable
 
@@ -43,3 +44,26 @@ def _build(build: Callable[[Any, Any], Any]) -> Any:
 def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``x``'s GPU (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def launch(name: str, built: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:
+    """Launch ``built`` (the kernel :func:`kernel` made under ``name``); ``False`` when the
+    launch raised.
+
+    Triton compiles a kernel at its first launch for each argument signature; on a GPU or
+    toolchain it cannot compile for, that raises here, before anything is written. The kernel
+    is then switched off for the rest of the process with one ``RuntimeWarning``, and the
+    caller takes its ATen path: a missing optimisation must not break an operator.
+    """
+    try:
+        built[grid](*args, **meta)
+    except Exception as e:
+        _BUILT[name] = False
+        warnings.warn(
+            f"proxfunc: the Triton kernel {name!r} could not run ({type(e).__name__}: {e}); "
+            "using the ATen path instead (PROXFUNC_TRITON=0 skips the kernels)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True

@@ -81,9 +81,12 @@ def _block(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _launch(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor]) -> list[torch.Tensor]:
+def _launch(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Run the kernel (no eligibility checks: :func:`usable`'s, or a test's on the CPU under
-    ``TRITON_INTERPRET=1``)."""
+    ``TRITON_INTERPRET=1``); ``None`` when it could not run (nothing written)."""
+    kernel = _get_kernel()
+    if kernel is None:
+        return None
     a = leaves[0]
     b = leaves[1] if len(leaves) > 1 else a  # a placeholder when there is no second part
     rows = a.shape[0]
@@ -92,7 +95,10 @@ def _launch(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor]) -> li
     # r as a 1-element tensor: Triton passes a Python float as float32 (float64 rows need it exact)
     r_t = torch.full((1,), r, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32, device=a.device)
     with _triton.on_device(a):
-        _get_kernel()[(rows,)](
+        ok = _triton.launch(
+            "linf1_rows",
+            kernel,
+            (rows,),
             a,
             out[0],
             b,
@@ -106,7 +112,7 @@ def _launch(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor]) -> li
             BLOCK_B=block_b,
             num_warps=_warps(max(block_a, block_b)),
         )
-    return out
+    return out if ok else None
 
 
 def _warps(block: int) -> int:

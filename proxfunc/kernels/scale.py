@@ -101,7 +101,10 @@ def _launch(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tensor) 
         return _aten_into(x, s, d, out)
     size_d = 1 if d is None else x.shape[d]
     with _triton.on_device(x):
-        kernel[(rows * chunks,)](
+        ok = _triton.launch(
+            "mul_along",
+            kernel,
+            (rows * chunks,),
             x,
             s,
             out,
@@ -114,7 +117,7 @@ def _launch(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tensor) 
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
         )
-    return out
+    return out if ok else _aten_into(x, s, d, out)
 
 
 def _build(triton: Any, tl: Any) -> Any:
