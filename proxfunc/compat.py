@@ -154,8 +154,6 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
 
     Conservative: a non-contiguous tensor claims its whole storage, and an empty tensor
     lying inside another's span counts as an overlap (the caller then computes and copies).
-    One attribute sweep per question (``map`` over the tensors): this runs on every in-place
-    step of a training loop.
     """
     tensors = [t for _, t in items]
     if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):
@@ -166,18 +164,15 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
         )
     if not overlap or len(tensors) < 2:
         return True
-    if all(map(torch.Tensor.is_contiguous, tensors)):
-        starts = list(map(torch.Tensor.data_ptr, tensors))
-        spans = sorted(zip(starts, map(operator.add, starts, map(_nbytes, tensors))))
-    else:
-        spans = sorted(map(_span, tensors))
+    spans = sorted(map(_span, tensors))
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The bytes ``t`` may touch: its own for a contiguous tensor, else its whole storage."""
     if t.is_contiguous():
-        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        start = t.data_ptr()
+        return start, start + _nbytes(t)
     s = t.untyped_storage()
     return s.data_ptr(), s.data_ptr() + s.nbytes()
 
