@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["kernel", "launch", "on_device"]
+__all__ = ["kernel", "launch"]
 
 _BUILT: dict[str, Any] = {}  # name -> jitted kernel, or False when triton is unusable
 
@@ -41,22 +41,19 @@ def _build(build: Callable[[Any, Any], Any]) -> Any:
     return build(triton, tl)
 
 
-def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on ``x``'s GPU (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def launch(name: str, built: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> bool:
-    """Launch ``built`` (the kernel :func:`kernel` made under ``name``); ``False`` when the
-    launch raised.
+    """Launch ``built`` (the kernel :func:`kernel` made under ``name``) on the device of its
+    first argument (Triton launches on the current device); ``False`` when the launch raised.
 
     Triton compiles a kernel at its first launch for each argument signature; on a GPU or
     toolchain it cannot compile for, that raises here, before anything is written. The kernel
     is then switched off for the rest of the process with one ``RuntimeWarning``, and the
     caller takes its ATen path: a missing optimisation must not break an operator.
     """
+    first = args[0]
     try:
-        built[grid](*args, **meta)
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            built[grid](*args, **meta)
     except Exception as e:
         _BUILT[name] = False
         warnings.warn(

@@ -94,24 +94,23 @@ def _launch(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor]) -> li
     block_a, block_b = _block(na), _block(nb)
     # r as a 1-element tensor: Triton passes a Python float as float32 (float64 rows need it exact)
     r_t = torch.full((1,), r, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32, device=a.device)
-    with _triton.on_device(a):
-        ok = _triton.launch(
-            "linf1_rows",
-            kernel,
-            (rows,),
-            a,
-            out[0],
-            b,
-            out[-1],
-            r_t,
-            na,
-            nb,
-            HAS_B=len(leaves) > 1,
-            ACC64=a.dtype == torch.float64,
-            BLOCK_A=block_a,
-            BLOCK_B=block_b,
-            num_warps=_warps(max(block_a, block_b)),
-        )
+    ok = _triton.launch(
+        "linf1_rows",
+        kernel,
+        (rows,),
+        a,
+        out[0],
+        b,
+        out[-1],
+        r_t,
+        na,
+        nb,
+        HAS_B=len(leaves) > 1,
+        ACC64=a.dtype == torch.float64,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        num_warps=_warps(max(block_a, block_b)),
+    )
     return out if ok else None
 
 

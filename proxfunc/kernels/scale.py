@@ -100,23 +100,22 @@ def _launch(x: torch.Tensor, s: torch.Tensor, d: int | None, out: torch.Tensor) 
     if kernel is None or row_len < _MIN_ROW or rows * chunks >= 2**31 or x.numel() == 0:
         return _aten_into(x, s, d, out)
     size_d = 1 if d is None else x.shape[d]
-    with _triton.on_device(x):
-        ok = _triton.launch(
-            "mul_along",
-            kernel,
-            (rows * chunks,),
-            x,
-            s,
-            out,
-            row_len,
-            chunks,
-            size_d,
-            inner,
-            BY_ROW=by_row,
-            INNER_ONE=inner == 1,
-            BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS,
-        )
+    ok = _triton.launch(
+        "mul_along",
+        kernel,
+        (rows * chunks,),
+        x,
+        s,
+        out,
+        row_len,
+        chunks,
+        size_d,
+        inner,
+        BY_ROW=by_row,
+        INNER_ONE=inner == 1,
+        BLOCK=_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
     return out if ok else _aten_into(x, s, d, out)
 
 
