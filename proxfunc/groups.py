@@ -231,7 +231,7 @@ class linf1(GroupProx):
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        if leaves[0].is_cuda and isinstance(t, float) and eager_nograd(t, leaves):
+        if leaves[0].is_cuda and eager_nograd(t, leaves):
             ys = linf1_rows(leaves, dims, t)  # one fused, sort-free pass per group (Triton)
             if ys is not None:
                 return ys
@@ -247,7 +247,7 @@ class linf1(GroupProx):
 
 
 def _linf1_in_place(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> None:
-    if isinstance(t, float) and linf1_rows(leaves, dims, t, out=leaves) is not None:
+    if linf1_rows(leaves, dims, t, out=leaves) is not None:
         return
     tau = threshold(list(zip(leaves, dims)), t, traceable=False, absolute=True).clamp_min(0)
     for x, d in zip(leaves, dims):

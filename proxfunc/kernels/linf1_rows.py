@@ -35,19 +35,19 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def linf1_rows(
-    leaves: list[torch.Tensor], dims: list[int | None], r: float, out: list[torch.Tensor] | None = None
+    leaves: list[torch.Tensor], dims: list[int | None], r: Any, out: list[torch.Tensor] | None = None
 ) -> list[torch.Tensor] | None:
     """``clamp(x_g, -tau_g, tau_g)`` for every group ``g`` (row ``g`` of each leaf along dim 0:
     one tensor, or two such as a layer's ``(weight, bias)``), the linf1 prox with
     ``r = reg * step``; into ``out`` when given (``out=leaves``: in place). ``None`` when the
     kernel does not apply (not CUDA, not contiguous, a group dim other than 0, groups longer
-    than ``MAX_ROW``, more than two leaves, mixed dtypes, no triton)."""
+    than ``MAX_ROW``, more than two leaves, mixed dtypes, a tensor ``r``, no triton)."""
     if not leaves or leaves[0].device.type != "cuda" or not usable(leaves, dims, r, out):
         return None
     return _launch(leaves, r, [torch.empty_like(x) for x in leaves] if out is None else out)
 
 
-def usable(leaves: list[torch.Tensor], dims: list[int | None], r: float, out: list[torch.Tensor] | None) -> bool:
+def usable(leaves: list[torch.Tensor], dims: list[int | None], r: Any, out: list[torch.Tensor] | None) -> bool:
     """The layout the kernel covers: one or two contiguous tensors of one floating dtype and
     device, grouped along dim 0 (same number of rows, a float ``r >= 0``)."""
     if not 1 <= len(leaves) <= 2 or len(dims) != len(leaves) or not isinstance(r, float) or not r >= 0:
