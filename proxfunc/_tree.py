@@ -25,6 +25,9 @@ __all__ = [
     "reduce_except",
     "along",
     "acc_dtype",
+    "common_dtype",
+    "common_acc_dtype",
+    "maximum",
     "total",
 ]
 
@@ -209,17 +212,18 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     """The dtypes of a non-empty list of tensors promoted together."""
-    dtype = tensors[0].dtype
-    for x in tensors[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
+    return _promoted([x.dtype for x in tensors])
 
 
 def common_acc_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
     """The accumulation dtypes of a non-empty list of leaves promoted together."""
-    dtype = acc_dtype(leaves[0])
-    for x in leaves[1:]:
-        dtype = torch.promote_types(dtype, acc_dtype(x))
+    return _promoted([acc_dtype(x) for x in leaves])
+
+
+def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
     return dtype
 
 
@@ -255,6 +259,15 @@ def along(v: torch.Tensor, t: torch.Tensor, d: int | None) -> torch.Tensor:
     shape = [1] * t.dim()
     shape[d] = -1
     return v.reshape(shape)
+
+
+def maximum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The elementwise maximum of a non-empty list of tensors, in their promoted dtype."""
+    dtype = common_dtype(parts)
+    out = cast(parts[0], dtype)
+    for p in parts[1:]:
+        out = torch.maximum(out, cast(p, dtype))
+    return out
 
 
 def total(parts: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:

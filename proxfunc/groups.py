@@ -219,12 +219,7 @@ class linf1(GroupProx):
     _public_name = "linf1"
 
     def _norms(self, leaves, dims):
-        m = None
-        for x, d in zip(leaves, dims):
-            v = _tree.reduce_except(x, d, "amax_abs")
-            m = v if m is None else torch.maximum(m.to(torch.promote_types(m.dtype, v.dtype)), v)
-        assert m is not None
-        return m
+        return _tree.maximum([_tree.reduce_except(x, d, "amax_abs") for x, d in zip(leaves, dims)])
 
     def _prox(self, leaves, step, tree):
         if not leaves:

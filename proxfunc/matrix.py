@@ -250,12 +250,11 @@ class spectral(Prox):  # noqa: N801
         _check_mats(self._name(), leaves, tree)
         if not leaves:
             return zeros_like_value(leaves)
-        m = None
+        tops = []
         for x in leaves:
             s = _svals(x)
-            v = s.max() if s.numel() else s.new_zeros(())
-            m = v if m is None else torch.maximum(m.to(torch.promote_types(m.dtype, v.dtype)), v)
-        return self.reg * m
+            tops.append(s.max() if s.numel() else s.new_zeros(()))
+        return self.reg * _tree.maximum(tops)
 
 
 class rank_k(Projection):  # noqa: N801

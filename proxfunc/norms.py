@@ -274,11 +274,7 @@ class linf(Prox):
     def _value(self, leaves, tree):
         if not leaves:
             return zeros_like_value(leaves)
-        m = None
-        for x in leaves:
-            v = _tree.reduce_except(x, None, "amax_abs")[0]
-            m = v if m is None else torch.maximum(m.to(torch.promote_types(m.dtype, v.dtype)), v)
-        return self.reg * m
+        return self.reg * _tree.maximum([_tree.reduce_except(x, None, "amax_abs")[0] for x in leaves])
 
 
 def _clamp_sym(x: torch.Tensor, tau: torch.Tensor, d: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
