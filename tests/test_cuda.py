@@ -187,6 +187,14 @@ def test_l1_foreach_path_is_taken_and_bitwise_softshrink(dtype, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(copies, got))
 
 
+def count_launches(monkeypatch, module):
+    """A list that grows by one each time ``module._launch`` (a Triton kernel's launcher) runs."""
+    calls = []
+    launch = module._launch
+    monkeypatch.setattr(module, "_launch", lambda *a: calls.append(1) or launch(*a))
+    return calls
+
+
 BIG = [((2048, 1024), 0), ((1024, 2048), 1), ((128, 512, 3, 3), 1), ((16, 600, 130), 1), ((1536, 1024), None)]
 
 
@@ -195,9 +203,7 @@ BIG = [((2048, 1024), 0), ((1024, 2048), 1), ((128, 512, 3, 3), 1), ((16, 600, 1
 def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
     """l21's per-group scale on CUDA runs the Triton kernel (rounding to nearest even) and equals
     ATen's broadcast multiply bit for bit: new tensor, ``out=``, in place."""
-    calls = []
-    launch = scale._launch
-    monkeypatch.setattr(scale, "_launch", lambda *a: calls.append(1) or launch(*a))
+    calls = count_launches(monkeypatch, scale)
     monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
     x, s = test_triton_kernels.operands(shape, d, xd, sd)
     x, s = x.to(CUDA), s.to(CUDA)
@@ -219,9 +225,7 @@ def test_linf1_rows_kernel_against_the_sort_reference(dtype, monkeypatch):
     """linf1 on one CUDA matrix (groups = rows), or a (weight, bias) pair, runs the fused Triton
     kernel, functional and in place, and equals the clamp at the float64 sort-based threshold
     to float rounding."""
-    calls = []
-    launch = linf1_rows._launch
-    monkeypatch.setattr(linf1_rows, "_launch", lambda *a: calls.append(1) or launch(*a))
+    calls = count_launches(monkeypatch, linf1_rows)
     expected = 0
     for name, masters in test_triton_kernels.linf1_rows_cases().items():
         for r in test_triton_kernels.LINF1_RADII:
@@ -256,9 +260,7 @@ def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
     W = (torch.randn(2048, 1024, generator=g) * 0.05).to(dtype).to(CUDA)
     V = (torch.randn(1024, 2048, generator=g) * 0.05).to(dtype).to(CUDA)
     op, part = pf.l21(1.5), pf.partition({"w": pf.l21(1.5), "v": pf.l21(1.5, group_dim=1)})
-    calls = []
-    launch = scale._launch
-    monkeypatch.setattr(scale, "_launch", lambda *a: calls.append(1) or launch(*a))
+    calls = count_launches(monkeypatch, scale)
     monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
 
     def run():
