@@ -31,6 +31,7 @@ from torch import nn
 import proxfunc as pf
 import proxfunc.kernels.threshold  # noqa: F401
 from proxfunc.compat import ProxOptimizer, apply_
+from proxfunc.kernels import soft
 
 K = sys.modules["proxfunc.kernels.threshold"]
 
@@ -168,9 +169,12 @@ def main(argv=None):
         "prox l1, functional": lambda: prox_model(params, 1e-3),
         "prox l1, in place (apply_ on the module)": lambda: apply_(prox_model, model, 1e-3),
         "prox l1, in place (apply_ on the name->parameter dict)": lambda: apply_(prox_model, named, 1e-3),
-        "bare softshrink(p, out=p) loop (kernel floor, no checks)": lambda: [
+        "bare softshrink(p, out=p) loop (ATen kernel floor, no checks)": lambda: [
             shrink(v, 1e-7, out=v) for v in params.values()
         ],
+        "bare C soft-threshold call on all tensors (kernel floor, no checks)": lambda: soft.shrink_(
+            list(params.values()), 1e-7
+        ),
         "prox l21 on weights, functional": lambda: prox_l21(params, 1e-3),
         "prox l21 on weights, in place (apply_ on the name->parameter dict)": lambda: apply_(prox_l21, named, 1e-3),
         "l21 on weights, one call per weight (no batching)": lambda: [

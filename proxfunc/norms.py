@@ -17,7 +17,7 @@ import torch
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
 from ._util import block_scale, eager_nograd, safe_norm, traceable, zeros_like_value
-from .kernels import threshold
+from .kernels import soft, threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
 
@@ -35,9 +35,20 @@ def _noop() -> None:
     return None
 
 
-def _shrink_all(leaves: list[torch.Tensor], t: float) -> None:
-    for x in leaves:
+def _shrink_all(mine: list[torch.Tensor], rest: list[torch.Tensor], t: float) -> None:
+    """``x <- softshrink(x, t)``: the C kernel for ``mine`` (:mod:`proxfunc.kernels.soft`),
+    one ATen ``softshrink`` per tensor of ``rest``."""
+    if mine:
+        soft.shrink_(mine, t)
+    for x in rest:
         _softshrink(x, t, out=x)
+
+
+def _cpu_split(leaves: list[torch.Tensor], t: Hyper) -> tuple[list[int], list[int]]:
+    """Indices of the leaves the CPU soft-threshold kernel takes, and of the others."""
+    if isinstance(t, float) and t > 0 and leaves and eager_nograd(t, leaves):
+        return soft.split(leaves, t)
+    return [], list(range(len(leaves)))
 
 
 #: Devices where many leaves go through ``torch._foreach_*`` (fused multi-tensor kernels).
@@ -133,7 +144,15 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         t = self.reg * step  # once for all leaves
         if _foreach_ok(leaves, t):  # three multi-tensor launches instead of one kernel per leaf
             return list(torch._foreach_sub(leaves, _foreach_clamped(leaves, t)))
-        return [soft_threshold(x, t) for x in leaves]
+        mine, rest = _cpu_split(leaves, t)
+        if not mine:
+            return [soft_threshold(x, t) for x in leaves]
+        out: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
+        for i, y in zip(mine, soft.shrink([leaves[i] for i in mine], t)):  # one C call for all
+            out[i] = y
+        for i in rest:
+            out[i] = soft_threshold(leaves[i], t)
+        return out
 
     def _writer(self, leaves, step):
         t = self.reg * step
@@ -143,7 +162,10 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
             return _noop  # the identity
         # The same kernels as the functional hot path (bit-identical results), writing into x.
         if t > 0 and _writable(leaves):
-            return partial(_shrink_all_foreach if _foreach_device(leaves) else _shrink_all, leaves, t)
+            if _foreach_device(leaves):
+                return partial(_shrink_all_foreach, leaves, t)
+            mine, rest = _cpu_split(leaves, t)  # decided now: the writer itself cannot fail
+            return partial(_shrink_all, [leaves[i] for i in mine], [leaves[i] for i in rest], t)
         return None
 
     def _value_leaf(self, x):

@@ -5,6 +5,10 @@
   tensors, ATen elsewhere.
 * :mod:`.linf1_rows`: linf1's threshold and clamp fused per group on CUDA (Triton).
 * :mod:`._triton`: lazy, switchable (``PROXFUNC_TRITON=0``) loading of the Triton kernels.
+* :mod:`.soft`: l1's soft threshold of many CPU tensors in one call of a C kernel, bit for bit
+  ``x - clamp(x, -t, t)`` (ATen's ``softshrink`` is compute-bound on the CPU).
+* :mod:`._cc`: builds such C kernels once per machine with the system compiler, caches them
+  on disk and loads them with ctypes; switchable (``PROXFUNC_CC=0``), ATen paths without it.
 """
 
 from .threshold import threshold, threshold_fixed_point, threshold_max, threshold_sort, threshold_unrolled
