@@ -99,8 +99,9 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
 
     Operators that offer a writer update eligible tensors themselves, with no new tensor and
     no copy (float32/float64, contiguous, a float step): l1 with one C call for all CPU tensors
-    (:mod:`proxfunc.kernels.soft`; ``softshrink`` per tensor where it does not apply), l21 and linf1 by scaling / clamping each tensor after the group norms /
-    thresholds, also inside a ``partition`` (pattern and tuple rules). They run after
+    (:mod:`proxfunc.kernels.soft`; ``softshrink`` per tensor where it does not apply), l21
+    and linf1 by scaling / clamping each tensor after the group norms / thresholds, also
+    inside a ``partition`` (pattern and tuple rules). They run after
     everything else is computed and checked; the result is bit-identical to
     ``op(target, step)``. When two tensors share memory (tied weights, overlapping views)
     every value is computed first and copied, so nothing is shrunk twice.

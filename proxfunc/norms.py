@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from . import _tree
-from ._base import Hyper, Prox, check_hyper
+from ._base import Hyper, Prox, _is_compiling, check_hyper
 from ._util import block_scale, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import soft, threshold
 
@@ -94,6 +94,14 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
     xa = x.to(acc)
     if isinstance(t, float):
         out = _softshrink(xa, t) if t > 0 else xa
+    elif _is_compiling():
+        # For t > 0 the same values bit for bit as below (``x - t``, ``x + t`` as ``-x - t`` is
+        # ``-(x + t)``, or ``+0``; NaN kept) and the same gradients, in the form inductor's CPU
+        # code vectorizes best: its ``relu`` is one ``max`` instruction, its ``clamp`` a
+        # NaN-checking ``maximum`` + ``minimum``. Compiled in-place step on the 48-tensor MLP:
+        # 0.29 -> 0.21 ms (benchmarks/README.md, session 6).
+        t = t.to(acc)
+        out = torch.relu(xa - t) - torch.relu(-xa - t)
     else:
         t = t.to(acc)
         out = xa - torch.clamp(xa, -t, t)

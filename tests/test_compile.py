@@ -131,6 +131,34 @@ def test_inductor_matches_eager(op):
     assert cnt.frame_count == 1
 
 
+def test_inductor_l1_is_bitwise_eager_with_gradients():
+    """Traced, l1 with a tensor threshold is written ``relu(x - t) - relu(-x - t)`` (what
+    inductor's CPU code vectorizes best); eager, ``x - clamp(x, -t, t)``. Same bits (NaN,
+    +-inf, +-0, entries at +-t included) and the same gradients in ``x`` and the step."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(41, generator=g)
+    x[:10] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.5, -0.5, 1e-30, -1e30, 3.0])
+    op = pf.l1(0.25)
+
+    def value_and_grads(q, s):
+        def total(q, s):
+            out = op(q, s)
+            return torch.where(torch.isfinite(out), out, 0).sum(), out
+
+        (gq, gs), out = grad(total, argnums=(0, 1), has_aux=True)(q, s)
+        return out, gq, gs
+
+    cnt = CompileCounterWithBackend("inductor")
+    f = torch.compile(value_and_grads, backend=cnt, fullgraph=True)
+    step = torch.tensor(2.0)
+    got, want = f(x, step), value_and_grads(x, step)
+    assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))
+    assert torch.equal(want[0][:10].isnan(), x[:10].isnan())
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert cnt.frame_count == 1
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
