@@ -472,3 +472,41 @@ def test_apply_refuses_inference_tensors_outside_inference_mode():
         want = pf.l1(0.5)(W, 0.5)
         pg.apply_(pf.l1(0.5), W, 0.5)
         assert torch.equal(W, want)
+
+
+def test_module_walk_lists_what_named_parameters_lists():
+    """apply_ walks a module's parameters itself (faster); the list must be named_parameters()'s."""
+    from torch.nn.utils import parametrize
+
+    from proxfunc.compat import _named_parameters
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 3, bias=False)
+            self.dec = nn.Linear(3, 4)
+            self.dec.weight = nn.Parameter(self.enc.weight.t().clone())
+            self.head = nn.Linear(4, 4)
+            self.tail = self.head  # a shared submodule
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.LayerNorm(2)])
+            self.named = nn.ModuleDict({"b": nn.Linear(1, 1), "a": nn.Conv2d(1, 2, 3)})
+            self.scale = nn.Parameter(torch.ones(()))
+            self.head2 = nn.Linear(4, 4)
+            self.head2.weight = self.head.weight  # a tied parameter
+            self.register_parameter("missing", None)
+
+    class Listed(nn.Linear):  # lists its parameters its own way: named_parameters() is used
+        def named_parameters(self, *a, **k):
+            yield from reversed(list(super().named_parameters(*a, **k)))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Listed(2, 2)
+
+    m = Tied()
+    parametrize.register_parametrization(m.head2, "bias", nn.Identity())
+    for mod in (m, nn.Sequential(), nn.Linear(3, 2), Listed(3, 2), Outer(), nn.Sequential(m, nn.Linear(2, 2))):
+        got, want = _named_parameters(mod), list(mod.named_parameters())
+        assert [k for k, _ in got] == [k for k, _ in want]
+        assert all(a is b for (_, a), (_, b) in zip(got, want))
