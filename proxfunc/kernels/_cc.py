@@ -164,7 +164,8 @@ def _build(name: str, source: str, cc: str) -> Path:
                 os.replace(part, out)  # atomic: another process sees all of it or nothing
                 return out
             lines = (res.stderr or res.stdout).strip().splitlines()
-            last_error = lines[-1] if lines else f"exit status {res.returncode}"
+            errors = [ln.strip() for ln in lines if "error" in ln.lower()]
+            last_error = (errors or lines or [f"exit status {res.returncode}"])[0]
             try:
                 part.unlink()
             except OSError:

@@ -43,6 +43,13 @@ _NAME = "soft"
 # check that picks its scalar loop) and out of place (a fresh output, no overlap).
 _SOURCE = r"""
 #include <stdint.h>
+#define SHRINK(T, SRC, DST)                                                        \
+    for (int64_t i = 0; i < n; ++i) {                                              \
+        T v = SRC[i];                                                              \
+        T c = v < lo ? lo : v;                                                     \
+        c = c > t ? t : c;                                                         \
+        DST[i] = v - c;                                                            \
+    }
 #define SOFT(T, NAME)                                                              \
 void NAME(int64_t k, const int64_t *meta, T t) {                                   \
     const T lo = -t;                                                               \
@@ -50,21 +57,11 @@ void NAME(int64_t k, const int64_t *meta, T t) {                                
         const int64_t n = meta[2 * k + j];                                         \
         if (meta[j] == meta[k + j]) {                                              \
             T *x = (T *)(intptr_t)meta[j];                                         \
-            for (int64_t i = 0; i < n; ++i) {                                      \
-                T v = x[i];                                                        \
-                T c = v < lo ? lo : v;                                             \
-                c = c > t ? t : c;                                                 \
-                x[i] = v - c;                                                      \
-            }                                                                      \
+            SHRINK(T, x, x)                                                        \
         } else {                                                                   \
             const T *restrict a = (const T *)(intptr_t)meta[j];                    \
             T *restrict b = (T *)(intptr_t)meta[k + j];                            \
-            for (int64_t i = 0; i < n; ++i) {                                      \
-                T v = a[i];                                                        \
-                T c = v < lo ? lo : v;                                             \
-                c = c > t ? t : c;                                                 \
-                b[i] = v - c;                                                      \
-            }                                                                      \
+            SHRINK(T, a, b)                                                        \
         }                                                                          \
     }                                                                              \
 }
