@@ -28,6 +28,7 @@ from . import _tree
 from ._base import Hyper, Prox, check_hyper, check_step
 from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
+from .kernels.l21_rows import l21_rows
 from .kernels.linf1_rows import linf1_rows
 from .kernels.scale import mul_along, scaled
 from .norms import _clamp_sym, _writable
@@ -164,6 +165,10 @@ def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper, in_place: b
     Same values as the differentiable path (:func:`proxfunc._util.block_scale_`). With
     ``in_place`` (leaves of one float32/float64 dtype) the leaves are scaled in place.
     """
+    if _rows(leaves, dims):  # CPU: norms and scale in one C call, row by row
+        done = l21_rows([leaves], t, in_place)
+        if done is not None:
+            return done[0]
     norms = [_group_norm(x, d) for x, d in zip(leaves, dims)]
     if len(norms) == 1:
         n = norms[0]
@@ -177,9 +182,18 @@ def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper, in_place: boo
     """``[_l21_fast([x], [d], t) for x, d in ...]`` with one scale computation for all tensors
     (same dtype and device): a model's weights cost one norm and one scale kernel each.
     ``in_place`` (float32/float64 tensors, the in-place layer) multiplies them in place."""
+    if _rows(args, dims):  # CPU: every tensor's norms and scale in one C call
+        done = l21_rows([[a] for a in args], t, in_place)
+        if done is not None:
+            return [y for (y,) in done]
     norms = [_group_norm(x, d) for x, d in zip(args, dims)]
     scales = block_scale_(torch.cat(norms), t).split([m.numel() for m in norms])
     return _apply_scales(args, scales, dims, in_place)
+
+
+def _rows(leaves: list[torch.Tensor], dims: list[int]) -> bool:
+    """CPU tensors whose groups are their slices along dim 0 (what :func:`l21_rows` takes)."""
+    return leaves[0].is_cpu and all(d == 0 or d == -x.dim() for x, d in zip(leaves, dims))
 
 
 def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:

@@ -163,8 +163,8 @@ def test_which_tensors_the_kernel_takes(monkeypatch):
     assert soft.split([x.double()], 1e39) == ([0], [])  # within float64's range
     assert soft.split([x], 1e39) == ([], [0])  # beyond float32's: ATen refuses it
     assert soft.split([x], torch.tensor(0.1)) == ([], [0])  # a tensor threshold
-    big = torch.empty(soft.SERIAL_NUMEL + 1)
-    small = torch.empty(soft.SERIAL_NUMEL)
+    big = torch.empty(_cc.SERIAL_NUMEL + 1)
+    small = torch.empty(_cc.SERIAL_NUMEL)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -348,3 +348,118 @@ def test_processes_building_at_once(tmp_path):
         assert p.returncode == 0, err.decode()
     assert len(list(tmp_path.glob("soft-*.so"))) == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------ l21 rows
+from proxfunc.kernels import l21_rows as l21k  # noqa: E402
+
+
+def l21_oracle(parts: list[torch.Tensor], t: float) -> list[np.ndarray]:
+    """Block soft thresholding of the row groups of ``parts``, in float64 numpy."""
+    if parts[0].shape[0] == 0:
+        return [np.zeros(tuple(p.shape)) for p in parts]
+    a = [p.double().numpy().reshape(p.shape[0], -1) for p in parts]
+    n = np.sqrt(sum((x * x).sum(axis=1) for x in a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(n > t, (n - t) / np.where(n > 0, n, 1.0), 0.0)
+    return [(x * s[:, None]).reshape(p.shape) for x, p in zip(a, parts)]
+
+
+@st.composite
+def l21_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    rows = draw(st.integers(0, 40))
+    widths = draw(st.lists(st.sampled_from([None, 1, 2, 15, 16, 17, 63, 64, 65, 200]), min_size=1, max_size=3))
+    scale = 10.0 ** draw(st.integers(-9, 9))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    parts = [
+        (torch.randn((rows,) if w is None else (rows, w), generator=g, dtype=torch.float64) * scale).to(dtype)
+        for w in widths
+    ]
+    if rows:
+        for p in parts:  # zero groups, and groups right at the threshold's scale
+            p[: draw(st.integers(0, min(rows, 3)))] = 0
+    n = float(sum((p.double() ** 2).reshape(rows, -1).sum(1) for p in parts).sqrt().mean()) if rows else 1.0
+    t = float(torch.tensor(max(n, 1e-30) * draw(st.sampled_from([0.01, 0.5, 0.9, 1.0, 1.1, 3.0])), dtype=dtype))
+    return parts, t
+
+
+@needs_kernel
+@given(l21_cases())
+@settings(max_examples=examples(200))
+def test_l21_rows_against_float64(case):
+    parts, t = case
+    before = [p.clone() for p in parts]
+    got = l21k.l21_rows([parts], t)
+    assert got is not None
+    (outs,) = got
+    eps = torch.finfo(parts[0].dtype).eps
+    width = sum(p[0].numel() for p in parts) if parts[0].shape[0] else 1
+    for p, b, y, want in zip(parts, before, outs, l21_oracle(parts, t)):
+        assert torch.equal(bits(p), bits(b)), "wrote into its input"
+        assert torch.isfinite(y).all()
+        err = np.abs(y.double().numpy() - want)
+        tol = (width / 64 + 16) * eps * np.abs(p.double().numpy()) + 1e-300
+        assert (err <= tol).all(), float((err / tol).max())
+    # in place: the same bits as out of place
+    l21k.l21_rows([parts], t, in_place=True)
+    for p, y in zip(parts, outs):
+        assert torch.equal(bits(p), bits(y))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l21_rows_special_groups(dtype):
+    w = torch.tensor([[0.0, 0.0], [3.0, 4.0], [float("nan"), 1.0], [float("inf"), 1.0], [1e-30, 0.0]], dtype=dtype)
+    (y,) = l21k.l21_rows([[w]], 1.0)[0]
+    assert torch.equal(y[0], torch.zeros(2, dtype=dtype)) and not torch.signbit(y[0]).any()
+    torch.testing.assert_close(y[1], torch.tensor([2.4, 3.2], dtype=dtype))
+    assert torch.isnan(y[2]).all()  # a NaN group stays NaN (as ATen's path)
+    assert y[3, 0] == float("inf") and y[3, 1] == 1.0  # an infinite norm: nothing shrinks
+    assert torch.equal(y[4], torch.zeros(2, dtype=dtype))
+    b = torch.tensor([0.0, -0.5, 2.0, -3.0], dtype=dtype)  # a bias alone: one entry a group
+    (yb,) = l21k.l21_rows([[b]], 1.0)[0]
+    assert yb.tolist() == [0.0, 0.0, 1.0, -2.0]
+
+
+@needs_kernel
+def test_l21_routing_and_agreement_with_aten(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(30, 20, generator=g), torch.randn(30, generator=g)
+    assert l21k.l21_rows([[w.t()]], 0.5) is None  # not contiguous
+    assert l21k.l21_rows([[w, b.double()]], 0.5) is None  # two dtypes
+    assert l21k.l21_rows([[w]], torch.tensor(0.5)) is None  # a tensor threshold
+    assert l21k.l21_rows([[w, torch.randn(29)]], 0.5) is None  # rows differ
+    assert l21k.l21_rows([[torch.tensor(1.0)]], 0.5) is None  # 0-d
+    calls: list[int] = []
+    real = l21k.l21_rows
+
+    def counted(jobs, t, in_place=False):
+        calls.append(len(jobs))
+        return real(jobs, t, in_place)
+
+    import proxfunc.groups as groups
+
+    monkeypatch.setattr(groups, "l21_rows", counted)
+    op = pf.l21(0.1)
+    fast = op((w, b), 2.0)
+    with torch.enable_grad():  # the differentiable ATen path
+        slow = op((w.clone().requires_grad_(), b.clone().requires_grad_()), 2.0)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s.detach(), rtol=4e-6, atol=1e-7)
+    # the seed's call in place, and a partition of weights (each its own groups), one call each
+    w2, b2 = w.clone(), b.clone()
+    pg.l21(w2, b2, reg=0.1, lr=2.0)
+    assert torch.equal(w2, fast[0]) and torch.equal(b2, fast[1])
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 4))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    part = pf.partition({"*.weight": pf.l21(0.1)})
+    new = part(params, 1.0)
+    apply_(part, model, 1.0)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), new[k])
+    assert calls == [1, 1, 2, 2]
+    # columns as groups keep ATen
+    calls.clear()
+    pf.l21(0.1, group_dim=1)(w, 1.0)
+    assert calls == []

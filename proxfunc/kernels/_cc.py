@@ -36,12 +36,25 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["library", "why", "bump", "cache_dir"]
+__all__ = ["library", "why", "bump", "cache_dir", "dense_dtype", "serial", "FLOATS", "SERIAL_NUMEL"]
+
+#: The dtypes the C kernels are built for.
+FLOATS = (torch.float32, torch.float64)
+#: The C loops are single-threaded. ATen splits a tensor over threads in chunks of 32768
+#: entries, so work of at most this many entries (four chunks) goes to a C kernel whatever
+#: torch's thread count (the C loops measured about 2x faster per entry than ATen's kernels,
+#: and thread wake-ups cost); larger work only when torch runs one thread (:func:`serial`).
+SERIAL_NUMEL = 1 << 17
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_DTYPE, _LAYOUT, _IS_CPU = attrgetter("dtype"), attrgetter("layout"), attrgetter("is_cpu")
+_CONTIGUOUS = torch.Tensor.is_contiguous
 
 _LIBS: dict[str, Any] = {}  # name -> ctypes.CDLL, or False when unusable
 _WHY: dict[str, str] = {}  # name -> what happened (loaded from / built at / the failure)
@@ -79,6 +92,31 @@ def bump(tensors: Iterable[torch.Tensor]) -> None:
     except TypeError:  # older torch: one tensor per call
         for t in tensors:
             torch._C._increment_version(t)
+
+
+def dense_dtype(xs: list[torch.Tensor]) -> torch.dtype | None:
+    """The one dtype of ``xs`` when every tensor is a plain (not a subclass), strided,
+    contiguous CPU tensor of a dtype in :data:`FLOATS`; else ``None``. Asked of all tensors
+    at once with C-level ``map`` (~6 us for 48 tensors, against ~35 us one at a time)."""
+    dtypes = set(map(_DTYPE, xs))
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    if (
+        dtype in FLOATS
+        and set(map(type, xs)) <= _PLAIN
+        and all(map(_IS_CPU, xs))
+        and set(map(_LAYOUT, xs)) == {torch.strided}
+        and all(map(_CONTIGUOUS, xs))
+    ):
+        return dtype
+    return None
+
+
+def serial(numel: int) -> bool:
+    """Whether work of ``numel`` entries goes to a single-threaded C kernel (see
+    :data:`SERIAL_NUMEL`)."""
+    return numel <= SERIAL_NUMEL or torch.get_num_threads() == 1
 
 
 def cache_dir() -> Path:

@@ -13,11 +13,9 @@ one thread). Over a model's 48 tensors the C call also replaces 48 dispatcher ro
 88 us against 254 us for the ``softshrink`` loop and 186 us for ``SGD(foreach)``'s
 ``_foreach_add_`` (``python -m benchmarks``, benchmarks/README.md).
 
-The C loop is single-threaded. ATen splits a tensor over threads in chunks of 32768 entries,
-so a tensor gets the C kernel when torch uses one thread or when it has at most
-``SERIAL_NUMEL`` entries (at most four chunks: with the C loop 2x faster per entry and thread
-wake-ups to pay, ATen cannot win there); larger tensors with more threads take ATen's
-parallel ``softshrink``. Callers reach this module only when nothing is differentiated or
+The C loop is single-threaded: a tensor gets it when torch uses one thread or when it has at
+most ``_cc.SERIAL_NUMEL`` entries; larger tensors with more threads take ATen's parallel
+``softshrink`` (:func:`proxfunc.kernels._cc.serial`). Callers reach this module only when nothing is differentiated or
 traced (:func:`proxfunc._util.eager_nograd`); tensors the kernel does not take (not CPU,
 not float32/float64, not contiguous, a tensor subclass) go through ``softshrink``.
 """
@@ -32,10 +30,7 @@ import torch
 
 from . import _cc
 
-__all__ = ["shrink", "shrink_", "available", "SERIAL_NUMEL"]
-
-#: Tensors up to this many entries take the C kernel whatever torch's thread count.
-SERIAL_NUMEL = 1 << 17
+__all__ = ["shrink", "shrink_", "available", "split", "takes"]
 
 _NAME = "soft"
 # ``meta`` holds 3k int64: k source addresses, k destination addresses, k lengths. Two loops:
@@ -74,9 +69,8 @@ _SIGNATURES = {
 }
 _SYMBOL = {torch.float32: "proxfunc_soft_f32", torch.float64: "proxfunc_soft_f64"}
 _MAX = {torch.float32: float(torch.finfo(torch.float32).max), torch.float64: float(torch.finfo(torch.float64).max)}
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
-_DTYPE, _LAYOUT, _IS_CPU = attrgetter("dtype"), attrgetter("layout"), attrgetter("is_cpu")
-_PTR, _NUMEL, _CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_DTYPE = attrgetter("dtype")
+_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
 
 
 def available() -> bool:
@@ -84,18 +78,10 @@ def available() -> bool:
     return _cc.library(_NAME, _SOURCE, _SIGNATURES) is not None
 
 
-def takes(x: torch.Tensor, t: float, serial: bool) -> bool:
-    """Whether the kernel takes tensor ``x`` for threshold ``t`` (``serial``: torch runs one
-    thread). A threshold beyond the dtype's range stays with ATen, which refuses it."""
-    return (
-        type(x) in _PLAIN
-        and x.is_cpu
-        and x.dtype in _SYMBOL
-        and x.layout == torch.strided
-        and x.is_contiguous()
-        and (serial or x.numel() <= SERIAL_NUMEL)
-        and 0 < t <= _MAX[x.dtype]
-    )
+def takes(x: torch.Tensor, t: float) -> bool:
+    """Whether the kernel takes tensor ``x`` for threshold ``t``. A threshold beyond the
+    dtype's range stays with ATen, which refuses it."""
+    return _cc.dense_dtype([x]) is not None and _cc.serial(x.numel()) and 0 < t <= _MAX[x.dtype]
 
 
 def split(xs: list[torch.Tensor], t: float) -> tuple[list[int], list[int]]:
@@ -103,23 +89,12 @@ def split(xs: list[torch.Tensor], t: float) -> tuple[list[int], list[int]]:
     when the kernel is unavailable)."""
     if not isinstance(t, float) or not xs or not available():
         return [], list(range(len(xs)))
-    serial = torch.get_num_threads() == 1
-    # The common case (a model's tensors, one dtype) asked of all tensors at once with C-level
-    # ``map``: ~6 us for 48 tensors against ~35 us one tensor at a time.
-    dtypes = set(map(_DTYPE, xs))
-    if (
-        len(dtypes) == 1
-        and 0 < t <= _MAX.get(next(iter(dtypes)), 0.0)
-        and set(map(type, xs)) <= _PLAIN
-        and all(map(_IS_CPU, xs))
-        and set(map(_LAYOUT, xs)) == {torch.strided}
-        and all(map(_CONTIGUOUS, xs))
-        and (serial or max(map(_NUMEL, xs)) <= SERIAL_NUMEL)
-    ):
+    dtype = _cc.dense_dtype(xs)  # the common case: a model's tensors, one dtype, all at once
+    if dtype is not None and 0 < t <= _MAX[dtype] and _cc.serial(max(map(_NUMEL, xs))):
         return list(range(len(xs))), []
     mine, rest = [], []
     for i, x in enumerate(xs):
-        (mine if takes(x, t, serial) else rest).append(i)
+        (mine if takes(x, t) else rest).append(i)
     return mine, rest
 
 
