@@ -153,8 +153,13 @@ class l21(GroupProx):  # noqa: N801
         if not (all(a.dtype == first.dtype and a.device == first.device for a in args) and eager_nograd(t, args)):
             return None
         dims = []
+        gd = self.group_dim
         for a in args:  # the checks of a call on each tensor alone
-            leaves, tree = _tree.flatten(a, self._name())
+            nd = a.dim()
+            if a.is_floating_point() and -nd <= gd < nd:  # what they check, for one tensor
+                dims.append(gd % nd)
+                continue
+            leaves, tree = _tree.flatten(a, self._name())  # raises what a call raises
             dims.append(self.groups(leaves, tree)[0][0])
         return dims, t
 
