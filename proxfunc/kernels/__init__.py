@@ -7,6 +7,8 @@
 * :mod:`._triton`: lazy, switchable (``PROXFUNC_TRITON=0``) loading of the Triton kernels.
 * :mod:`.soft`: l1's soft threshold of many CPU tensors in one call of a C kernel, bit for bit
   ``x - clamp(x, -t, t)`` (ATen's ``softshrink`` is compute-bound on the CPU).
+* :mod:`.l21_rows`: l21's norms and scale of row groups (a weight; a layer's weight + bias) on
+  the CPU, in one C call for many tensors, each row scaled while it is in cache.
 * :mod:`._cc`: builds such C kernels once per machine with the system compiler, caches them
   on disk and loads them with ctypes; switchable (``PROXFUNC_CC=0``), ATen paths without it.
 """
