@@ -29,6 +29,7 @@ from ._base import Hyper, Prox, check_hyper, check_step
 from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .kernels.l21_rows import l21_rows
+from .kernels.linf1_cpu import linf1_rows_cpu
 from .kernels.linf1_rows import linf1_rows
 from .kernels.scale import mul_along, scaled
 from .norms import _clamp_sym, _writable
@@ -245,8 +246,9 @@ class linf1(GroupProx):
             return []
         dims, _ = self.groups(leaves, tree)
         t = self.reg * step
-        if leaves[0].is_cuda and eager_nograd(t, leaves):
-            ys = linf1_rows(leaves, dims, t)  # one fused, sort-free pass per group (Triton)
+        if (leaves[0].is_cuda or leaves[0].is_cpu) and eager_nograd(t, leaves):
+            # one fused, sort-free pass per row group: Triton on CUDA, C on the CPU
+            ys = (linf1_rows if leaves[0].is_cuda else linf1_rows_cpu)(leaves, dims, t)
             if ys is not None:
                 return ys
         parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
@@ -261,7 +263,7 @@ class linf1(GroupProx):
 
 
 def _linf1_in_place(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> None:
-    if linf1_rows(leaves, dims, t, out=leaves) is not None:
+    if (linf1_rows if leaves[0].is_cuda else linf1_rows_cpu)(leaves, dims, t, out=leaves) is not None:
         return
     tau = threshold(list(zip(leaves, dims)), t, traceable=False, absolute=True).clamp_min(0)
     for x, d in zip(leaves, dims):

@@ -463,3 +463,107 @@ def test_l21_routing_and_agreement_with_aten(monkeypatch):
     calls.clear()
     pf.l21(0.1, group_dim=1)(w, 1.0)
     assert calls == []
+
+
+# ----------------------------------------------------------------------------------- linf1 rows
+from proxfunc.kernels import linf1_cpu  # noqa: E402
+from proxfunc.kernels.threshold import threshold_sort  # noqa: E402
+
+
+def linf1_oracle(parts: list[torch.Tensor], r: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The clamp at the float64 sort-based threshold (tau = max(theta, 0)) of every row group."""
+    p64 = [(p.double(), 0) for p in parts]
+    tau = threshold_sort(p64, r, absolute=True).clamp_min(0)
+    return [
+        torch.maximum(
+            torch.minimum(p.double(), tau.view(-1, *[1] * (p.dim() - 1))), -tau.view(-1, *[1] * (p.dim() - 1))
+        )
+        for p in parts
+    ], tau
+
+
+@st.composite
+def linf1_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    rows = draw(st.integers(1, 30))
+    widths = draw(st.lists(st.sampled_from([None, 1, 2, 7, 15, 16, 17, 64, 65, 300]), min_size=1, max_size=3))
+    scale = 10.0 ** draw(st.integers(-9, 9))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["gauss", "ties", "equal", "zeros", "few"]))
+    parts = []
+    for w in widths:
+        shape = (rows,) if w is None else (rows, w)
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        if kind == "ties":
+            x = torch.round(x * 2) / 2
+        elif kind == "equal":
+            x = torch.ones(shape, dtype=torch.float64) * torch.sign(x)
+        elif kind == "zeros":
+            x[: rows // 2] = 0
+        elif kind == "few":
+            x = x * (torch.rand(shape, generator=g) < 0.1)
+        parts.append((x * scale).to(dtype))
+    l1 = float(sum(p.double().abs().reshape(rows, -1).sum(1) for p in parts).mean())
+    r = draw(st.sampled_from([0.0, 1e-30, 0.01, 0.5, 0.99, 1.0, 1.01, 2.0, 1e30]))
+    r = float(torch.tensor(r * max(l1, 1e-300) if r < 1e29 else 1e30, dtype=dtype))
+    return parts, r
+
+
+@needs_kernel
+@given(linf1_cases())
+@settings(max_examples=examples(300))
+def test_linf1_rows_against_the_sort_reference(case):
+    parts, r = case
+    before = [p.clone() for p in parts]
+    outs = linf1_cpu.linf1_rows_cpu(parts, [0] * len(parts), r)
+    if r > torch.finfo(parts[0].dtype).max:
+        assert outs is None
+        return
+    assert outs is not None
+    want, tau = linf1_oracle(parts, r)
+    eps = torch.finfo(parts[0].dtype).eps
+    width = sum(p[0].numel() for p in parts)
+    big = torch.stack([p.double().abs().reshape(p.shape[0], -1).amax(1) for p in parts]).amax(0)
+    tol = (width / 8 + 16) * eps * (big + tau) + 1e-300
+    for p, b, y, w in zip(parts, before, outs, want):
+        assert torch.equal(bits(p), bits(b)), "wrote into its input"
+        err = (y.double() - w).abs().reshape(p.shape[0], -1).amax(1)
+        assert (err <= tol).all(), float((err / tol).max())
+    dead = tau == 0  # groups inside the ball die exactly
+    for y in outs:
+        assert (y.reshape(y.shape[0], -1)[dead] == 0).all()
+    linf1_cpu.linf1_rows_cpu(parts, [0] * len(parts), r, out=parts)  # in place: the same bits
+    for p, y in zip(parts, outs):
+        assert torch.equal(bits(p), bits(y))
+
+
+@needs_kernel
+def test_linf1_routing(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(100, 2, generator=g), torch.randn(100, generator=g)
+    assert linf1_cpu.linf1_rows_cpu([w.t()], [0], 0.5) is None  # not contiguous
+    assert linf1_cpu.linf1_rows_cpu([w], [1], 0.5) is None  # columns
+    assert linf1_cpu.linf1_rows_cpu([w, b.double()], [0, 0], 0.5) is None  # two dtypes
+    assert linf1_cpu.linf1_rows_cpu([w], [0], torch.tensor(0.5)) is None  # a tensor radius
+    assert linf1_cpu.linf1_rows_cpu([w.bfloat16()], [0], 0.5) is None
+    calls: list[int] = []
+    real = linf1_cpu.linf1_rows_cpu
+
+    def counted(leaves, dims, r, out=None):
+        calls.append(len(leaves))
+        return real(leaves, dims, r, out)
+
+    import proxfunc.groups as groups
+
+    monkeypatch.setattr(groups, "linf1_rows_cpu", counted)
+    op = pf.linf1(0.005)
+    fast = op((w, b), 0.1)
+    assert calls == [2]
+    with torch.enable_grad():  # the differentiable path (the unrolled fixed point)
+        slow = op((w.clone().requires_grad_(), b.clone().requires_grad_()), 0.1)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s.detach(), rtol=1e-6, atol=1e-7)
+    wp, bp = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    pg.linf1(wp, bp, reg=0.005, lr=0.1)  # the seed's call, in place
+    assert calls == [2, 2]
+    assert torch.equal(wp.detach(), fast[0]) and torch.equal(bp.detach(), fast[1])
