@@ -9,6 +9,8 @@
   ``x - clamp(x, -t, t)`` (ATen's ``softshrink`` is compute-bound on the CPU).
 * :mod:`.l21_rows`: l21's norms and scale of row groups (a weight; a layer's weight + bias) on
   the CPU, in one C call for many tensors, each row scaled while it is in cache.
+* :mod:`.linf1_cpu`: linf1's threshold and clamp per row group on the CPU, in one C call (the
+  fixed point per group while its rows are in cache).
 * :mod:`._cc`: builds such C kernels once per machine with the system compiler, caches them
   on disk and loads them with ctypes; switchable (``PROXFUNC_CC=0``), ATen paths without it.
 """
