@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from array import array
 from collections.abc import Iterable
 from operator import attrgetter
 from pathlib import Path
@@ -42,10 +43,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["library", "why", "bump", "cache_dir", "dense_dtype", "serial", "FLOATS", "SERIAL_NUMEL"]
+__all__ = ["Kernel", "library", "why", "bump", "cache_dir", "dense_dtype", "serial", "FLOATS", "SERIAL_NUMEL", "MAX"]
 
-#: The dtypes the C kernels are built for.
+#: The dtypes the C kernels are built for, and the C type of each.
 FLOATS = (torch.float32, torch.float64)
+_CTYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+#: The largest finite value of each: a scalar beyond it stays with ATen.
+MAX = {d: float(torch.finfo(d).max) for d in FLOATS}
 #: The C loops are single-threaded. ATen splits a tensor over threads in chunks of 32768
 #: entries, so work of at most this many entries (four chunks) goes to a C kernel whatever
 #: torch's thread count (the C loops measured about 2x faster per entry than ATen's kernels,
@@ -60,6 +64,26 @@ _LIBS: dict[str, Any] = {}  # name -> ctypes.CDLL, or False when unusable
 _WHY: dict[str, str] = {}  # name -> what happened (loaded from / built at / the failure)
 _LOCK = threading.Lock()
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+
+
+class Kernel:
+    """A C kernel ``name`` with one function per dtype of :data:`FLOATS`,
+    ``void proxfunc_<name>_f32(const int64_t *meta, float x)`` (``_f64``: ``double``): every
+    address, length and count in one int64 array, and one scalar."""
+
+    def __init__(self, name: str, source: str):
+        self.name, self.source = name, source
+        self.signatures = {f"proxfunc_{name}_{sfx}": (None, [ctypes.c_void_p, ct]) for sfx, ct in _CTYPES.values()}
+
+    def available(self) -> bool:
+        """Whether the library is built and loaded (it is built at the first call)."""
+        return library(self.name, self.source, self.signatures) is not None
+
+    def __call__(self, dtype: torch.dtype, meta: list[int], x: float) -> None:
+        """Run the ``dtype`` function (the caller has checked :meth:`available`)."""
+        buf = array("q", meta)
+        fn = getattr(library(self.name, self.source, self.signatures), f"proxfunc_{self.name}_{_CTYPES[dtype][0]}")
+        fn(buf.buffer_info()[0], x)
 
 
 def library(name: str, source: str, signatures: dict[str, tuple[Any, list[Any]]]) -> Any:

@@ -23,9 +23,6 @@ at most ``_cc.SERIAL_NUMEL`` entries per job or one torch thread (the loop is si
 
 from __future__ import annotations
 
-import ctypes
-from array import array
-
 import torch
 
 from . import _cc
@@ -112,20 +109,15 @@ void NAME(const int64_t *meta, T t) {                                           
         m = p + 3 * np;                                                            \
     }                                                                              \
 }
-L21(float, vf, proxfunc_l21_f32, 1.17549435082228750797e-38, 3.40282346638528859812e+38)
-L21(double, vd, proxfunc_l21_f64, 2.2250738585072013831e-308, 1.7976931348623157081e+308)
+L21(float, vf, proxfunc_l21_rows_f32, 1.17549435082228750797e-38, 3.40282346638528859812e+38)
+L21(double, vd, proxfunc_l21_rows_f64, 2.2250738585072013831e-308, 1.7976931348623157081e+308)
 """
-_SIGNATURES = {
-    "proxfunc_l21_f32": (None, [ctypes.c_void_p, ctypes.c_float]),
-    "proxfunc_l21_f64": (None, [ctypes.c_void_p, ctypes.c_double]),
-}
-_SYMBOL = {torch.float32: "proxfunc_l21_f32", torch.float64: "proxfunc_l21_f64"}
-_MAX = {d: float(torch.finfo(d).max) for d in _SYMBOL}
+_KERNEL = _cc.Kernel(_NAME, _SOURCE)
 
 
 def available() -> bool:
     """Whether the C kernel is built and loaded (it is built at the first call)."""
-    return _cc.library(_NAME, _SOURCE, _SIGNATURES) is not None
+    return _KERNEL.available()
 
 
 def l21_rows(jobs: list[list[torch.Tensor]], t: object, in_place: bool = False) -> list[list[torch.Tensor]] | None:
@@ -136,7 +128,7 @@ def l21_rows(jobs: list[list[torch.Tensor]], t: object, in_place: bool = False) 
         return None
     flat = [x for job in jobs for x in job]
     dtype = _cc.dense_dtype(flat)
-    if dtype is None or not 0 < t <= _MAX[dtype] or not _cc.serial(max(sum(x.numel() for x in job) for job in jobs)):
+    if dtype is None or not 0 < t <= _cc.MAX[dtype] or not _cc.serial(max(sum(x.numel() for x in job) for job in jobs)):
         return None
     meta = [len(jobs)]
     outs = []
@@ -151,8 +143,7 @@ def l21_rows(jobs: list[list[torch.Tensor]], t: object, in_place: bool = False) 
         meta += (len(job), rows)
         for x, y in zip(job, dst):
             meta += (x.data_ptr(), y.data_ptr(), x.numel() // rows if rows else 0)
-    buf = array("q", meta)
-    getattr(_cc.library(_NAME, _SOURCE, _SIGNATURES), _SYMBOL[dtype])(buf.buffer_info()[0], t)
+    _KERNEL(dtype, meta, t)
     if in_place:
         _cc.bump(flat)
     return outs

@@ -23,9 +23,7 @@ plain, contiguous CPU float32/float64 tensors of one dtype grouped along dim 0, 
 
 from __future__ import annotations
 
-import ctypes
 import math
-from array import array
 
 import torch
 
@@ -136,20 +134,15 @@ void NAME(const int64_t *meta, T r) {                                           
         }                                                                          \
     }                                                                              \
 }
-LINF1(float, vf, vfi, 0x7fffffff, proxfunc_linf1_f32)
-LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_f64)
+LINF1(float, vf, vfi, 0x7fffffff, proxfunc_linf1_rows_f32)
+LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_rows_f64)
 """
-_SIGNATURES = {
-    "proxfunc_linf1_f32": (None, [ctypes.c_void_p, ctypes.c_float]),
-    "proxfunc_linf1_f64": (None, [ctypes.c_void_p, ctypes.c_double]),
-}
-_SYMBOL = {torch.float32: "proxfunc_linf1_f32", torch.float64: "proxfunc_linf1_f64"}
-_MAX = {d: float(torch.finfo(d).max) for d in _SYMBOL}
+_KERNEL = _cc.Kernel(_NAME, _SOURCE)
 
 
 def available() -> bool:
     """Whether the C kernel is built and loaded (it is built at the first call)."""
-    return _cc.library(_NAME, _SOURCE, _SIGNATURES) is not None
+    return _KERNEL.available()
 
 
 def linf1_rows_cpu(
@@ -158,7 +151,7 @@ def linf1_rows_cpu(
     """``clamp(x_g, -tau_g, tau_g)`` for every row group ``g`` of ``leaves`` (groups along dim
     0 of every leaf), into ``out`` when given (``out=leaves``: in place, version-bumped);
     ``None`` (nothing done) when the kernel does not take them."""
-    if not isinstance(r, float) or not 0 <= r <= _MAX.get(leaves[0].dtype, 0.0) or math.isnan(r):
+    if not isinstance(r, float) or not 0 <= r <= _cc.MAX.get(leaves[0].dtype, 0.0) or math.isnan(r):
         return None
     if not all(x.dim() >= 1 and (d == 0 or d == -x.dim()) for x, d in zip(leaves, dims)):
         return None
@@ -172,8 +165,7 @@ def linf1_rows_cpu(
     meta = [len(leaves), rows]
     for x, y in zip(leaves, dst):
         meta += (x.data_ptr(), y.data_ptr(), x.numel() // rows)
-    buf = array("q", meta)
-    getattr(_cc.library(_NAME, _SOURCE, _SIGNATURES), _SYMBOL[dtype])(buf.buffer_info()[0], r)
+    _KERNEL(dtype, meta, r)
     if out is not None:
         _cc.bump(out)
     return dst

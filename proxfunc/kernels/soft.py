@@ -22,8 +22,6 @@ not float32/float64, not contiguous, a tensor subclass) go through ``softshrink`
 
 from __future__ import annotations
 
-import ctypes
-from array import array
 from operator import attrgetter
 
 import torch
@@ -33,7 +31,7 @@ from . import _cc
 __all__ = ["shrink", "shrink_", "available", "split", "takes"]
 
 _NAME = "soft"
-# ``meta`` holds 3k int64: k source addresses, k destination addresses, k lengths. Two loops:
+# ``meta`` holds 3k + 1 int64: k, then k source addresses, k destination addresses, k lengths. Two loops:
 # in place (source == destination, which a compiler would otherwise guard with an aliasing
 # check that picks its scalar loop) and out of place (a fresh output, no overlap).
 _SOURCE = r"""
@@ -46,7 +44,8 @@ _SOURCE = r"""
         DST[i] = v - c;                                                            \
     }
 #define SOFT(T, NAME)                                                              \
-void NAME(int64_t k, const int64_t *meta, T t) {                                   \
+void NAME(const int64_t *meta0, T t) {                                             \
+    const int64_t k = meta0[0], *meta = meta0 + 1;                                 \
     const T lo = -t;                                                               \
     for (int64_t j = 0; j < k; ++j) {                                              \
         const int64_t n = meta[2 * k + j];                                         \
@@ -63,25 +62,20 @@ void NAME(int64_t k, const int64_t *meta, T t) {                                
 SOFT(float, proxfunc_soft_f32)
 SOFT(double, proxfunc_soft_f64)
 """
-_SIGNATURES = {
-    "proxfunc_soft_f32": (None, [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]),
-    "proxfunc_soft_f64": (None, [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]),
-}
-_SYMBOL = {torch.float32: "proxfunc_soft_f32", torch.float64: "proxfunc_soft_f64"}
-_MAX = {torch.float32: float(torch.finfo(torch.float32).max), torch.float64: float(torch.finfo(torch.float64).max)}
+_KERNEL = _cc.Kernel(_NAME, _SOURCE)
 _DTYPE = attrgetter("dtype")
 _PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
 
 
 def available() -> bool:
     """Whether the C kernel is built and loaded (it is built at the first call)."""
-    return _cc.library(_NAME, _SOURCE, _SIGNATURES) is not None
+    return _KERNEL.available()
 
 
 def takes(x: torch.Tensor, t: float) -> bool:
     """Whether the kernel takes tensor ``x`` for threshold ``t``. A threshold beyond the
     dtype's range stays with ATen, which refuses it."""
-    return _cc.dense_dtype([x]) is not None and _cc.serial(x.numel()) and 0 < t <= _MAX[x.dtype]
+    return _cc.dense_dtype([x]) is not None and _cc.serial(x.numel()) and 0 < t <= _cc.MAX[x.dtype]
 
 
 def split(xs: list[torch.Tensor], t: float) -> tuple[list[int], list[int]]:
@@ -90,7 +84,7 @@ def split(xs: list[torch.Tensor], t: float) -> tuple[list[int], list[int]]:
     if not isinstance(t, float) or not xs or not available():
         return [], list(range(len(xs)))
     dtype = _cc.dense_dtype(xs)  # the common case: a model's tensors, one dtype, all at once
-    if dtype is not None and 0 < t <= _MAX[dtype] and _cc.serial(max(map(_NUMEL, xs))):
+    if dtype is not None and 0 < t <= _cc.MAX[dtype] and _cc.serial(max(map(_NUMEL, xs))):
         return list(range(len(xs))), []
     mine, rest = [], []
     for i, x in enumerate(xs):
@@ -99,7 +93,6 @@ def split(xs: list[torch.Tensor], t: float) -> tuple[list[int], list[int]]:
 
 
 def _run(srcs: list[torch.Tensor], dsts: list[torch.Tensor], t: float) -> None:
-    lib = _cc.library(_NAME, _SOURCE, _SIGNATURES)
     dtypes = set(map(_DTYPE, srcs))
     for dtype in dtypes:
         if len(dtypes) == 1:
@@ -108,8 +101,7 @@ def _run(srcs: list[torch.Tensor], dsts: list[torch.Tensor], t: float) -> None:
             idx = [i for i, x in enumerate(srcs) if x.dtype == dtype]
             src, dst = [srcs[i] for i in idx], [dsts[i] for i in idx]
         ptrs = list(map(_PTR, src))
-        meta = array("q", ptrs + (ptrs if dst is src else list(map(_PTR, dst))) + list(map(_NUMEL, src)))
-        getattr(lib, _SYMBOL[dtype])(len(src), meta.buffer_info()[0], t)
+        _KERNEL(dtype, [len(src), *ptrs, *(ptrs if dst is src else map(_PTR, dst)), *map(_NUMEL, src)], t)
 
 
 def shrink(xs: list[torch.Tensor], t: float) -> list[torch.Tensor]:
