@@ -41,13 +41,37 @@ typedef float vf __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vfi __attribute__((vector_size(64), aligned(4)));
 typedef double vd __attribute__((vector_size(64), aligned(8)));
 typedef int64_t vdi __attribute__((vector_size(64), aligned(8)));
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
 #define CLAMP(SRC, DST)                                                            \
     for (int64_t i = 0; i < cols; ++i) {                                           \
         __typeof__(hi) v = SRC[i];                                                 \
         __typeof__(hi) u = v < lo ? lo : v;                                        \
         DST[i] = u > hi ? hi : u;                                                  \
     }
-#define LINF1(T, V, I, SIGNLESS, NAME)                                             \
+#define LINF1(T, V, I, SIGNLESS, NAME, H8)                                         \
+/* ||x||_1 in float64 lanes (whether a group dies is decided on it) and max |x| */   \
+static void total_##NAME(const T *x, int64_t n, double *s, T *mx) {               \
+    const vdi keep = (vdi){0} + 0x7fffffffffffffffLL;                             \
+    vd a0 = {0}, a1 = {0}, m0 = {0};                                               \
+    int64_t i = 0;                                                                 \
+    for (; i + 16 <= n; i += 16) {                                                 \
+        vd v0 = (vd)((vdi)__builtin_convertvector(*(const H8 *)(x + i), vd) & keep); \
+        vd v1 = (vd)((vdi)__builtin_convertvector(*(const H8 *)(x + i + 8), vd) & keep); \
+        a0 += v0; a1 += v1;                                                        \
+        vdi g = v0 > m0;                                                           \
+        m0 = (vd)(((vdi)v0 & g) | ((vdi)m0 & ~g));                                 \
+        g = v1 > m0;                                                               \
+        m0 = (vd)(((vdi)v1 & g) | ((vdi)m0 & ~g));                                 \
+    }                                                                              \
+    a0 += a1;                                                                      \
+    double ss = 0, mm = *mx;                                                       \
+    for (int l = 0; l < 8; ++l) { ss += a0[l]; mm = m0[l] > mm ? m0[l] : mm; }     \
+    for (; i < n; ++i) {                                                           \
+        double a = fabs((double)x[i]);                                             \
+        ss += a; mm = a > mm ? a : mm;                                             \
+    }                                                                              \
+    *s += ss; *mx = (T)mm;                                                         \
+}                                                                                  \
 /* sum and count of |x_i| > th (all |x_i| when th < 0 and mx given: then also the max) */ \
 static void scan_##NAME(const T *x, int64_t n, T th, double *s, double *c, T *mx) { \
     enum { W = sizeof(V) / sizeof(T) };                                            \
@@ -88,7 +112,7 @@ void NAME(const int64_t *meta, T r) {                                           
         for (int64_t q = 0; q < np; ++q) {                                         \
             const int64_t cols = p[3 * q + 2];                                     \
             const T *x = (const T *)(intptr_t)p[3 * q] + row * cols;               \
-            scan_##NAME(x, cols, (T)-1, &s, &c, &mx);                              \
+            total_##NAME(x, cols, &s, &mx);                                        \
             for (int64_t i = 0; i < cols; ++i) nan |= x[i] != x[i];                \
         }                                                                          \
         double tau;                                                                \
@@ -134,8 +158,9 @@ void NAME(const int64_t *meta, T r) {                                           
         }                                                                          \
     }                                                                              \
 }
-LINF1(float, vf, vfi, 0x7fffffff, proxfunc_linf1_rows_f32)
-LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_rows_f64)
+typedef double vd8 __attribute__((vector_size(64), aligned(8)));
+LINF1(float, vf, vfi, 0x7fffffff, proxfunc_linf1_rows_f32, vf8)
+LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_rows_f64, vd8)
 """
 _KERNEL = _cc.Kernel(_NAME, _SOURCE)
 
