@@ -1,7 +1,8 @@
 """Optional C kernels for eager CPU paths: compiled once per machine with the system's C
 compiler, cached on disk, loaded with :mod:`ctypes`.
 
-Why: some ATen CPU kernels spend more time computing than moving memory. ATen's
+Kernels: :mod:`.soft` (l1), :mod:`.l21_rows`, :mod:`.linf1_cpu`. Why: some ATen CPU kernels
+spend more time computing than moving memory, or launch one kernel per tensor and step. ATen's
 ``softshrink`` evaluates two compares, two masked selects and a subtraction per vector and
 ran at 2.1x the time of a multiply on a 256x256 float32 tensor (2-core AMD EPYC, AVX-512,
 torch 2.13). The same soft threshold written as ``x - min(max(x, -t), t)`` is three vector
@@ -10,8 +11,10 @@ offers no such kernel, and ``torch.utils.cpp_extension`` builds against torch's 
 (tens of seconds); a plain C file needs none of them and compiles in a fraction of a second.
 
 * The compiler is ``$CC`` or the first of ``cc``, ``gcc``, ``clang`` on ``PATH``, with
-  ``-O3 -march=native`` (plain ``-O3`` when the compiler refuses ``-march=native``). No
-  flag that changes floating-point semantics: the results are bit-identical to ATen's.
+  ``-O3 -march=native`` (plain ``-O3`` when the compiler refuses ``-march=native``) and no
+  fast-math flag: the soft threshold is bit-identical to ATen's expression; the l21 and
+  linf1 kernels sum in their own order (the compiler may fuse a multiply and an add into
+  an FMA), so their norms and thresholds may differ from ATen's in the last bits.
 * The library is cached under ``$PROXFUNC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/proxfunc``,
   else ``~/.cache/proxfunc``), named by a hash of the source, the compiler, the flags and the
   CPU (its model and feature flags: ``-march=native`` code must not meet another CPU); it is
