@@ -567,3 +567,21 @@ def test_linf1_routing(monkeypatch):
     pg.linf1(wp, bp, reg=0.005, lr=0.1)  # the seed's call, in place
     assert calls == [2, 2]
     assert torch.equal(wp.detach(), fast[0]) and torch.equal(bp.detach(), fast[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linf1_rows_special_groups(dtype):
+    nan, inf = float("nan"), float("inf")
+    rows = [[1.0, nan, 3.0] + [1.0] * 17, [1.0, inf, 3.0] + [1.0] * 17, [0.0] * 20, [0.04] * 20, [0.1] * 20]
+    w = torch.tensor(rows, dtype=dtype)
+    (y,) = linf1_cpu.linf1_rows_cpu([w], [0], 1.0)
+    assert torch.isnan(y[0]).all()  # a NaN anywhere in the group (here in the vector loop)
+    assert torch.equal(y[1], w[1])  # an infinite entry: nothing is clamped
+    assert torch.equal(y[2], torch.zeros(20, dtype=dtype))
+    assert torch.equal(y[3], torch.zeros(20, dtype=dtype))  # ||x||_1 = 0.8 <= r: the group dies
+    torch.testing.assert_close(y[4], torch.full((20,), 0.05, dtype=dtype))  # all equal: (2 - 1) / 20
+    (same,) = linf1_cpu.linf1_rows_cpu([w[1:]], [0], 0.0)  # r = 0: the identity
+    assert torch.equal(same, w[1:])
+    tail = torch.tensor([[2.0, nan]], dtype=dtype)  # a NaN in the scalar tail
+    assert torch.isnan(linf1_cpu.linf1_rows_cpu([tail], [0], 1.0)[0]).all()

@@ -72,33 +72,26 @@ static void total_##NAME(const T *x, int64_t n, double *s, T *mx) {             
     }                                                                              \
     *s += ss; *mx = (T)mm;                                                         \
 }                                                                                  \
-/* sum and count of |x_i| > th (all |x_i| when th < 0 and mx given: then also the max) */ \
-static void scan_##NAME(const T *x, int64_t n, T th, double *s, double *c, T *mx) { \
+/* sum and count of the |x_i| > th: one Michelot step */                          \
+static void scan_##NAME(const T *x, int64_t n, T th, double *s, double *c) {       \
     enum { W = sizeof(V) / sizeof(T) };                                            \
     const I keep = (I){0} + (SIGNLESS);                                            \
     const V one = (V){0} + 1, thv = (V){0} + th;                                   \
-    V as = {0}, ac = {0}, am = {0};                                                \
+    V as = {0}, ac = {0};                                                          \
     int64_t i = 0;                                                                 \
     for (; i + W <= n; i += W) {                                                   \
         V a = (V)(*(const I *)(x + i) & keep);                                     \
         I m = a > thv;                                                             \
         as += (V)((I)a & m);                                                       \
         ac += (V)((I)one & m);                                                     \
-        I g = a > am;                                                              \
-        am = (V)(((I)a & g) | ((I)am & ~g));                                       \
     }                                                                              \
     double ss = 0, cc = 0;                                                         \
-    T mm = 0;                                                                      \
-    for (int l = 0; l < W; ++l) {                                                  \
-        ss += as[l]; cc += ac[l]; mm = am[l] > mm ? am[l] : mm;                    \
-    }                                                                              \
+    for (int l = 0; l < W; ++l) { ss += as[l]; cc += ac[l]; }                      \
     for (; i < n; ++i) {                                                           \
         T a = fabs((double)x[i]);                                                  \
         if (a > th) { ss += a; cc += 1; }                                          \
-        if (a > mm) mm = a;                                                        \
     }                                                                              \
     *s += ss; *c += cc;                                                            \
-    if (mx && mm > *mx) *mx = mm;                                                  \
 }                                                                                  \
 void NAME(const int64_t *meta, T r) {                                              \
     const int64_t np = meta[0], rows = meta[1];                                    \
@@ -106,15 +99,14 @@ void NAME(const int64_t *meta, T r) {                                           
     int64_t width = 0;                                                             \
     for (int64_t q = 0; q < np; ++q) width += p[3 * q + 2];                        \
     for (int64_t row = 0; row < rows; ++row) {                                     \
-        double s = 0, c = 0;                                                       \
+        double s = 0;                                                              \
         T mx = 0;                                                                  \
-        int nan = 0;                                                               \
         for (int64_t q = 0; q < np; ++q) {                                         \
             const int64_t cols = p[3 * q + 2];                                     \
             const T *x = (const T *)(intptr_t)p[3 * q] + row * cols;               \
             total_##NAME(x, cols, &s, &mx);                                        \
-            for (int64_t i = 0; i < cols; ++i) nan |= x[i] != x[i];                \
         }                                                                          \
+        const int nan = s != s; /* the sum of |x| is NaN exactly when an entry is */ \
         double tau;                                                                \
         if (nan) {                                                                 \
             tau = NAN;                                                             \
@@ -129,7 +121,7 @@ void NAME(const int64_t *meta, T r) {                                           
                 for (int64_t q = 0; q < np; ++q) {                                 \
                     const int64_t cols = p[3 * q + 2];                             \
                     const T *x = (const T *)(intptr_t)p[3 * q] + row * cols;       \
-                    scan_##NAME(x, cols, (T)th, &ss, &cc, 0);                      \
+                    scan_##NAME(x, cols, (T)th, &ss, &cc);                         \
                 }                                                                  \
                 if (cc == 0) break; /* r = 0, or an infinite entry */             \
                 double next = (ss - (double)r) / cc;                               \
@@ -158,9 +150,8 @@ void NAME(const int64_t *meta, T r) {                                           
         }                                                                          \
     }                                                                              \
 }
-typedef double vd8 __attribute__((vector_size(64), aligned(8)));
 LINF1(float, vf, vfi, 0x7fffffff, proxfunc_linf1_rows_f32, vf8)
-LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_rows_f64, vd8)
+LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_rows_f64, vd)
 """
 _KERNEL = _cc.Kernel(_NAME, _SOURCE)
 
