@@ -105,7 +105,7 @@ def traceable(*tensors: object) -> bool:
 def eager_nograd(t: object, leaves: list[torch.Tensor]) -> bool:
     """Eager, concrete, nothing to differentiate: a path of plain kernels may replace the
     differentiable, traceable one (``t`` is the threshold, a float or a tensor)."""
-    if _is_compiling():
+    if _is_compiling():  # before the ``map`` below, which dynamo does not trace
         return False
     if torch.is_grad_enabled() and (
         any(map(_REQUIRES_GRAD, leaves)) or (isinstance(t, torch.Tensor) and t.requires_grad)

@@ -30,6 +30,7 @@ differentiate and nothing traced, and they bump the version counter of what they
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -166,6 +167,7 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache  # the CPU does not change under a process; read /proc/cpuinfo once
 def _cpu_signature() -> str:
     """The CPU model and feature flags (what ``-march=native`` compiles for)."""
     sig = [platform.machine(), platform.processor()]
