@@ -96,7 +96,9 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
         out = _softshrink(xa, t) if t > 0 else xa
     elif _is_compiling():
         # For t > 0 the same values bit for bit as below (``x - t``, ``x + t`` as ``-x - t`` is
-        # ``-(x + t)``, or ``+0``; NaN kept) and the same gradients, in the form inductor's CPU
+        # ``-(x + t)``, or ``+0``; NaN kept) and the same gradients away from the kinks
+        # ``|x| = t`` (there relu gives ``x`` 0; clamp gives 0 under torch 2.13, 0.5 under
+        # 2.14, which splits ties; all are subgradients), in the form inductor's CPU
         # code vectorizes best: its ``relu`` is one ``max`` instruction, its ``clamp`` a
         # NaN-checking ``maximum`` + ``minimum``. Compiled in-place step on the 48-tensor MLP:
         # 0.29 -> 0.21 ms (benchmarks/README.md, session 6).
