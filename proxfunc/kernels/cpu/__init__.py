@@ -1,0 +1,7 @@
+"""Hand-written C kernels for eager CPU paths, reached only through
+:func:`proxfunc.dispatch.select`.
+
+* :mod:`._cc`: builds them with the system's C compiler, caches and verifies the libraries on
+  disk, loads them with :mod:`ctypes`.
+* :mod:`.linf1`: linf1's prox of row groups (:data:`.linf1.SPEC`, :func:`.linf1.run`).
+"""
