@@ -5,12 +5,23 @@ the eager fixed point (what ``pf.linf1`` / ``pf.l1_ball`` use eagerly), the unro
 run eagerly (the traceable path: no host sync, a fixed number of passes), the sort reference
 and ``max_k (c_k - r) / k``; each checked against the float64 sort reference.
 
-Then eager l21 taken apart at 4096^2 and 16384^2 (the norm kernel, the scale, the multiply,
-the whole operator, each against ``clone``), and the CUDA kernels one l21 call launches
-(``torch.profiler``), to see where time beyond three passes goes.
+Then eager l21 taken apart at 4096^2 and 16384^2 (the norm kernel, the scale, ATen's
+broadcast multiply, the whole operator, each against ``clone``), and the CUDA kernels one l21
+call launches (``torch.profiler``), to see where time beyond three passes goes.
+
+Then linf1 of row groups three ways, each against ``clone``: the Triton kernel (what
+``"auto"`` takes, :mod:`proxfunc.kernels.cuda.linf1`), ATen's eager path
+(``pf.dispatch.implementation("aten")``: the threshold by a segmented sort, then a clamp) and
+``torch.compile`` of the operator call (inductor compiles the reference), with the compiled
+function's first call (its cold-start compile time). The kernel is kept only while it is at
+least 1.5x faster than the ATen path.
 """
 
+import os
+import shutil
 import sys
+import tempfile
+import time
 
 import torch
 
@@ -50,44 +61,77 @@ def main():
             print(f"| {name} | {label} | {t * 1e6:.0f} | {t / clone:.1f} | {err:.1e} |")
     for size in (4096, 16384):
         l21_parts(size)
-    scale_sweep()
     linf1_fused()
 
 
 def linf1_fused():
-    """Eager linf1 (groups = rows): the fused Triton kernel against the sort path it replaces."""
-    import proxfunc as pf
-    from proxfunc.kernels import linf1_rows
+    """Eager linf1 (groups = rows): the Triton kernel against ATen's eager path, and
+    ``torch.compile`` of the operator call with its cold-start compile time."""
+    import torch._dynamo
 
-    print("\n## eager linf1, rows: fused Triton kernel vs the sort path (us, / clone)\n")
-    print("| shape | clone | fused kernel | sort path | max abs diff |")
-    print("|---|---:|---:|---:|---:|")
-    for shape in ((4096, 4096), (16384, 4096), (65536, 256), (1024, 8192), (4096, 4096, "bias")):
-        x = torch.randn(shape[:2], device="cuda")
-        if len(shape) > 2:  # a layer's (weight, bias): neuron i is x[i, :] and its bias
-            x = (x, torch.randn(shape[0], device="cuda"))
-        op = pf.linf1(5.0)
-        clone = bench(lambda x=x: torch.utils._pytree.tree_map(torch.clone, x))
-        fused = bench(lambda x=x, op=op: op(x, 1.0))
-        a = op(x, 1.0)
-        keep = linf1_rows._get_kernel
-        linf1_rows._get_kernel = lambda: None
-        try:
-            sort = bench(lambda x=x, op=op: op(x, 1.0))
-            b = op(x, 1.0)
-        finally:
-            linf1_rows._get_kernel = keep
-        diff = max(float((p - q).abs().max()) for p, q in zip(*(torch.utils._pytree.tree_leaves(t) for t in (a, b))))
-        name = f"{shape[0]}x{shape[1]}" + (" + bias" if len(shape) > 2 else "")
-        print(f"| {name} | {clone * 1e6:.0f} | {fused * 1e6:.0f} ({fused / clone:.2f}) "
-              f"| {sort * 1e6:.0f} ({sort / clone:.2f}) | {diff:.1e} |")  # fmt: skip
+    import proxfunc as pf
+    from proxfunc.dispatch import implementation
+    from proxfunc.kernels.cuda import linf1 as linf1_cuda
+
+    if not linf1_cuda.available():
+        print("\n(the linf1 Triton kernel is not available here: triton missing or PROXFUNC_TRITON=0)")
+    cache_dir = None
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold start: nothing cached on disk by earlier runs
+        cache_dir = tempfile.mkdtemp(prefix="proxfunc-variants-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False  # each shape compiles its own graph
+    try:
+        t0 = time.perf_counter()  # inductor's start-up, paid by a program's first compile: no row's
+        torch.compile(lambda a: a + 1, fullgraph=True)(torch.ones(4, device="cuda"))
+        torch.cuda.synchronize()
+        warmup = time.perf_counter() - t0
+        print("\n## eager linf1, rows: Triton kernel vs ATen's eager path vs torch.compile (us, / clone)\n")
+        print(f"compile s: the compiled call's first call (cold start; inductor start-up {warmup:.1f} s excluded)\n")
+        print("| shape | clone | kernel (auto) | aten | aten / kernel | compiled | compile s | max abs diff |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for shape in ((4096, 4096), (16384, 4096), (65536, 256), (1024, 8192), (4096, 4096, "bias")):
+            _linf1_row(pf, implementation, shape)
+    finally:
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _linf1_row(pf, implementation, shape):
+    x = torch.randn(shape[:2], device="cuda")
+    if len(shape) > 2:  # a layer's (weight, bias): neuron i is x[i, :] and its bias
+        x = (x, torch.randn(shape[0], device="cuda"))
+    op = pf.linf1(5.0)
+    step = torch.tensor(1.0, device="cuda")  # a 0-d tensor: one graph for every step
+
+    def aten():
+        with implementation("aten"):
+            return op(x, 1.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, s: op(a, s), fullgraph=True)  # under compile: the reference
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    c = compiled(x, step)
+    torch.cuda.synchronize()
+    cold = time.perf_counter() - t0
+    clone = bench(lambda: torch.utils._pytree.tree_map(torch.clone, x))
+    fused = bench(lambda: op(x, 1.0))
+    at = bench(aten)
+    comp = bench(lambda: compiled(x, step))
+    a, b = op(x, 1.0), aten()
+    leaves = torch.utils._pytree.tree_leaves
+    diff = max(float((p - q).abs().max()) for t in (b, c) for p, q in zip(leaves(a), leaves(t)))
+    name = f"{shape[0]}x{shape[1]}" + (" + bias" if len(shape) > 2 else "")
+    print(f"| {name} | {clone * 1e6:.0f} | {fused * 1e6:.0f} ({fused / clone:.2f}) | {at * 1e6:.0f} ({at / clone:.2f}) "
+          f"| {at / fused:.1f} | {comp * 1e6:.0f} ({comp / clone:.2f}) | {cold:.1f} | {diff:.1e} |")  # fmt: skip
 
 
 def l21_parts(n):
     """Eager l21 on an n x n float32 matrix, piece by piece, against clone (group_dim=0: rows)."""
     import proxfunc as pf
     from proxfunc._util import block_scale_
-    from proxfunc.kernels import scale as kernels_scale
 
     x = torch.randn(n, n, device="cuda")
     t = 0.5 * n**0.5
@@ -103,10 +147,6 @@ def l21_parts(n):
         "row sums: x.sum(1)": lambda: x.sum(1),
         "scale of the n norms: block_scale_": lambda: block_scale_(norms.clone(), t),
         "multiply: x * scale[:, None] (ATen, broadcast)": lambda: x * scale[:, None],
-        # the kernel itself: mul_along takes ATen's multiply below MIN_NUMEL (e.g. at 4096^2)
-        "multiply: the Triton kernel (kernels.scale._launch)": lambda: kernels_scale._launch(
-            x, scale, 0, torch.empty_like(x)
-        ),
         "l21(x, 1.0), whole operator": lambda: op(x, 1.0),
     }
     clone = bench(rows["clone"])
@@ -125,35 +165,6 @@ def l21_parts(n):
         torch.cuda.synchronize()
     print(f"\nCUDA kernels of one l21 call at {n}x{n}:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
-
-
-def scale_sweep():
-    """ATen's broadcast multiply against the Triton kernel by size (where MIN_NUMEL comes from),
-    rows of 1024 entries and columns of 1024 (d = last dim), float32."""
-    from proxfunc.kernels import scale
-
-    print("\n## per-group scale by size: ATen broadcast vs Triton (us)\n")
-    print("| entries | layout | clone | ATen | Triton | Triton, 4 warps |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for k in (14, 16, 18, 20, 22, 24):
-        for layout, d in (("rows", 0), ("columns", 1)):
-            us = [f"{t * 1e6:.1f}" for t in _scale_times((1 << k) // 1024, 1024, d, scale)]
-            print(f"| 2^{k} | {layout} | " + " | ".join(us) + " |")
-
-
-def _scale_times(rows, cols, d, scale):
-    """(clone, ATen broadcast multiply, Triton kernel, Triton with 4 warps) of x * s along d."""
-    x = torch.randn(rows, cols, device="cuda")
-    s = torch.rand(x.shape[d], device="cuda")
-    out = torch.empty_like(x)
-    v = s[:, None] if d == 0 else s[None, :]
-    clone = bench(lambda: x.clone())
-    aten = bench(lambda: torch.mul(x, v, out=out))
-    tri = bench(lambda: scale._launch(x, s, d, out))
-    old, scale._NUM_WARPS = scale._NUM_WARPS, 4
-    tri4 = bench(lambda: scale._launch(x, s, d, out))
-    scale._NUM_WARPS = old
-    return clone, aten, tri, tri4
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Skipped where no CUDA device is present (CI has none). Oracle: the same operator
 (itself checked against independent oracles by the other test files), the sort-based threshold
 for the sort-free kernels, and ``softshrink`` for l1's multi-tensor (foreach) path, which runs
 on CUDA only. Covers every operator in ``tests.cases.CASES`` (values, gradients, vmap), the
-low-precision dtypes, the in-place compat layer and ``ProxOptimizer``, ``torch.compile`` with
-inductor (Triton kernels) and auto-sizing's shrink.
+low-precision dtypes, linf1's Triton kernel (taken by :func:`proxfunc.dispatch.select` exactly
+where its layout holds, launches counted; ATen's path once it is switched off), the in-place
+compat layer and ``ProxOptimizer``, ``torch.compile`` with inductor (Triton kernels) and
+auto-sizing's shrink.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from torch.func import functional_call, grad, vmap
 import proxfunc as pf
 import proxfunc.compat as pg
 import proxfunc.kernels.threshold  # noqa: F401
-from proxfunc import autosize, norms
+from proxfunc import autosize, dispatch
 from proxfunc.compat import ProxOptimizer, apply_
-from proxfunc.kernels import linf1_rows, scale
+from proxfunc.kernels.cuda import _triton
+from proxfunc.kernels.cuda import linf1 as linf1_cuda
 from tests import test_triton_kernels
 from tests.cases import CASES
 from tests.conftest import requires_compile
@@ -169,12 +172,12 @@ def test_l1_foreach_path_is_taken_and_bitwise_softshrink(dtype, monkeypatch):
     shapes = [(64, 33), (33,), (1,), (3, 2, 4), (0, 3), (256, 256)]
     leaves = [(torch.randn(*s, generator=g, dtype=dtype) * 2).to(CUDA) for s in shapes]
     leaves[0][0, :3] = torch.tensor([0.37, -0.37, 0.0], dtype=dtype)  # at the kink, and a zero
-    monkeypatch.setattr(norms, "_FOREACH_DEVICES", (*norms._FOREACH_DEVICES, CUDA.type))
+    on_cuda = CUDA.type == "cuda"  # the foreach kernels are CUDA's path only
     calls = []
     real = torch._foreach_sub
     monkeypatch.setattr(torch, "_foreach_sub", lambda *a: calls.append(1) or real(*a))
     got = pf.l1(0.37)(leaves, 1.0)
-    assert calls == [1]
+    assert calls == [1] * on_cuda
     for a, x in zip(got, leaves):
         assert a.device.type == CUDA.type and torch.equal(a, torch.nn.functional.softshrink(x, 0.37))
         assert not torch.signbit(a[a == 0]).any()
@@ -183,41 +186,21 @@ def test_l1_foreach_path_is_taken_and_bitwise_softshrink(dtype, monkeypatch):
     real_ = torch._foreach_sub_
     monkeypatch.setattr(torch, "_foreach_sub_", lambda *a: calls.append(2) or real_(*a))
     apply_(pf.l1(0.37), copies, 1.0)
-    assert calls == [1, 2]
+    assert calls == [1, 2] * on_cuda
     assert all(torch.equal(a, b) for a, b in zip(copies, got))
 
 
-def count_launches(monkeypatch, module):
-    """A list that grows by one each time ``module._launch`` (a Triton kernel's launcher) runs."""
+def count_launches(monkeypatch):
+    """A list that grows by one each time the linf1 Triton kernel's launcher runs."""
     calls = []
-    launch = module._launch
-    monkeypatch.setattr(module, "_launch", lambda *a: calls.append(1) or launch(*a))
+    launch = linf1_cuda._launch
+    monkeypatch.setattr(linf1_cuda, "_launch", lambda *a: calls.append(1) or launch(*a))
     return calls
 
 
-BIG = [((2048, 1024), 0), ((1024, 2048), 1), ((128, 512, 3, 3), 1), ((16, 600, 130), 1), ((1536, 1024), None)]
-
-
-@pytest.mark.parametrize("shape,d", BIG)
-@pytest.mark.parametrize("xd,sd", test_triton_kernels.DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-def test_scale_kernel_is_bitwise_aten(shape, d, xd, sd, monkeypatch):
-    """l21's per-group scale on CUDA runs the Triton kernel (rounding to nearest even) and equals
-    ATen's broadcast multiply bit for bit: new tensor, ``out=``, in place."""
-    calls = count_launches(monkeypatch, scale)
-    monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
-    x, s = test_triton_kernels.operands(shape, d, xd, sd)
-    x, s = x.to(CUDA), s.to(CUDA)
-    want = test_triton_kernels.reference(x, s, d)
-    assert torch.equal(scale.mul_along(x, s, d), want)
-    out = torch.empty_like(x)
-    assert torch.equal(scale.mul_along(x, s, d, out=out), want)
-    if xd == sd:
-        y = x.clone()
-        scale.mul_along(y, s, d, out=y)
-        assert torch.equal(y, want)
-    if CUDA.type == "cuda":
-        assert scale._get_kernel() is not None, "triton ships with torch's CUDA wheels; no launch failed"
-        assert len(calls) == (3 if xd == sd else 2)
+def takes_kernel(leaves, t, dims):
+    """Whether dispatch gives linf1 of ``leaves`` (groups along ``dims``) to the Triton kernel."""
+    return dispatch.select(list(leaves), t, kernel=linf1_cuda.SPEC, dims=dims).impl == dispatch.KERNEL
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -225,11 +208,13 @@ def test_linf1_rows_kernel_against_the_sort_reference(dtype, monkeypatch):
     """linf1 on one CUDA matrix (groups = rows), or a (weight, bias) pair, runs the fused Triton
     kernel, functional and in place, and equals the clamp at the float64 sort-based threshold
     to float rounding."""
-    calls = count_launches(monkeypatch, linf1_rows)
+    calls = count_launches(monkeypatch)
     expected = 0
     for name, masters in test_triton_kernels.linf1_rows_cases().items():
         for r in test_triton_kernels.LINF1_RADII:
             xs = tuple(x.to(dtype).to(CUDA) for x in masters)
+            if CUDA.type == "cuda":
+                assert takes_kernel(xs, r, [0] * len(xs)), (name, r)
             want = test_triton_kernels.linf1_reference([x.to(dtype) for x in masters], r)
             got = pf.linf1(r)(xs, 1.0)  # one tensor, or a (weight, bias)-like pair
             for a, w in zip(got, want):
@@ -237,49 +222,65 @@ def test_linf1_rows_kernel_against_the_sort_reference(dtype, monkeypatch):
                 err = float((a.cpu().double() - w).abs().max())
                 assert err <= test_triton_kernels.linf1_tol(masters, dtype), (name, r, err)
             ys = tuple(x.clone() for x in xs)
-            apply_(pf.linf1(r), ys, 1.0)
+            apply_(pf.linf1(r), ys, 1.0)  # in place (float16/bfloat16: computed, then copied)
             assert all(torch.equal(y, a) for y, a in zip(ys, got)), (name, r)
             expected += 2
     if CUDA.type == "cuda":
-        assert linf1_rows._get_kernel() is not None  # no launch failed (that switches it off)
+        assert linf1_cuda.available()  # no launch failed (that switches the kernel off)
         assert len(calls) == expected
 
 
-def test_small_tensors_keep_atens_kernel(monkeypatch):
-    monkeypatch.setattr(scale, "_launch", lambda *a: pytest.fail("Triton launched below MIN_NUMEL"))
-    x = torch.randn(512, 512, device=CUDA)
-    s = torch.rand(512, device=CUDA)
-    assert torch.equal(scale.mul_along(x, s, 0), x * s[:, None])
+def test_linf1_kernel_only_where_its_layout_holds(monkeypatch):
+    """Row groups of one or two contiguous tensors up to MAX_ROW entries take the kernel;
+    other layouts, a tensor threshold, something to differentiate and the ``"aten"`` and
+    ``"reference"`` choices take the other paths, with the same values."""
+    g = torch.Generator().manual_seed(7)
+    row = linf1_cuda.MAX_ROW
+    W, b = torch.randn(64, 300, generator=g).to(CUDA), torch.randn(64, generator=g).to(CUDA)
+    long = torch.randn(4, row + 1, generator=g).to(CUDA)
+    kernel = [(pf.linf1(2.0), W), (pf.linf1(2.0), (W, b)), (pf.linf1(2.0), torch.randn(4, row, generator=g).to(CUDA))]
+    other = [
+        (pf.linf1(2.0, group_dim=1), W),  # groups are columns
+        (pf.linf1(2.0), W.t()),  # rows not contiguous
+        (pf.linf1(2.0), long),  # groups longer than MAX_ROW
+        (pf.linf1(2.0), (W, b, b.clone())),  # three parts
+    ]
+    calls = count_launches(monkeypatch)
+    for op, x in kernel:
+        leaves = pytree.tree_leaves(x)
+        if CUDA.type == "cuda":
+            assert takes_kernel(leaves, 2.0, [0] * len(leaves))
+        before = len(calls)
+        got = op(x, 1.0)
+        with dispatch.implementation("aten"):
+            aten = op(x, 1.0)
+        with dispatch.implementation("reference"):
+            ref = op(x, 1.0)
+        assert len(calls) == before + (CUDA.type == "cuda")  # only the "auto" call launched
+        for a, c, d in zip(pytree.tree_leaves(got), pytree.tree_leaves(aten), pytree.tree_leaves(ref)):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, d, atol=1e-5, rtol=1e-5)
+    n = len(calls)
+    for op, x in other:
+        want = pytree.tree_map(lambda y: y.cpu(), op(pytree.tree_map(lambda y: y.cpu(), x), 1.0))
+        assert_close_tree(op(x, 1.0), want, torch.float32)
+    op, x = pf.linf1(2.0), W.clone().requires_grad_()
+    assert not takes_kernel([x], 2.0, [0]) and not takes_kernel([W], torch.tensor(2.0, device=CUDA), [0])
+    op(x, 1.0).sum().backward()  # the reference, differentiated
+    op(W, torch.tensor(1.0, device=CUDA))  # a 0-d step on the device: no host read, the reference
+    assert len(calls) == n
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_l21_with_the_scale_kernel_equals_it_without(dtype, monkeypatch):
-    """l21 (functional, a partition batch, in place) on large CUDA tensors: the Triton scale
-    changes no bit against ATen's kernel."""
-    g = torch.Generator().manual_seed(3)
-    W = (torch.randn(2048, 1024, generator=g) * 0.05).to(dtype).to(CUDA)
-    V = (torch.randn(1024, 2048, generator=g) * 0.05).to(dtype).to(CUDA)
-    op, part = pf.l21(1.5), pf.partition({"w": pf.l21(1.5), "v": pf.l21(1.5, group_dim=1)})
-    calls = count_launches(monkeypatch, scale)
-    monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)  # the kernel at test sizes
-
-    def run():
-        one = op(W, 1.0)
-        both = part({"w": W, "v": V}, 1.0)
-        inplace = {"w": W.clone(), "v": V.clone()}
-        apply_(part, inplace, 1.0)
-        return [one, both["w"], both["v"], inplace["w"], inplace["v"]]
-
-    with_kernel = run()
-    if CUDA.type == "cuda":
-        assert len(calls) == 5  # l21, the partition's two batches, in place twice
-        assert scale._get_kernel() is not None  # every launch ran (a failed one switches it off)
-    monkeypatch.setattr(scale, "_get_kernel", lambda: None)  # ATen's broadcast multiply
-    without = run()
-    for a, b in zip(with_kernel, without):
-        assert torch.equal(a, b)
-    assert int((with_kernel[0].abs().sum(1) == 0).sum()) > 0  # some rows died, some lived
-    assert int((with_kernel[0].abs().sum(1) > 0).sum()) > 0
+def test_a_linf1_kernel_switched_off_takes_the_aten_path(monkeypatch):
+    """A kernel whose launch failed (or ``PROXFUNC_TRITON=0``) is no longer available:
+    dispatch gives linf1 to ATen, with the same values."""
+    W = torch.randn(64, 300, generator=torch.Generator().manual_seed(8)).to(CUDA)
+    want = pf.linf1(2.0)(W.cpu(), 1.0)
+    monkeypatch.setattr(_triton, "_BUILT", {"linf1_rows": False})
+    calls = count_launches(monkeypatch)
+    assert dispatch.select([W], 2.0, kernel=linf1_cuda.SPEC, dims=[0]).impl == dispatch.ATEN
+    assert_close_tree(pf.linf1(2.0)(W, 1.0), want, torch.float32)
+    assert calls == []
 
 
 # ------------------------------------------------------------------------- compat, in place

@@ -1,22 +1,26 @@
-"""proxfunc's Triton kernels (eager CUDA paths) against oracles written out here.
+"""proxfunc's Triton kernel (:mod:`proxfunc.kernels.cuda.linf1`, eager CUDA path) against
+oracles written out here, and its launcher (:mod:`proxfunc.kernels.cuda._triton`).
 
-* ``kernels.scale.mul_along`` (l21's per-group scale) equals the ATen expression
-  ``(x.to(s.dtype) * s.reshape(along d)).to(x.dtype)`` bit for bit. Shapes cover both kernel
-  layouts (a row per slice; slices inside a row, with and without the division), ``d=None``,
-  rows not a multiple of the block, and the fallbacks.
-* ``kernels.linf1_rows`` (linf1's threshold and clamp, fused per row) equals the clamp at the
-  sort-based threshold (``threshold_sort`` in float64) to float rounding, on Gaussian rows,
-  ties, all-equal and zero rows, rows of 1 and 8192 entries, groups made of a row of a
-  weight and an entry of a bias (or a row of a second tensor), radii 0 to 1e9.
+* ``cuda.linf1.run`` (linf1's threshold and clamp, fused per row group) equals the clamp at
+  the sort-based threshold (``threshold_sort`` in float64) to float rounding, on Gaussian
+  rows, ties, all-equal and zero rows, rows of 1 and 8192 entries, groups made of a row of a
+  weight and an entry of a bias (or a row of a second tensor), radii 0 to 1e9; new tensors,
+  ``out=``, and in place (same bits, version counters bumped); a part with no columns.
+* Its :data:`~proxfunc.kernels.cuda.linf1.SPEC` is the layout it covers, as
+  :func:`proxfunc.dispatch.select` checks it (one or two contiguous tensors of one dtype,
+  groups along dim 0, at most ``MAX_ROW`` entries a group, a float threshold).
+* A launch that raises switches the kernel off with one warning (``run`` returns ``None``,
+  nothing written); ``PROXFUNC_TRITON=0`` switches it off; CPU tensors never reach it.
 
-The kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in one
+The kernel runs on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, in one
 subprocess so the rest of the suite never sees the variable) when ``triton`` is installed
-(the test extra installs it on Linux x86-64); ``tests/test_cuda.py`` checks them compiled on a
-GPU, where they are used.
+(the test extra installs it on Linux x86-64); ``tests/test_cuda.py`` checks it compiled on a
+GPU, where it is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -27,33 +31,13 @@ import pytest
 import torch
 
 import proxfunc as pf
-import proxfunc.kernels.threshold  # noqa: F401
+from proxfunc import dispatch
 from proxfunc.compat import apply_
-from proxfunc.kernels import _triton, linf1_rows, scale
+from proxfunc.kernels.cuda import _triton
+from proxfunc.kernels.cuda import linf1 as linf1_cuda
+from proxfunc.kernels.threshold import threshold_sort
 
-K = sys.modules["proxfunc.kernels.threshold"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# (shape, d): by row (inner >= 512), inside a row with d last (no division), inside a row with
-# a division (3-D, 4-D), d=None, a single long row, a 1-D tensor, a negative d.
-SHAPES = [
-    ((600, 700), 0),
-    ((600, 700), 1),
-    ((3, 520, 5), 1),
-    ((2, 3, 1100), 1),
-    ((7, 1300), None),
-    ((4, 600), -1),
-    ((1, 4097), 0),
-    ((9000,), 0),
-    ((5, 7, 9, 11), 2),
-    ((8, 64, 3, 3), 1),
-]
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
 
 
 def linf1_rows_cases():
@@ -81,7 +65,7 @@ LINF1_RADII = (0.0, 1e-9, 0.5, 5.0, 1e9)
 def linf1_reference(leaves, r):
     """clamp(x_g, -tau_g, tau_g) with tau_g from the sort-based threshold over the group's
     entries in all leaves, in float64."""
-    tau = K.threshold_sort([(x.double(), 0) for x in leaves], r, absolute=True).clamp_min(0)
+    tau = threshold_sort([(x.double(), 0) for x in leaves], r, absolute=True).clamp_min(0)
     out = []
     for x in leaves:
         tb = tau.reshape([-1] + [1] * (x.dim() - 1))
@@ -97,89 +81,48 @@ def linf1_tol(leaves, dtype):
     return 8 * eps * big * max(1, n) ** 0.5 + 2 * eps * big
 
 
-def reference(x, s, d):
-    if d is None:
-        v = s.reshape(())
-    else:
-        shape = [1] * x.dim()
-        shape[d] = -1
-        v = s.reshape(shape)
-    return (x.to(s.dtype) * v).to(x.dtype)
+def test_spec_declares_the_kernel():
+    spec = linf1_cuda.SPEC
+    assert (spec.name, spec.device, spec.max_parts, spec.max_group) == ("linf1_rows", "cuda", 2, linf1_cuda.MAX_ROW)
+    assert set(spec.dtypes) == {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+    assert spec.available is linf1_cuda.available
+    assert linf1_cuda.MAX_ROW & (linf1_cuda.MAX_ROW - 1) == 0  # a power of two: one program's block
 
 
-def operands(shape, d, xd, sd, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(xd)
-    n = 1 if d is None else shape[d]
-    s = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 0.5).to(sd)
-    s[0] = 0.0  # a dead group
-    return x, (s.reshape(()) if d is None else s)
+def test_spec_covers_rows_of_one_or_two_contiguous_tensors_only():
+    # The layout as dispatch checks it, on CPU tensors under a copy of SPEC declared for the
+    # CPU (the kernel itself is never reached here).
+    spec = dataclasses.replace(linf1_cuda.SPEC, device="cpu", available=lambda: True)
 
+    def takes(leaves, dims, t=0.5):
+        return dispatch.select(leaves, t, kernel=spec, dims=dims).impl == dispatch.KERNEL
 
-@pytest.mark.parametrize("shape,d", SHAPES)
-@pytest.mark.parametrize("xd,sd", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-def test_mul_along_equals_aten_expression(shape, d, xd, sd):
-    # On the CPU (or any tensor the kernel does not take) this is the ATen path itself;
-    # the point is the contract: new tensor, out=, and in place all equal the reference.
-    x, s = operands(shape, d, xd, sd)
-    want = reference(x, s, d)
-    assert torch.equal(scale.mul_along(x, s, d), want)
-    out = torch.empty_like(x)
-    assert scale.mul_along(x, s, d, out=out) is out and torch.equal(out, want)
-    if xd == sd:
-        y = x.clone()
-        assert scale.mul_along(y, s, d, out=y) is y and torch.equal(y, want)
-
-
-def test_geometry_picks_the_layout():
-    # by row: one scale per row of `inner` entries; else rows of size_d * inner entries
-    assert scale._geometry(torch.Size([600, 700]), 0) == (600, 700, 700, True)
-    assert scale._geometry(torch.Size([600, 700]), 1) == (600, 700, 1, False)
-    assert scale._geometry(torch.Size([8, 64, 3, 3]), 1) == (8, 576, 9, False)
-    assert scale._geometry(torch.Size([2, 3, 1100]), 1) == (6, 1100, 1100, True)
-    assert scale._geometry(torch.Size([7, 1300]), None) == (1, 9100, 9100, True)
-
-
-def test_cpu_tensors_never_reach_the_kernel(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the Triton launcher ran for a CPU tensor")
-
-    monkeypatch.setattr(scale, "_launch", boom)
-    monkeypatch.setattr(scale, "MIN_NUMEL", 1 << 16)
-    x = torch.randn(2048, 1024)  # above MIN_NUMEL
-    op = pf.l21(20.0)
-    got = op(x, 1.0)
-    n = x.double().norm(dim=1)
-    torch.testing.assert_close(got, (x.double() * (1 - 20.0 / n).clamp_min(0)[:, None]).float())
-    y = x.clone()
-    apply_(op, y, 1.0)
-    assert torch.equal(y, got)
-
-
-def test_linf1_rows_covers_rows_of_one_or_two_contiguous_tensors_only(monkeypatch):
-    # The layout checks (the kernel itself is never reached here: CPU tensors).
-    monkeypatch.setattr(linf1_rows, "_get_kernel", lambda: object())
-    use = linf1_rows.usable
     x, b = torch.randn(64, 100), torch.randn(64)
-    assert use([x], [0], 0.5, None) and use([x], [-2], 0.5, [x]) and use([x, b], [0, 0], 0.5, [x, b])
-    assert not use([x], [1], 0.5, None)  # groups are columns
-    assert not use([x], [None], 0.5, None)  # one group over everything
-    assert not use([x.t()], [0], 0.5, None)  # rows not contiguous
-    assert not use([x], [0], torch.tensor(0.5), None)  # tensor threshold: the ATen path
-    assert not use([torch.randn(2, linf1_rows.MAX_ROW + 1)], [0], 0.5, None)
-    assert not use([torch.randn(2, linf1_rows.MAX_ROW), torch.randn(2)], [0, 0], 0.5, None)  # group too long
-    assert not use([x], [0], 0.5, [torch.empty(64, 100, dtype=torch.float64)])
-    assert not use([torch.randint(0, 3, (4, 4))], [0], 0.5, None)
-    assert not use([x, b.double()], [0, 0], 0.5, None)  # mixed dtypes
-    assert not use([x, torch.randn(63)], [0, 0], 0.5, None)  # different group counts
-    assert not use([x, b, b.clone()], [0, 0, 0], 0.5, None)  # three leaves
-    assert not use([x, x.t()], [0, 1], 0.5, None)
-    assert linf1_rows.linf1_rows([x], [0], 0.5) is None  # a CPU tensor: the caller's path
+    row = linf1_cuda.MAX_ROW
+    with dispatch.implementation("auto"):
+        assert takes([x], [0]) and takes([x], [-2]) and takes([x, b], [0, 0]) and takes([b], [0])
+        assert takes([x.half()], [0]) and takes([x.bfloat16(), b.bfloat16()], [0, 0])
+        assert takes([torch.randn(2, row)], [0]) and takes([torch.randn(2, row - 1), torch.randn(2)], [0, 0])
+        assert not takes([x], [1])  # groups are columns
+        assert not takes([x.t()], [0])  # rows not contiguous
+        assert not takes([torch.randn(2, row + 1)], [0])  # group too long
+        assert not takes([torch.randn(2, row), torch.randn(2)], [0, 0])
+        assert not takes([x, b.double()], [0, 0])  # mixed dtypes
+        assert not takes([x, torch.randn(63)], [0, 0])  # different group counts
+        assert not takes([x, b, b.clone()], [0, 0, 0])  # three parts
+        assert not takes([x, x.t()], [0, 1])
+        assert not takes([torch.randn(0, 5)], [0])  # no groups
+        assert not takes([x], [0], float("inf"))
+        assert not takes([x.half()], [0], 1e6)  # beyond float16's range
+        assert not takes([x.requires_grad_()], [0])  # something to differentiate: the reference
+    with dispatch.implementation("aten"):
+        assert not takes([b], [0])
 
 
 def test_linf1_on_the_cpu_never_launches(monkeypatch):
-    monkeypatch.setattr(linf1_rows, "_launch", lambda *a: pytest.fail("kernel launched for a CPU tensor"))
+    monkeypatch.setattr(linf1_cuda, "_launch", lambda *a: pytest.fail("kernel launched for a CPU tensor"))
     x = torch.randn(64, 300, dtype=torch.float64)
+    assert dispatch.select([x], 2.0, kernel=linf1_cuda.SPEC, dims=[0]).impl != dispatch.KERNEL
     got = pf.linf1(2.0)(x, 1.0)
     torch.testing.assert_close(got, linf1_reference([x], 2.0)[0], rtol=0, atol=1e-12)
     y = x.clone()
@@ -187,77 +130,72 @@ def test_linf1_on_the_cpu_never_launches(monkeypatch):
     assert torch.equal(y, got)
 
 
+class Broken:
+    """A built kernel whose launch raises, as Triton's does on a GPU or toolchain it cannot
+    compile for (it compiles at the first launch)."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            raise RuntimeError("no compiler for this GPU")
+
+        return launch
+
+
 def test_a_kernel_that_cannot_run_is_switched_off_with_a_warning(monkeypatch):
-    # Triton compiles at the first launch; a GPU or toolchain it cannot compile for raises
-    # there. The operator must still answer (ATen path), once warned, kernel off for good.
-    class Broken:
-        def __getitem__(self, grid):
-            def run(*args, **meta):
-                raise RuntimeError("no compiler for this GPU")
-
-            return run
-
-    monkeypatch.setattr(_triton, "_BUILT", {"mul_along": Broken(), "linf1_rows": Broken()})
-    x, s = operands((600, 700), 0, torch.float32, torch.float32)
-    out = torch.empty_like(x)
-    with pytest.warns(RuntimeWarning, match="'mul_along' could not run"):
-        got = scale._launch(x, s, 0, out)
-    assert got is out and torch.equal(got, reference(x, s, 0))
-    assert scale._get_kernel() is None
+    # The operator must still answer (its ATen path), once warned, the kernel off for good.
+    monkeypatch.setattr(_triton, "_BUILT", {"linf1_rows": Broken()})
+    assert linf1_cuda.available()
     xs = [torch.randn(8, 50)]
+    before = xs[0].clone()
+    version = xs[0]._version
     with pytest.warns(RuntimeWarning, match="'linf1_rows' could not run"):
-        assert linf1_rows._launch(xs, 0.5, [torch.empty_like(xs[0])]) is None
-    assert linf1_rows._get_kernel() is None
+        assert linf1_cuda.run(xs, 0.5, out=xs) is None
+    assert torch.equal(xs[0], before) and xs[0]._version == version  # nothing written
+    assert not linf1_cuda.available() and linf1_cuda._get_kernel() is None
+    assert linf1_cuda.run(xs, 0.5) is None  # no second warning, no launch
 
 
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("PROXFUNC_TRITON", "0")
     monkeypatch.setattr(_triton, "_BUILT", {})  # nothing built yet; restored afterwards
-    assert scale._get_kernel() is None
-    assert _triton._BUILT == {"mul_along": False}
+    assert not linf1_cuda.available()
+    assert _triton._BUILT == {"linf1_rows": False}
+    assert linf1_cuda.run([torch.randn(4, 8)], 0.5) is None
 
 
 _INTERPRETED = textwrap.dedent(
     """
     import torch
-    from proxfunc.kernels import linf1_rows, scale
-    from tests.test_triton_kernels import DTYPES, LINF1_RADII, SHAPES, linf1_reference, linf1_rows_cases
-    from tests.test_triton_kernels import linf1_tol, operands, reference
+    from proxfunc.kernels.cuda import linf1
+    from tests.test_triton_kernels import LINF1_RADII, linf1_reference, linf1_rows_cases, linf1_tol
 
-    assert scale._get_kernel() is not None, "triton did not load"
+    assert linf1.available(), "triton did not load"
     bad = []
-    for shape, d in SHAPES:
-        for xd, sd in DTYPES:
-            x, s = operands(shape, d, xd, sd, seed=1)
-            want = reference(x, s, d)
-            got = scale._launch(x, s, d, torch.empty_like(x))
-            if xd == torch.bfloat16:
-                # the interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even,
-                # checked exactly in tests/test_cuda.py): at most one unit in the last place
-                ulp = (want.float().abs() * 2.0**-7).clamp_min(2.0**-133)
-                ok = bool(((got.float() - want.float()).abs() <= ulp).all())
-            else:
-                ok = torch.equal(got, want)
-            if xd == sd:
-                y = x.clone()
-                ok = ok and scale._launch(y, s, d, y) is y and torch.equal(y, want)
-            if not ok:
-                bad.append((shape, d, str(xd)))
-
-    assert linf1_rows._get_kernel() is not None
+    checked = 0
     for name, masters in linf1_rows_cases().items():
         for r in LINF1_RADII:
             for dt in (torch.float64, torch.float32, torch.bfloat16):  # float16: test_cuda
                 xs = [x.to(dt) for x in masters]
                 want = linf1_reference(xs, r)
-                got = linf1_rows._launch(xs, r, [torch.empty_like(x) for x in xs])
+                got = linf1.run(xs, r)
+                outs = [torch.empty_like(x) for x in xs]
+                into = linf1.run(xs, r, out=outs)
                 ys = [x.clone() for x in xs]
-                linf1_rows._launch(ys, r, ys)  # in place: each program reads its rows first
+                versions = [y._version for y in ys]
+                mine = linf1.run(ys, r, out=ys)  # in place: each program reads its group first
                 err = max(float((a.double() - b).abs().max()) for a, b in zip(got, want))
-                same = all(torch.equal(a, b) and a.dtype == dt for a, b in zip(ys, got))
-                if not (err <= linf1_tol(masters, dt) and same):
-                    bad.append(("linf1_rows", name, r, str(dt), err))
-    print("checked", len(SHAPES) * len(DTYPES), "+ linf1 rows; bad", bad)
+                same = all(torch.equal(a, b) and torch.equal(c, b) and a.dtype == dt for a, b, c in zip(ys, got, outs))
+                same = same and into is outs and mine is ys
+                bumped = all(y._version > v for y, v in zip(ys, versions))
+                if not (err <= linf1_tol(masters, dt) and same and bumped):
+                    bad.append((name, r, str(dt), err, same, bumped))
+                checked += 1
+    # a part with no columns: nothing to read or write, the other part as alone
+    w = linf1_rows_cases()["gauss"][0].float()
+    got = linf1.run([w, torch.empty(w.shape[0], 0)], 5.0)
+    if not (torch.equal(got[0], linf1.run([w], 5.0)[0]) and got[1].shape == (w.shape[0], 0)):
+        bad.append("empty part")
+    print("checked", checked, "linf1 row cases; bad", bad)
     assert not bad, bad
     """
 )

@@ -1,9 +1,11 @@
-"""Optional Triton kernels for eager CUDA paths: built lazily, once each, when ``triton``
-imports (it ships with torch's CUDA wheels) and ``PROXFUNC_TRITON`` is not ``0``.
+"""Building and launching proxfunc's Triton kernels: each built lazily, once per process, when
+``triton`` imports (it ships with torch's CUDA wheels) and ``PROXFUNC_TRITON`` is not ``0``.
 
-Callers reach a kernel only for concrete CUDA tensors with nothing to differentiate and
-nothing traced; every caller keeps an ATen path for everything else, and the tests run the
-kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+Which calls reach a kernel is decided by :func:`proxfunc.dispatch.select` from the kernel's
+:class:`~proxfunc.dispatch.KernelSpec` (concrete CUDA tensors with nothing to differentiate
+and nothing traced); every operator keeps its ATen path for everything else, and for a kernel
+whose launch failed (:func:`launch`). The tests run the kernels on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ _BUILT: dict[str, Any] = {}  # name -> jitted kernel, or False when triton is un
 
 def kernel(name: str, build: Callable[[Any, Any], Any]) -> Any:
     """The kernel ``build(triton, triton.language)`` made under ``name``, or ``None`` when
-    triton cannot be imported or is switched off (``PROXFUNC_TRITON=0``)."""
+    triton cannot be imported, is switched off (``PROXFUNC_TRITON=0``, read at the first call
+    for ``name``) or a launch of the kernel failed."""
     got = _BUILT.get(name)
     if got is None:
         got = _BUILT[name] = _build(build) or False
@@ -36,7 +39,7 @@ def _build(build: Callable[[Any, Any], Any]) -> Any:
     try:
         import triton
         import triton.language as tl
-    except Exception:  # not installed (CPU wheels) or broken: the ATen path then
+    except Exception:  # not installed (CPU wheels) or broken: the operators' ATen paths then
         return None
     return build(triton, tl)
 
