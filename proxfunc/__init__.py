@@ -3,11 +3,13 @@
 ``op = pf.l21(reg)`` makes an operator; ``op(params, step)`` returns
 ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` for a tensor or any pytree of tensors,
 without mutating ``params``; ``op.value(params)`` returns ``f(params)``.
+Which implementation computes an operator (the reference math, ATen eager kernels or a
+hand-written kernel) is decided in one place, :func:`proxfunc.dispatch.select`.
 In-place use on modules, the seed's API and an optimizer wrapper live in
 :mod:`proxfunc.compat`.
 """
 
-from . import autosize
+from . import autosize, dispatch
 from ._base import Prox
 from .calculus import add_linear, add_quadratic, chain, conjugate, identity, moreau_env, partition, precompose, scale
 from .groups import l21, linf1
@@ -24,6 +26,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Prox",
+    "dispatch",
     # norms and penalties
     "l1",
     "l2",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -107,10 +108,11 @@ def check_hyper(
                     op = ">" if strict else ">="
                     raise ValueError(f"{where} must be {op} {min_value}, got {_short(v)}")
         return value
+    # comparisons, not math.isnan/isinf: traced with a changing value, a float is symbolic
     f = float(value)
-    if math.isnan(f):
+    if f != f:
         raise ValueError(f"{where} must not be NaN")
-    if not allow_inf and math.isinf(f):
+    if not allow_inf and abs(f) == math.inf:
         raise ValueError(f"{where} must be finite, got {f}")
     if min_value is not None and (f <= min_value if strict else f < min_value):
         op = ">" if strict else ">="
@@ -149,14 +151,14 @@ class Prox:
     are equal when they are of the same type with equal hyperparameters (tensor
     hyperparameters compare by identity).
 
-    Subclass contract: set ``_fields`` to the names of the hyperparameters (stored as
+    Subclass contract: set ``_hyper_names`` to the names of the hyperparameters (stored as
     attributes of the same names, in ``__init__`` via :meth:`_set`) and implement
     ``_prox(leaves, step, tree)`` and ``_value(leaves, tree)``. ``leaves`` is the list of
     validated floating tensors, ``tree`` a :class:`proxfunc._tree.Tree` (structure, leaf
     paths) and ``step`` a validated float or 0-d tensor.
     """
 
-    _fields: ClassVar[tuple[str, ...]] = ()
+    _hyper_names: ClassVar[tuple[str, ...]] = ()
     #: Projections (prox of an indicator) ignore ``step``.
     is_projection: ClassVar[bool] = False
     #: The prox acts on each element separately (leaf structure does not matter).
@@ -181,46 +183,37 @@ class Prox:
     def _value(self, leaves: list[torch.Tensor], tree: _tree.Tree) -> torch.Tensor:
         raise NotImplementedError
 
-    def _prox_each(self, args: list[Any], step: Hyper) -> list[Any]:
-        """``[self(a, step) for a in args]``: the operator applied to each argument on its own.
+    def _prox_batch(self, args: list[Any], step: Hyper, in_place: bool) -> Callable[[], Any] | None:
+        """The one hook for several arguments at once and for writing in place.
 
-        What a :func:`proxfunc.partition` pattern rule does with the tensors it matches.
-        Operators may batch the work across arguments; the result must equal the loop. A
-        separable operator makes one call on the list of floating tensors (its prox on a list
-        is the list of its proxes).
+        Returns a prepared computation of ``[self(a, step) for a in args]`` (each argument a
+        tensor or a pytree of tensors, taken on its own: the tensors of a
+        :func:`proxfunc.partition` pattern rule, or the one target of
+        :func:`proxfunc.compat.apply_`), or ``None`` when the operator has none for these
+        arguments; callers then call ``self(a, step)`` for each, and the in-place layer copies
+        the results into the tensors.
+
+        ``in_place=False``: calling it returns the list of new values. ``in_place=True``:
+        calling it overwrites the arguments' tensors with their new values and returns
+        nothing; every check is made when it is prepared, so calling it cannot fail (the
+        in-place layer prepares everything before it writes anything). ``step`` is validated.
+        Which implementation runs is decided by :func:`proxfunc.dispatch.select`.
+
+        By default a separable operator prox-es a list of floating tensors in one call (its
+        prox of the list is the list of its proxes).
         """
-        floats = all(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args)
-        if self.separable and len(args) > 1 and floats:
-            return list(self(list(args), step))
-        return [self(a, step) for a in args]
-
-    def _writer_tree(self, params: Any, step: Hyper) -> Any:
-        """A callable that overwrites the tensors of ``params`` with ``self(params, step)`` (one
-        argument, e.g. a layer's ``(weight, bias)``), in place; or ``None``.
-
-        The in-place layer's counterpart of :meth:`_writer` for a whole target or a
-        ``partition`` tuple rule; the same contract (checks when asked, cannot fail when
-        called). A separable operator's prox on the whole is its prox on each tensor.
-        """
-        if not self.separable:
+        if in_place or not self.separable or len(args) < 2:
             return None
-        leaves, _ = _tree.flatten(params, self._name())
-        return self._writer(leaves, step) if leaves else None
+        if not all(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):
+            return None
+        return lambda: list(self(list(args), step))
 
-    def _writer(self, leaves: list[torch.Tensor], step: Hyper) -> Any:
-        """A callable that overwrites every tensor ``x`` of ``leaves`` with ``self(x, step)``,
-        each on its own, in place; or ``None``.
-
-        For the in-place layer only (:func:`proxfunc.compat.apply_`), which asks a separable
-        operator for a writer over all the tensors of a target (its prox on them jointly is
-        the same) and any operator for the tensors of a ``partition`` pattern rule (each its
-        own argument). apply_ asks for the writers before anything is written and calls them
-        after every other new value has been computed and checked, so a writer must not fail
-        (it checks its arguments when asked). ``step`` is already validated. ``None`` (the
-        default) means "compute new values and copy them", always correct. One writer serves a
-        whole list: one eligibility pass and one call instead of a closure per tensor.
-        """
-        return None
+    def _leaves_of(self, args: list[Any]) -> list[torch.Tensor]:
+        """The floating tensors of every argument, with the checks of a call on each."""
+        out: list[torch.Tensor] = []
+        for a in args:
+            out += _tree.flatten(a, self._name())[0]
+        return out
 
     # ---------------------------------------------------------------- plumbing
     def _set(self, **fields: Any) -> None:
@@ -240,7 +233,7 @@ class Prox:
         return getattr(self, "_public_name", type(self).__name__)
 
     def _params(self) -> tuple[tuple[str, Any], ...]:
-        return tuple((k, getattr(self, k)) for k in self._fields)
+        return tuple((k, getattr(self, k)) for k in self._hyper_names)
 
     def __repr__(self) -> str:
         def fmt(v: Any) -> str:
@@ -272,5 +265,5 @@ class Prox:
 
 
 def _rebuild(cls: type, fields: dict[str, Any]) -> Prox:
-    # ``_fields`` are the constructor's keyword arguments by convention.
+    # ``_hyper_names`` are the constructor's keyword arguments by convention.
     return cls(**fields)

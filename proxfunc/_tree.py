@@ -280,7 +280,3 @@ def total(parts: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
     for p in parts[1:]:
         out = out + cast(p, dtype)
     return out
-
-
-def map_leaves(fn: Callable[..., torch.Tensor], *lists: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [fn(*xs) for xs in zip(*lists)]

@@ -15,10 +15,8 @@ __all__ = [
     "block_scale",
     "block_scale_",
     "traceable",
-    "mul",
     "indicator",
     "feasible_tol",
-    "inf_like",
     "zeros_like_value",
 ]
 
@@ -44,6 +42,15 @@ def clamp(x: torch.Tensor, lo: float | torch.Tensor | None, hi: float | torch.Te
     if hi is not None:
         x = torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype))
     return x
+
+
+def hyper_tensor(h: Hyper, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A hyperparameter or step as a 0-d tensor of ``dtype`` on ``device``. A Python number
+    goes through ``torch.full``, which a trace keeps symbolic (``torch.as_tensor`` of a
+    changing float recompiles for every value)."""
+    if isinstance(h, torch.Tensor):
+        return h.to(dtype=dtype, device=device)
+    return torch.full((), h, dtype=dtype, device=device)
 
 
 def safe_norm(sq: torch.Tensor) -> torch.Tensor:
@@ -95,29 +102,16 @@ def traceable(*tensors: object) -> bool:
         return True
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     # Fast path for the common eager case, asked of all tensors at once with C-level ``map``
-    # (a model's 48 tensors: ~4 us, against ~25 us one tensor at a time): plain dense tensors,
-    # none on the meta device, none a torch.func wrapper. Anything else gets the full check.
+    # (several times faster than one tensor at a time): plain dense tensors, none on the meta
+    # device, none a torch.func wrapper. Anything else gets the full check.
     if _plain(ts):
         return False
     return not all(map(is_concrete, ts))
 
 
-def eager_nograd(t: object, leaves: list[torch.Tensor]) -> bool:
-    """Eager, concrete, nothing to differentiate: a path of plain kernels may replace the
-    differentiable, traceable one (``t`` is the threshold, a float or a tensor)."""
-    if _is_compiling():  # before the ``map`` below, which dynamo does not trace
-        return False
-    if torch.is_grad_enabled() and (
-        any(map(_REQUIRES_GRAD, leaves)) or (isinstance(t, torch.Tensor) and t.requires_grad)
-    ):
-        return False
-    return not traceable(t, *leaves)
-
-
 _functorch = getattr(torch._C, "_functorch", None)
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _IS_META = attrgetter("is_meta")
-_REQUIRES_GRAD = attrgetter("requires_grad")
 _IS_WRAPPED = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 
 
@@ -126,11 +120,6 @@ def _plain(ts: list[torch.Tensor]) -> bool:
     if not set(map(type, ts)) <= _PLAIN or any(map(_IS_META, ts)):
         return False
     return _IS_WRAPPED is None or not any(map(_IS_WRAPPED, ts))
-
-
-def mul(a: Hyper, b: Hyper) -> Hyper:
-    """Product of two hyperparameters (float * float stays a float)."""
-    return a * b
 
 
 def indicator(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -151,10 +140,6 @@ def feasible_tol(x: torch.Tensor | list[torch.Tensor], n: int) -> float:
     tol = max(float(torch.finfo(acc_dtype(t)).eps) for t in xs) * (8 + 2 * n)
     low = [float(torch.finfo(t.dtype).eps) for t in xs if t.dtype != acc_dtype(t)]
     return tol + (2 * max(low) if low else 0.0)
-
-
-def inf_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.full((), float("inf"), dtype=t.dtype, device=t.device)
 
 
 def zeros_like_value(leaves: list[torch.Tensor]) -> torch.Tensor:

@@ -252,7 +252,7 @@ class NeuronProx(tuple):
 
 def _make_op(op: Any, dims: tuple[int, ...]) -> Prox:
     if isinstance(op, Prox):
-        if "group_dim" not in op._fields:
+        if "group_dim" not in op._hyper_names:
             raise TypeError(
                 f"autosize: the operator {op!r} has no group_dim; use a group operator such as "
                 "pf.linf1 or pf.l21, or pass a factory called as op(group_dim=...)"

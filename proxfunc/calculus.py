@@ -60,7 +60,7 @@ class chain(Prox):  # noqa: N801
     In general it is a splitting heuristic, not the prox of the sum.
     """
 
-    _fields = ("ops",)
+    _hyper_names = ("ops",)
     _public_name = "chain"
 
     def __init__(self, *ops: Prox):
@@ -104,7 +104,7 @@ class partition(Prox):  # noqa: N801
       several tensors (``group_dim`` then lines up with the tuple).
 
     All the tensors that one operator's pattern rules match are handed to it as one batch
-    (:meth:`Prox._prox_each`), with the result of one call per tensor: a separable operator
+    (:meth:`Prox._prox_batch`), with the result of one call per tensor: a separable operator
     makes a single call, l21 computes every tensor's group norms and then one scale for all.
 
     Parameters no rule matches pass through unchanged (the same tensors). With
@@ -122,7 +122,7 @@ class partition(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 2.1 (separable sum).
     """
 
-    _fields = ("rules", "strict")
+    _hyper_names = ("rules", "strict")
     _public_name = "partition"
 
     def __init__(self, rules: Mapping[Key, Prox] | Iterable[tuple[Key, Prox]], *, strict: bool = True):
@@ -165,25 +165,24 @@ class partition(Prox):  # noqa: N801
         idx = _resolve_plan(keys, self.strict, names)
         return [(self.rules[i][0], group, self.rules[i][1]) for i, group in idx]
 
-    def _layout(self, names: Iterable[str]) -> tuple[list[tuple[Prox, tuple[str, ...]]], list]:
-        """``resolve`` arranged for a call: ``(batches, others)``.
+    def _layout(self, names: Iterable[str]) -> list[tuple[Prox, list[tuple[str, ...]], bool]]:
+        """``resolve`` arranged for a call: ``[(op, name groups, joint)]``.
 
-        The tensors an operator's pattern rules match form one batch (``(op, names)``) for
-        :meth:`Prox._prox_each`, which may share work across them (a separable operator makes
-        one call; l21 one scale computation), or for one in-place writer. ``others`` are the
-        tuple rules, ``(key, names, op)`` entries of ``resolve``.
+        The rules of one operator (equal operators count as one) form one batch for
+        :meth:`Prox._prox_batch`, which may share work across them (a separable operator makes
+        one call; l21 one scale computation), functional or in place: its pattern rules' tensors
+        each an argument (``joint=False``, groups of one name), and apart from those its tuple
+        rules, each rule's tensors one argument (``joint=True``).
         """
         return self._cached("_cache_layout", tuple(names), self._arrange)
 
-    def _arrange(self, names: tuple[str, ...]) -> tuple[list[tuple[Prox, tuple[str, ...]]], list]:
-        grouped: dict[int, tuple[Prox, list[str]]] = {}
-        others = []
+    def _arrange(self, names: tuple[str, ...]) -> list[tuple[Prox, list[tuple[str, ...]], bool]]:
+        batches: dict[Any, tuple[Prox, list[tuple[str, ...]], bool]] = {}
+        by_value = not _is_compiling()  # traced: by identity (no operator hashing in the graph)
         for key, group, op in self.resolve(names):
-            if isinstance(key, str):
-                grouped.setdefault(id(op), (op, []))[1].append(group[0])
-            else:
-                others.append((key, group, op))
-        return [(op, tuple(ns)) for op, ns in grouped.values()], others
+            joint = not isinstance(key, str)
+            batches.setdefault((op if by_value else id(op), joint), (op, [], joint))[1].append(group)
+        return list(batches.values())
 
     def _cached(self, slot: str, names: tuple[str, ...], compute: Callable[[tuple[str, ...]], Any]) -> Any:
         """``compute(names)``, remembered for the last ``names`` seen (a training loop passes the
@@ -219,33 +218,24 @@ class partition(Prox):  # noqa: N801
     def _split(self, params: Any, step: Hyper, in_place: bool) -> tuple[dict[str, Any], list[Any]]:
         """``(new values of the names some rule covers, writers)``; no writers unless ``in_place``.
 
-        With ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`), the tensors of
-        a rule whose operator offers a writer for them (:meth:`Prox._writer` for a pattern
-        rule's tensors, each on its own; :meth:`Prox._writer_tree` for a tuple rule's one
-        argument) are left out of the new values and get that writer instead; calling every
-        writer afterwards completes the update.
+        Each batch of :meth:`_layout` goes to its operator's :meth:`Prox._prox_batch` once. With
+        ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`) what it prepares
+        writes those tensors itself and is returned among the writers, called after every new
+        value was computed; otherwise, and where it prepares nothing, the new values are computed.
         """
         step = check_step("partition", step)
         params = self._mapping(params)
         changed: dict[str, Any] = {}
         writers: list[Any] = []
-        batches, others = self._layout(params.keys())
-        for _, names, op in others:
-            arg = tuple(params[n] for n in names)
-            w = op._writer_tree(arg, step) if in_place else None
-            if w is not None:
-                writers.append(w)
+        for op, groups, joint in self._layout(params.keys()):
+            args = [tuple(params[n] for n in g) if joint else params[g[0]] for g in groups]
+            run = op._prox_batch(args, step, in_place) if in_place or len(args) > 1 else None
+            if run is not None and in_place:
+                writers.append(run)
                 continue
-            for n, v in zip(names, op(arg, step)):
-                changed[n] = v
-        for op, names in batches:
-            leaves = [params[n] for n in names]
-            w = op._writer(leaves, step) if in_place else None
-            if w is not None:
-                writers.append(w)
-                continue
-            for n, v in zip(names, op._prox_each(leaves, step)):
-                changed[n] = v
+            outs = run() if run is not None else [op(a, step) for a in args]
+            for g, v in zip(groups, outs):
+                changed.update(zip(g, v) if joint else [(g[0], v)])
         return changed, writers
 
     def value(self, params: Any) -> torch.Tensor:
@@ -272,8 +262,12 @@ class partition(Prox):  # noqa: N801
 
 
 def _constant(fn):
-    compiler = getattr(torch, "compiler", None)  # torch >= 2.1
-    return compiler.assume_constant_result(fn) if hasattr(compiler, "assume_constant_result") else fn
+    """``torch.compiler.assume_constant_result(fn)``: traced, a call of ``fn`` on constants is
+    run once and its result put in the graph. The decorator's marker is set directly, because
+    calling it imports ``torch._dynamo`` (about a second) with ``import proxfunc``;
+    ``tests/test_compile.py`` checks that the decorator sets this marker and nothing else."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant
@@ -386,7 +380,7 @@ class scale(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 2.2 (postcomposition).
     """
 
-    _fields = ("op", "a")
+    _hyper_names = ("op", "a")
     _public_name = "scale"
 
     def __init__(self, op: Prox, a: Hyper = 1.0):
@@ -410,7 +404,7 @@ class precompose(Prox):  # noqa: N801
     ``value(z) = f.value(alpha*z + b)``. Parikh & Boyd (2014) section 2.2 (precomposition).
     """
 
-    _fields = ("op", "alpha", "b")
+    _hyper_names = ("op", "alpha", "b")
     _public_name = "precompose"
 
     def __init__(self, op: Prox, alpha: Hyper = 1.0, b: Any = 0.0):
@@ -444,7 +438,7 @@ class add_linear(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 2.2 (affine addition).
     """
 
-    _fields = ("op", "v")
+    _hyper_names = ("op", "v")
     _public_name = "add_linear"
 
     def __init__(self, op: Prox, v: Any = 0.0):
@@ -469,7 +463,7 @@ class add_quadratic(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 2.2 (regularization).
     """
 
-    _fields = ("op", "rho", "v")
+    _hyper_names = ("op", "rho", "v")
     _public_name = "add_quadratic"
 
     def __init__(self, op: Prox, rho: Hyper = 1.0, v: Any = 0.0):
@@ -518,7 +512,7 @@ class conjugate(Prox):  # noqa: N801
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
     """
 
-    _fields = ("op",)
+    _hyper_names = ("op",)
     _public_name = "conjugate"
 
     def __init__(self, op: Prox):
@@ -549,7 +543,7 @@ class moreau_env(Prox):  # noqa: N801
     Parikh & Boyd (2014) sections 1.2, 3.1 and 2.2 (prox of the envelope).
     """
 
-    _fields = ("op", "mu")
+    _hyper_names = ("op", "mu")
     _public_name = "moreau_env"
 
     def __init__(self, op: Prox, mu: Hyper = 1.0):

@@ -18,23 +18,27 @@ auto-sizing); Murray et al., *Auto-Sizing the Transformer Network*, WNGT 2019.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _tree
-from ._base import Hyper, Prox, check_hyper, check_step
-from ._util import block_scale, block_scale_, eager_nograd, safe_norm, traceable, zeros_like_value
+from . import _tree, dispatch
+from ._base import Hyper, Prox, check_hyper
+from ._util import block_scale, block_scale_, safe_norm, zeros_like_value
 from .kernels import threshold
-from .kernels.l21_rows import l21_rows
-from .kernels.linf1_cpu import linf1_rows_cpu
-from .kernels.linf1_rows import linf1_rows
-from .kernels.scale import mul_along, scaled
-from .norms import _clamp_sym, _writable
+from .kernels.cpu import linf1 as linf1_cpu
+from .kernels.cuda import linf1 as linf1_cuda
+from .norms import _clamp_sym
 
 __all__ = ["l21", "linf1", "GroupProx"]
+
+#: linf1's hand-written kernels by device type (row groups; see :mod:`proxfunc.kernels`).
+_LINF1_KERNELS = {"cpu": linf1_cpu, "cuda": linf1_cuda}
+
+Parts = list[tuple[list[torch.Tensor], list[int]]]
 
 
 def _check_group_dim(owner: str, group_dim: Any) -> Any:
@@ -48,7 +52,7 @@ def _check_group_dim(owner: str, group_dim: Any) -> Any:
 class GroupProx(Prox):
     """Base of operators with ``f(z) = reg * sum_i g(group_i(z))``."""
 
-    _fields = ("reg", "group_dim")
+    _hyper_names = ("reg", "group_dim")
 
     def __init__(self, reg: Hyper = 1.0, group_dim: Any = 0):
         name = self._name()
@@ -58,21 +62,6 @@ class GroupProx(Prox):
         """The group dim of each leaf and the number of groups (validated)."""
         dims = _tree.group_dims(self.group_dim, leaves, tree, self._name())
         return dims, _tree.group_count(leaves, dims, tree, self._name())
-
-    def _tree_plan(self, params: Any, step: Hyper) -> tuple[list[torch.Tensor], list[int], Hyper] | None:
-        """``(leaves, group dims, threshold)`` for an in-place writer over one argument, after
-        the checks of a call; ``None`` unless the leaves are float32/float64 tensors of one
-        dtype, contiguous, eager, with nothing to differentiate and a float step."""
-        leaves, tree = _tree.flatten(params, self._name())
-        if not isinstance(step, float) or not leaves or not _writable(leaves):
-            return None
-        if not all(x.dtype == leaves[0].dtype for x in leaves):
-            return None
-        t = self.reg * step
-        if not eager_nograd(t, leaves):
-            return None
-        dims, _ = self.groups(leaves, tree)
-        return leaves, dims, t
 
     def group_norms(self, params: Any) -> torch.Tensor:
         """``g(group_i)`` for every group ``i``, a vector of length G (the per-neuron norms)."""
@@ -88,6 +77,21 @@ class GroupProx(Prox):
             return zeros_like_value(leaves)
         dims, _ = self.groups(leaves, tree)
         return self.reg * self._norms(leaves, dims).sum()
+
+    def _parts(self, args: list[Any]) -> tuple[Parts, list[_tree.Tree]]:
+        """Each argument's floating tensors and their group dims, with the checks of a call,
+        and the structures that rebuild each argument from its new leaves."""
+        parts, trees = [], []
+        for a in args:
+            leaves, tree = _tree.flatten(a, self._name())
+            parts.append((leaves, self.groups(leaves, tree)[0] if leaves else []))
+            trees.append(tree)
+        return parts, trees
+
+
+def _rebuilt(trees: list[_tree.Tree], run: Callable[[], list[list[torch.Tensor]]]) -> Callable[[], list[Any]]:
+    """``run``'s new leaves of each argument, put back into the argument's structure."""
+    return lambda: [tree.unflatten(out) for tree, out in zip(trees, run())]
 
 
 class l21(GroupProx):  # noqa: N801
@@ -114,92 +118,52 @@ class l21(GroupProx):  # noqa: N801
         if not leaves:
             return []
         dims, _ = self.groups(leaves, tree)
-        t = self.reg * step
-        if eager_nograd(t, leaves):
-            return _l21_fast(leaves, dims, t)
-        n = self._norms(leaves, dims)
-        scale = block_scale(n, t)
-        return [scaled(x, scale, d) for x, d in zip(leaves, dims)]
+        impl, t = dispatch.select(leaves, self.reg * step)
+        if impl == dispatch.REFERENCE:
+            scale = block_scale(self._norms(leaves, dims), t)
+            return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
+        return _l21_aten([(leaves, dims)], t, False)[0]
 
-    def _prox_each(self, args, step):
-        # Eager, nothing to differentiate, tensors of one dtype and device, one int
-        # group_dim: each tensor's norms, then one scale computation for all of them.
-        plan = self._each_plan(args, step) if len(args) >= 2 else None
-        if plan is None:
-            return super()._prox_each(args, step)
-        return _l21_each(args, *plan)
-
-    def _writer_tree(self, params, step):
-        # One argument, e.g. a layer's (weight, bias): the joint norms, then each tensor is
-        # scaled in place with the arithmetic of _l21_fast.
-        plan = self._tree_plan(params, step)
-        return None if plan is None else partial(_l21_fast, *plan, True)
-
-    def _writer(self, leaves, step):
-        # In a partition pattern batch (each tensor its own groups): scale in place, the
-        # same arithmetic as _l21_each (float32/float64, contiguous, float step).
-        if not isinstance(step, float) or not _writable(leaves):
+    def _prox_batch(self, args, step, in_place):
+        parts, trees = self._parts(args)
+        leaves = [x for xs, _ in parts for x in xs]
+        impl, t = dispatch.select(leaves, self.reg * step, in_place=in_place)
+        if impl == dispatch.REFERENCE or not all(xs for xs, _ in parts):
             return None
-        plan = self._each_plan(leaves, step)
-        return None if plan is None else partial(_l21_each, leaves, *plan, True)
-
-    def _each_plan(self, args, step) -> tuple[list[int], Hyper] | None:
-        """``(group dim of each tensor, threshold)`` when each argument can go through one
-        batched call (after the checks of a call on each alone), else ``None``."""
-        if not (args and isinstance(self.group_dim, int) and all(isinstance(a, torch.Tensor) for a in args)):
-            return None
-        step = check_step(self._name(), step)
-        t = self.reg * step
-        first = args[0]
-        if not (all(a.dtype == first.dtype and a.device == first.device for a in args) and eager_nograd(t, args)):
-            return None
-        dims = []
-        gd = self.group_dim
-        for a in args:  # the checks of a call on each tensor alone
-            nd = a.dim()
-            if a.is_floating_point() and -nd <= gd < nd:  # what they check, for one tensor
-                dims.append(gd % nd)
-                continue
-            leaves, tree = _tree.flatten(a, self._name())  # raises what a call raises
-            dims.append(self.groups(leaves, tree)[0][0])
-        return dims, t
+        run = partial(_l21_aten, parts, t, in_place)
+        return run if in_place else _rebuilt(trees, run)
 
 
-def _l21_fast(leaves: list[torch.Tensor], dims: list[int], t: Hyper, in_place: bool = False) -> list[torch.Tensor]:
-    """l21 in one norm kernel per leaf + one scale: ``scale = max(1 - t / ||x_g||, 0)``.
+def _scaled(x: torch.Tensor, s: torch.Tensor, d: int | None) -> torch.Tensor:
+    """``x * s`` with ``s`` along dim ``d`` of ``x``, computed in ``s.dtype``, rounded to ``x.dtype``."""
+    return _tree.cast(_tree.cast(x, s.dtype) * _tree.along(s, x, d), x.dtype)
 
-    Same values as the differentiable path (:func:`proxfunc._util.block_scale_`). With
-    ``in_place`` (leaves of one float32/float64 dtype) the leaves are scaled in place.
-    """
-    if _rows(leaves, dims):  # CPU: norms and scale in one C call, row by row
-        done = l21_rows([leaves], t, in_place)
-        if done is not None:
-            return done[0]
+
+def _l21_aten(parts: Parts, t: float, in_place: bool) -> list[list[torch.Tensor]] | None:
+    """l21 of each argument ``(leaves, dims)`` of ``parts`` with eager ATen kernels: one norm
+    kernel per tensor, one scale computation for all arguments of one dtype and device
+    (reusing the norms' memory, :func:`proxfunc._util.block_scale_`), one multiply per
+    tensor, into the tensors themselves with ``in_place`` (float32/float64)."""
+    norms = [_joint_norm(xs, ds) for xs, ds in parts]
+    if len({(n.dtype, n.device) for n in norms}) == 1:
+        scales = block_scale_(torch.cat(norms), t).split([n.numel() for n in norms])
+    else:
+        scales = [block_scale_(n, t) for n in norms]
+    if in_place:
+        for (xs, ds), s in zip(parts, scales):
+            for x, d in zip(xs, ds):
+                x.mul_(_tree.along(s, x, d))
+        return None
+    return [[_scaled(x, s, d) for x, d in zip(xs, ds)] for (xs, ds), s in zip(parts, scales)]
+
+
+def _joint_norm(leaves: list[torch.Tensor], dims: list[int]) -> torch.Tensor:
+    """The l2 norm of every group over all of ``leaves``, in their accumulation dtype."""
     norms = [_group_norm(x, d) for x, d in zip(leaves, dims)]
     if len(norms) == 1:
-        n = norms[0]
-    else:
-        dtype = _tree.common_dtype(norms)
-        n = torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
-    return _apply_scales(leaves, [block_scale_(n, t)] * len(leaves), dims, in_place)
-
-
-def _l21_each(args: list[torch.Tensor], dims: list[int], t: Hyper, in_place: bool = False) -> list[torch.Tensor]:
-    """``[_l21_fast([x], [d], t) for x, d in ...]`` with one scale computation for all tensors
-    (same dtype and device): a model's weights cost one norm and one scale kernel each.
-    ``in_place`` (float32/float64 tensors, the in-place layer) multiplies them in place."""
-    if _rows(args, dims):  # CPU: every tensor's norms and scale in one C call
-        done = l21_rows([[a] for a in args], t, in_place)
-        if done is not None:
-            return [y for (y,) in done]
-    norms = [_group_norm(x, d) for x, d in zip(args, dims)]
-    scales = block_scale_(torch.cat(norms), t).split([m.numel() for m in norms])
-    return _apply_scales(args, scales, dims, in_place)
-
-
-def _rows(leaves: list[torch.Tensor], dims: list[int]) -> bool:
-    """CPU tensors whose groups are their slices along dim 0 (what :func:`l21_rows` takes)."""
-    return leaves[0].is_cpu and all(d == 0 or d == -x.dim() for x, d in zip(leaves, dims))
+        return norms[0]
+    dtype = _tree.common_dtype(norms)
+    return torch.linalg.vector_norm(torch.stack([m.to(dtype) for m in norms]), 2, dim=0)
 
 
 def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -209,17 +173,6 @@ def _group_norm(x: torch.Tensor, d: int) -> torch.Tensor:
         return _tree.cast(x, acc).abs()
     other = [i for i in range(x.dim()) if i != d]
     return torch.linalg.vector_norm(x, 2, dim=other, dtype=acc)
-
-
-def _apply_scales(
-    leaves: list[torch.Tensor], scales: list[torch.Tensor], dims: list[int], in_place: bool
-) -> list[torch.Tensor]:
-    """Each leaf times its per-group scale along its group dim: new tensors, or (``in_place``,
-    leaves of the scale's float32/float64 dtype) multiplied in place. One vectorized pass per
-    large CUDA tensor (:func:`proxfunc.kernels.scale.mul_along`), bit-identical to ATen's."""
-    if in_place:
-        return [mul_along(x, s, d, out=x) for x, s, d in zip(leaves, scales, dims)]
-    return [mul_along(x, s, d) for x, s, d in zip(leaves, scales, dims)]
 
 
 class linf1(GroupProx):
@@ -245,26 +198,42 @@ class linf1(GroupProx):
         if not leaves:
             return []
         dims, _ = self.groups(leaves, tree)
-        t = self.reg * step
-        if (leaves[0].is_cuda or leaves[0].is_cpu) and eager_nograd(t, leaves):
-            # one fused, sort-free pass per row group: Triton on CUDA, C on the CPU
-            ys = (linf1_rows if leaves[0].is_cuda else linf1_rows_cpu)(leaves, dims, t)
-            if ys is not None:
-                return ys
-        parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
-        tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
+        impl, t = self._select(leaves, dims, step, False)
+        return _linf1(leaves, dims, impl, t, None)
+
+    def _prox_batch(self, args, step, in_place):
+        parts, trees = self._parts(args)
+        plan = []
+        for leaves, dims in parts:  # each argument its own kernel call (or ATen's threshold)
+            impl, t = self._select(leaves, dims, step, in_place)
+            if impl == dispatch.REFERENCE or not leaves:
+                return None
+            plan.append((leaves, dims, impl, t))
+        run = partial(_linf1_all, plan, in_place)
+        return run if in_place else _rebuilt(trees, run)
+
+    def _select(self, leaves, dims, step, in_place) -> dispatch.Choice:
+        kernels = _LINF1_KERNELS.get(leaves[0].device.type) if leaves else None
+        spec = kernels.SPEC if kernels is not None else None
+        return dispatch.select(leaves, self.reg * step, in_place=in_place, kernel=spec, dims=dims)
+
+
+def _linf1_all(plan: list, in_place: bool) -> list[list[torch.Tensor]] | None:
+    outs = [_linf1(xs, ds, impl, t, xs if in_place else None) for xs, ds, impl, t in plan]
+    return None if in_place else outs
+
+
+def _linf1(
+    leaves: list[torch.Tensor], dims: list[int], impl: str, t: Hyper, out: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """linf1's prox of one argument by ``impl`` (into ``out`` when given: the ``"aten"`` and
+    ``"kernel"`` implementations, float32/float64 tensors for ATen)."""
+    if impl == dispatch.KERNEL:
+        done = _LINF1_KERNELS[leaves[0].device.type].run(leaves, t, out)
+        if done is not None:  # None: a CUDA launch failed and switched the kernel off
+            return done
+    parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
+    tau = threshold(parts, t, traceable=impl == dispatch.REFERENCE, absolute=True).clamp_min(0)
+    if out is None:
         return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]
-
-    def _writer_tree(self, params, step):
-        # One argument, e.g. a layer's (weight, bias): the thresholds from the old values,
-        # then each tensor clamped in place (the same clamp as _prox).
-        plan = self._tree_plan(params, step)
-        return None if plan is None else partial(_linf1_in_place, *plan)
-
-
-def _linf1_in_place(leaves: list[torch.Tensor], dims: list[int], t: Hyper) -> None:
-    if (linf1_rows if leaves[0].is_cuda else linf1_rows_cpu)(leaves, dims, t, out=leaves) is not None:
-        return
-    tau = threshold(list(zip(leaves, dims)), t, traceable=False, absolute=True).clamp_min(0)
-    for x, d in zip(leaves, dims):
-        _clamp_sym(x, tau, d, out=x)
+    return [_clamp_sym(x, tau, d, out=y) for x, d, y in zip(leaves, dims, out)]

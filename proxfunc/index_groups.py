@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from . import dispatch
 from ._base import Hyper, Prox, check_hyper, is_concrete
-from ._util import block_scale, safe_norm, traceable, zeros_like_value
+from ._util import block_scale, safe_norm, zeros_like_value
 from .groups import _check_group_dim, l21
 from .kernels import threshold
 from .norms import l1
@@ -58,7 +59,7 @@ def _segment_tau(a: torch.Tensor, gidx: torch.Tensor, t) -> torch.Tensor:
 
 
 class _IndexGroups(Prox):
-    _fields = ("index", "reg")
+    _hyper_names = ("index", "reg")
 
     def __init__(self, index: torch.Tensor, reg: Hyper = 1.0):
         name = self._name()
@@ -165,7 +166,8 @@ class index_linf1(_IndexGroups):  # noqa: N801
         pos = self._cache_pos.to(v.device)
         lin = torch.where(member, gidx * M + pos, torch.full_like(pos, G * M))
         P = torch.zeros(G * M + 1, dtype=v.dtype, device=v.device).index_put((lin,), v.abs())[: G * M]
-        tau = threshold([(P.reshape(G, M), 0)], t, traceable=traceable(t, v)).clamp_min(0)
+        reference = dispatch.select(leaves, t).impl == dispatch.REFERENCE
+        tau = threshold([(P.reshape(G, M), 0)], t, traceable=reference).clamp_min(0)
         tb = tau[gidx]
         return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)
 
@@ -189,7 +191,7 @@ class sparse_group_lasso(Prox):  # noqa: N801
     Groups follow ``group_dim`` (an int or a pytree of ints), as in :class:`proxfunc.l21`.
     """
 
-    _fields = ("reg_l1", "reg_group", "group_dim")
+    _hyper_names = ("reg_l1", "reg_group", "group_dim")
     _public_name = "sparse_group_lasso"
 
     def __init__(self, reg_l1: Hyper = 1.0, reg_group: Hyper = 1.0, group_dim: Any = 0):

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _tree
+from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import indicator, traceable, zeros_like_value
+from ._util import indicator, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
 from .sets import check_k, set_tol
@@ -148,7 +148,7 @@ def _svals(x: torch.Tensor) -> torch.Tensor:
 def _joint_tau(svals: list[torch.Tensor], radius, leaves) -> torch.Tensor:
     """The l1-ball threshold of all singular values together (0 inside the ball)."""
     parts = [(s.reshape(-1), None) for s in svals]
-    return threshold(parts, radius, traceable=traceable(radius, *leaves)).clamp_min(0)
+    return threshold(parts, radius, traceable=dispatch.select(leaves, radius).impl == dispatch.REFERENCE).clamp_min(0)
 
 
 class nuclear(Prox):  # noqa: N801
@@ -162,7 +162,7 @@ class nuclear(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 6.7.3; Cai, Candès & Shen (2010).
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "nuclear"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -194,7 +194,7 @@ class nuclear_ball(Projection):  # noqa: N801
     (``sum max(s - tau, 0) = radius``; sort-free, exact). Parikh & Boyd (2014) section 6.7.
     """
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "nuclear_ball"
 
     def __init__(self, radius: Hyper = 1.0):
@@ -232,7 +232,7 @@ class spectral(Prox):  # noqa: N801
     when ``sum ||X_b||_* <= reg*t``). Parikh & Boyd (2014) sections 2.5 and 6.7.
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "spectral"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -267,7 +267,7 @@ class rank_k(Projection):  # noqa: N801
     that ``torch.linalg.svd`` lists first. ``0 <= k <= min(m, n)`` (``ValueError`` naming ``k``).
     """
 
-    _fields = ("k",)
+    _hyper_names = ("k",)
     _public_name = "rank_k"
 
     def __init__(self, k: int):

@@ -22,7 +22,7 @@ import torch
 
 from . import _tree
 from ._base import Hyper, Prox, check_hyper
-from ._util import indicator, safe_norm, zeros_like_value
+from ._util import hyper_tensor, indicator, safe_norm, zeros_like_value
 from .groups import GroupProx, _check_group_dim
 from .norms import Elementwise
 from .sets import _hyper_as, check_k, k_sparse, keep_largest
@@ -54,7 +54,7 @@ class l0(Elementwise):  # noqa: N801
     Blumensath & Davies (2009).
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "l0"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -111,7 +111,7 @@ class top_k(k_sparse):  # noqa: N801
     ``ValueError`` naming ``k``.
     """
 
-    _fields = ("k", "group_dim")
+    _hyper_names = ("k", "group_dim")
     _public_name = "top_k"
 
     def __init__(self, k: int, group_dim: Any = None):
@@ -149,7 +149,7 @@ class group_top_k(Prox):  # noqa: N801
     (``ValueError`` naming ``k``). A projection: ``step`` is ignored.
     """
 
-    _fields = ("k", "group_dim")
+    _hyper_names = ("k", "group_dim")
     _public_name = "group_top_k"
     is_projection = True
 
@@ -179,7 +179,7 @@ class group_top_k(Prox):  # noqa: N801
 
 
 def _t(h, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(h, dtype=like.dtype, device=like.device) if not isinstance(h, torch.Tensor) else h.to(like)
+    return hyper_tensor(h, like.dtype, like.device)
 
 
 def _best(x: torch.Tensor, cands: list[torch.Tensor], pen, t) -> torch.Tensor:
@@ -207,7 +207,7 @@ class scad(Elementwise):  # noqa: N801
     smaller magnitude. ``sign(op(x)) = sign(x)``.
     """
 
-    _fields = ("reg", "a")
+    _hyper_names = ("reg", "a")
     _public_name = "scad"
 
     def __init__(self, reg: Hyper = 1.0, a: Hyper = 3.7):
@@ -246,7 +246,7 @@ class mcp(Elementwise):  # noqa: N801
     global minimiser, ties broken towards the smaller magnitude.
     """
 
-    _fields = ("reg", "gamma")
+    _hyper_names = ("reg", "gamma")
     _public_name = "mcp"
 
     def __init__(self, reg: Hyper = 1.0, gamma: Hyper = 3.0):

@@ -14,100 +14,71 @@ from functools import partial
 
 import torch
 
-from . import _tree
-from ._base import Hyper, Prox, _is_compiling, check_hyper
-from ._util import block_scale, eager_nograd, safe_norm, traceable, zeros_like_value
-from .kernels import soft, threshold
+from . import _tree, dispatch
+from ._base import Hyper, Prox, check_hyper
+from ._util import block_scale, hyper_tensor, safe_norm, zeros_like_value
+from .kernels import threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
 
 
-_INPLACE_DTYPES = (torch.float32, torch.float64)
 _softshrink = torch._C._nn.softshrink  # F.softshrink without the Python wrapper, for ``out=``
 
 
-def _writable(leaves: list[torch.Tensor]) -> bool:
-    """Every leaf float32/float64 and contiguous: what the in-place writers overwrite."""
-    return all(x.dtype in _INPLACE_DTYPES and x.is_contiguous() for x in leaves)
+def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
+    """``sign(x) * max(|x| - t, 0)``, the reference soft threshold (``t >= 0``, a float or a
+    tensor broadcasting against ``x``).
+
+    Written ``relu(x - t) - relu(-x - t)``: ``x - t``, ``x + t`` (as ``-(-x - t)``, exact) or
+    ``+0``, NaN kept, the same values bit for bit as ATen's ``softshrink`` for ``t > 0``;
+    at the kinks ``|x| = t`` the gradient is 0 (a subgradient). Inductor compiles ``relu``
+    to one vector ``max`` (its ``clamp`` checks NaN with two more instructions each way).
+    Computed in float32 for float16/bfloat16 inputs and rounded once at the end.
+    """
+    acc = _tree.acc_dtype(x)
+    xa = _tree.cast(x, acc)
+    if isinstance(t, torch.Tensor):
+        t = t.to(acc)
+    return _tree.cast(torch.relu(xa - t) - torch.relu(-xa - t), x.dtype)
 
 
-def _noop() -> None:
-    return None
+def _soft_threshold_aten(leaves: list[torch.Tensor], t: float, out: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """:func:`soft_threshold` of every leaf by ATen's ``softshrink`` (a float ``t >= 0``; into
+    ``out``, e.g. the leaves themselves, when given). On CUDA, two or more float32/float64
+    tensors go through multi-tensor kernels: ``x - clamp(x, -t, t)``, the same bits."""
+    if t == 0:
+        return leaves if out is not None else [x.clone() for x in leaves]
+    if _foreach(leaves):
+        clamped = torch._foreach_clamp_max(leaves, t)
+        torch._foreach_clamp_min_(clamped, -t)
+        if out is None:
+            return list(torch._foreach_sub(leaves, clamped))
+        torch._foreach_sub_(out, clamped)
+        return out
+    if out is not None:
+        for x, y in zip(leaves, out):
+            _softshrink(x, t, out=y)
+        return out
+    return [_softshrink(x, t) if x.dtype not in _tree.LOW_DTYPES else _low_softshrink(x, t) for x in leaves]
 
 
-def _shrink_all(mine: list[torch.Tensor], rest: list[torch.Tensor], t: float) -> None:
-    """``x <- softshrink(x, t)``: the C kernel for ``mine`` (:mod:`proxfunc.kernels.soft`),
-    one ATen ``softshrink`` per tensor of ``rest``."""
-    if mine:
-        soft.shrink_(mine, t)
-    for x in rest:
-        _softshrink(x, t, out=x)
-
-
-def _cpu_split(leaves: list[torch.Tensor], t: Hyper) -> tuple[list[int], list[int]]:
-    """Indices of the leaves the CPU soft-threshold kernel takes, and of the others."""
-    if isinstance(t, float) and t > 0 and leaves and eager_nograd(t, leaves):
-        return soft.split(leaves, t)
-    return [], list(range(len(leaves)))
-
-
-#: Devices where many leaves go through ``torch._foreach_*`` (fused multi-tensor kernels).
-#: Not the CPU: there the foreach ops loop over tensors in C++ with three passes, which was
-#: measured 1.5-4x slower than one fused ``softshrink`` per tensor (benchmarks/README.md).
+#: Device types whose ``_foreach`` kernels l1 uses (one launch for many tensors).
 _FOREACH_DEVICES = ("cuda",)
 
 
-def _foreach_device(leaves: list[torch.Tensor]) -> bool:
-    """Two or more float32/float64 leaves on one device where foreach kernels pay."""
+def _foreach(leaves: list[torch.Tensor]) -> bool:
+    """Two or more float32/float64 tensors of one dtype and device of :data:`_FOREACH_DEVICES`."""
     if len(leaves) < 2 or leaves[0].device.type not in _FOREACH_DEVICES:
         return False
     first = leaves[0]
-    return all(x.device == first.device and x.dtype in _INPLACE_DTYPES for x in leaves)
+    return first.dtype in (torch.float32, torch.float64) and all(
+        x.dtype == first.dtype and x.device == first.device for x in leaves
+    )
 
 
-def _foreach_ok(leaves: list[torch.Tensor], t: Hyper) -> bool:
-    if not isinstance(t, float) or t <= 0:
-        return False
-    return _foreach_device(leaves) and eager_nograd(t, leaves)
-
-
-def _foreach_clamped(leaves: list[torch.Tensor], t: float) -> list[torch.Tensor]:
-    """``clamp(x, -t, t)`` for every leaf in two multi-tensor launches. ``x - clamp(x, -t, t)``
-    equals ``softshrink(x, t)`` bit for bit (both are ``x -/+ t`` or exactly ``+0``)."""
-    clamped = torch._foreach_clamp_max(leaves, t)
-    torch._foreach_clamp_min_(clamped, -t)
-    return clamped
-
-
-def _shrink_all_foreach(leaves: list[torch.Tensor], t: float) -> None:
-    torch._foreach_sub_(leaves, _foreach_clamped(leaves, t))
-
-
-def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
-    """``sign(x) * max(|x| - t, 0)`` in one kernel when ``t`` is a float.
-
-    Computed in float32 for float16/bfloat16 inputs and rounded once at the end.
-    """
-    if isinstance(t, float) and t > 0 and x.dtype not in _tree.LOW_DTYPES:
-        return _softshrink(x, t)  # the hot path: one kernel, no dtype round trips
-    acc = _tree.acc_dtype(x)
-    xa = x.to(acc)
-    if isinstance(t, float):
-        out = _softshrink(xa, t) if t > 0 else xa
-    elif _is_compiling():
-        # For t > 0 the same values bit for bit as below (``x - t``, ``x + t`` as ``-x - t`` is
-        # ``-(x + t)``, or ``+0``; NaN kept) and the same gradients away from the kinks
-        # ``|x| = t`` (there relu gives ``x`` 0; clamp gives 0 under torch 2.13, 0.5 under
-        # 2.14, which splits ties; all are subgradients), in the form inductor's CPU
-        # code vectorizes best: its ``relu`` is one ``max`` instruction, its ``clamp`` a
-        # NaN-checking ``maximum`` + ``minimum``. Compiled in-place step on the 48-tensor MLP:
-        # 0.29 -> 0.21 ms (benchmarks/README.md, session 6).
-        t = t.to(acc)
-        out = torch.relu(xa - t) - torch.relu(-xa - t)
-    else:
-        t = t.to(acc)
-        out = xa - torch.clamp(xa, -t, t)
-    return out.to(x.dtype)
+def _low_softshrink(x: torch.Tensor, t: float) -> torch.Tensor:
+    """``softshrink`` of a float16/bfloat16 tensor computed in float32, rounded once."""
+    return _softshrink(x.float(), t).to(x.dtype)
 
 
 class Elementwise(Prox):
@@ -144,39 +115,25 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         tensor([-1.5000,  0.0000,  0.5000])
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "l1"
 
     def __init__(self, reg: Hyper = 1.0):
         self._set(reg=check_hyper("l1", "reg", reg))
 
     def _prox(self, leaves, step, tree):
-        t = self.reg * step  # once for all leaves
-        if _foreach_ok(leaves, t):  # three multi-tensor launches instead of one kernel per leaf
-            return list(torch._foreach_sub(leaves, _foreach_clamped(leaves, t)))
-        mine, rest = _cpu_split(leaves, t)
-        if not mine:
-            return [soft_threshold(x, t) for x in leaves]
-        out: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
-        for i, y in zip(mine, soft.shrink([leaves[i] for i in mine], t)):  # one C call for all
-            out[i] = y
-        for i in rest:
-            out[i] = soft_threshold(leaves[i], t)
-        return out
-
-    def _writer(self, leaves, step):
         t = self.reg * step
-        if not isinstance(t, float):
-            return None
-        if t == 0:
-            return _noop  # the identity
-        # The same kernels as the functional hot path (bit-identical results), writing into x.
-        if t > 0 and _writable(leaves):
-            if _foreach_device(leaves):
-                return partial(_shrink_all_foreach, leaves, t)
-            mine, rest = _cpu_split(leaves, t)  # decided now: the writer itself cannot fail
-            return partial(_shrink_all, [leaves[i] for i in mine], [leaves[i] for i in rest], t)
-        return None
+        impl, tf = dispatch.select(leaves, t)
+        if impl == dispatch.REFERENCE:
+            return [soft_threshold(x, t) for x in leaves]
+        return _soft_threshold_aten(leaves, tf, None)
+
+    def _prox_batch(self, args, step, in_place):
+        if not in_place:
+            return super()._prox_batch(args, step, in_place)
+        leaves = self._leaves_of(args)
+        impl, tf = dispatch.select(leaves, self.reg * step, in_place=True)
+        return None if impl == dispatch.REFERENCE else partial(_soft_threshold_aten, leaves, tf, leaves)
 
     def _value_leaf(self, x):
         return self.reg * _tree.reduce_except(x, None, "abssum")[0]
@@ -192,7 +149,7 @@ class elastic_net(Elementwise):  # noqa: N801
     Parikh & Boyd (2014), section 6.5.3 (Zou & Hastie 2005). ``gamma >= 0``; ``gamma = 0`` is l1.
     """
 
-    _fields = ("reg", "gamma")
+    _hyper_names = ("reg", "gamma")
     _public_name = "elastic_net"
 
     def __init__(self, reg: Hyper = 1.0, gamma: Hyper = 1.0):
@@ -222,7 +179,7 @@ class log_barrier(Elementwise):  # noqa: N801
     ``logbarrier``).
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "log_barrier"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -232,7 +189,7 @@ class log_barrier(Elementwise):  # noqa: N801
         acc = _tree.acc_dtype(x)
         xa = x.to(acc)
         rt = self.reg * step
-        c = torch.sqrt(torch.as_tensor(4.0 * rt, dtype=acc, device=x.device))
+        c = torch.sqrt(hyper_tensor(4.0 * rt, acc, x.device))
         h = torch.hypot(xa, c)  # sqrt(x^2 + 4rt) without overflow
         neg = xa < 0
         denom = torch.where(neg, h - xa, torch.ones_like(xa))
@@ -257,7 +214,7 @@ class l2(Prox):
     bug fixed: the bias is scaled by the same factor). Parikh & Boyd (2014), section 6.5.1.
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "l2"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -289,7 +246,7 @@ class linf(Prox):
     threshold is found without sorting (see :mod:`proxfunc.kernels.threshold`).
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "linf"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -298,9 +255,9 @@ class linf(Prox):
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        t = self.reg * step
+        impl, t = dispatch.select(leaves, self.reg * step)
         parts = [(_tree.cast(x, _tree.acc_dtype(x)), None) for x in leaves]
-        tau = threshold(parts, t, traceable=traceable(t, *leaves), absolute=True).clamp_min(0)
+        tau = threshold(parts, t, traceable=impl == dispatch.REFERENCE, absolute=True).clamp_min(0)
         return [_clamp_sym(x, tau, None) for x in leaves]
 
     def _value(self, leaves, tree):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _tree
+from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import clamp, eager_nograd, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import clamp, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -42,7 +42,7 @@ class box(Projection):  # noqa: N801
     Parikh & Boyd (2014) section 6.2.1.
     """
 
-    _fields = ("lower", "upper")
+    _hyper_names = ("lower", "upper")
     _public_name = "box"
     separable = True
 
@@ -176,7 +176,7 @@ class simplex(Projection):  # noqa: N801
     together. Held, Wolfe & Crowder (1974); Duchi et al. (2008).
     """
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "simplex"
 
     def __init__(self, radius: Hyper = 1.0):
@@ -185,11 +185,13 @@ class simplex(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
+        impl, r = dispatch.select(leaves, self.radius)
+        eager = impl != dispatch.REFERENCE
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
         # one group (the whole object): a 0-d threshold, so 0-d leaves keep their shape
-        theta = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves)).reshape(())
+        theta = threshold(parts, r, traceable=not eager).reshape(())
         # x - theta is a fresh tensor: on the eager path the polish may overwrite it
-        z = _polish_sum([x.to(theta.dtype) - theta for x in leaves], self.radius, eager_nograd(self.radius, leaves))
+        z = _polish_sum([x.to(theta.dtype) - theta for x in leaves], r, eager)
         return [zi.to(x.dtype) for zi, x in zip(z, leaves)]
 
     def _value(self, leaves, tree):
@@ -214,7 +216,7 @@ class l1_ball(Projection):  # noqa: N801
     never moved. Sort-free exact threshold (Michelot; Condat 2016); Duchi et al. (2008).
     """
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "l1_ball"
 
     def __init__(self, radius: Hyper = 1.0):
@@ -223,10 +225,11 @@ class l1_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        if eager_nograd(self.radius, leaves):
-            return _l1_ball_eager(leaves, self.radius)
+        impl, r = dispatch.select(leaves, self.radius)
+        if impl != dispatch.REFERENCE:
+            return _l1_ball_eager(leaves, r)
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
-        tau = threshold(parts, self.radius, traceable=traceable(self.radius, *leaves), absolute=True)
+        tau = threshold(parts, self.radius, traceable=True, absolute=True)
         tau = tau.clamp_min(0).reshape(())
         xs = [x.to(tau.dtype) for x in leaves]
         mags = _polish_sum([xa.abs() - tau for xa in xs], self.radius)
@@ -250,7 +253,7 @@ class l2_ball(Projection):  # noqa: N801
     Points inside are returned unchanged. Parikh & Boyd (2014) section 6.2.3 (via 6.5.1).
     """
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "l2_ball"
 
     def __init__(self, radius: Hyper = 1.0):
@@ -275,7 +278,7 @@ class l2_ball(Projection):  # noqa: N801
 class linf_ball(Projection):  # noqa: N801
     """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``."""
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "linf_ball"
     separable = True
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _tree
+from . import _tree, dispatch
 from ._base import Hyper, check_hyper, is_concrete
 from ._util import feasible_tol, indicator, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
@@ -107,7 +107,7 @@ class hyperplane(Projection):  # noqa: N801
     Parikh & Boyd (2014) section 6.2.1.
     """
 
-    _fields = ("a", "b")
+    _hyper_names = ("a", "b")
     _public_name = "hyperplane"
 
     def __init__(self, a: torch.Tensor, b: Hyper = 0.0):
@@ -172,7 +172,7 @@ class affine(Projection):  # noqa: N801
     would be empty). Parikh & Boyd (2014) section 6.2.1.
     """
 
-    _fields = ("A", "b")
+    _hyper_names = ("A", "b")
     _public_name = "affine"
 
     def __init__(self, A: torch.Tensor, b: torch.Tensor):
@@ -384,7 +384,7 @@ class l2_sphere(Projection):  # noqa: N801
     ``radius * e_1`` (the first entry of the first leaf). Parikh & Boyd (2014) section 6.2.
     """
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "l2_sphere"
 
     def __init__(self, radius: Hyper = 1.0):
@@ -423,7 +423,7 @@ class l1_sphere(Projection):  # noqa: N801
     sort-free one of :mod:`proxfunc.kernels.threshold`.
     """
 
-    _fields = ("radius",)
+    _hyper_names = ("radius",)
     _public_name = "l1_sphere"
 
     def __init__(self, radius: Hyper = 1.0):
@@ -435,7 +435,7 @@ class l1_sphere(Projection):  # noqa: N801
         v = flat(leaves)
         r = _hyper_as(self.radius, v)
         a = v.abs()
-        tau = threshold([(a, None)], r, traceable=traceable(r, v)).clamp_min(0)
+        tau = threshold([(a, None)], r, traceable=dispatch.select(leaves, r).impl == dispatch.REFERENCE).clamp_min(0)
         ball = v - torch.clamp(v, -tau, tau)
         c = (r - a.sum()) / max(v.numel(), 1)
         sgn = torch.where(v < 0, -torch.ones_like(v), torch.ones_like(v))
@@ -541,7 +541,7 @@ class box_hyperplane(Projection):  # noqa: N801
     Parikh & Boyd (2014) section 6.2.4; Helgason et al. (1980); Kiwiel (2008).
     """
 
-    _fields = ("lower", "upper", "b", "a")
+    _hyper_names = ("lower", "upper", "b", "a")
     _public_name = "box_hyperplane"
 
     def __init__(self, lower: Hyper = 0.0, upper: Hyper = 1.0, b: Hyper = 1.0, a: torch.Tensor | None = None):
@@ -613,7 +613,7 @@ class k_sparse(Projection):  # noqa: N801
     (2009), iterative hard thresholding.
     """
 
-    _fields = ("k",)
+    _hyper_names = ("k",)
     _public_name = "k_sparse"
 
     def __init__(self, k: int):

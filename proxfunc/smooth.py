@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _tree
+from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import traceable, zeros_like_value
+from ._util import hyper_tensor, zeros_like_value
 from .kernels import threshold
 from .norms import Elementwise
 from .sets import _hyper_as, _vec, check_k, flat, knapsack_lambda, unflat
@@ -31,7 +31,7 @@ class ridge(Elementwise):  # noqa: N801
     Separable. Parikh & Boyd (2014) section 6.1.1 (``A = reg*I``).
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "ridge"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -57,7 +57,7 @@ class quadratic(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 6.1.1.
     """
 
-    _fields = ("A", "b")
+    _hyper_names = ("A", "b")
     _public_name = "quadratic"
 
     def __init__(self, A: torch.Tensor, b: torch.Tensor | None = None):
@@ -117,7 +117,7 @@ class huber(Elementwise):  # noqa: N801
     ``reg >= 0``, ``delta > 0``. Parikh & Boyd (2014) section 6.5.2 (with their ``rho = reg*t``).
     """
 
-    _fields = ("reg", "delta")
+    _hyper_names = ("reg", "delta")
     _public_name = "huber"
 
     def __init__(self, reg: Hyper = 1.0, delta: Hyper = 1.0):
@@ -153,7 +153,7 @@ class neg_entropy(Elementwise):  # noqa: N801
     entry is negative. Parikh & Boyd (2014) section 6.1 (entropy), Corless et al. (1996).
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "neg_entropy"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -162,7 +162,7 @@ class neg_entropy(Elementwise):  # noqa: N801
     def _prox_leaf(self, x, step):
         acc = _tree.acc_dtype(x)
         xa = x.to(acc)
-        c = torch.as_tensor(self.reg * step, dtype=acc, device=x.device)
+        c = hyper_tensor(self.reg * step, acc, x.device)
         L = xa / c - 1.0 - torch.log(c)
         big = L > 1.0
         v = torch.where(big, torch.log(torch.where(big, L, torch.ones_like(L))), L)
@@ -191,7 +191,7 @@ class sum_largest(Prox):  # noqa: N801
     otherwise). ``k = 1`` is :class:`max_entry`. Parikh & Boyd (2014) sections 2.5 and 6.4.
     """
 
-    _fields = ("k", "reg")
+    _hyper_names = ("k", "reg")
     _public_name = "sum_largest"
 
     def __init__(self, k: int = 1, reg: Hyper = 1.0):
@@ -209,7 +209,7 @@ class sum_largest(Prox):  # noqa: N801
             return []
         v = flat(leaves)
         self._check(v)
-        cap = torch.as_tensor(self.reg * step, dtype=v.dtype, device=v.device)
+        cap = hyper_tensor(self.reg * step, v.dtype, v.device)
         ones = torch.ones_like(v)
         lam = knapsack_lambda(v, ones, torch.zeros_like(v), cap * ones, self.k * cap)
         y = torch.clamp(v - lam, torch.zeros_like(v), cap * ones)
@@ -232,7 +232,7 @@ class max_entry(Prox):  # noqa: N801
     :mod:`proxfunc.kernels.threshold`). Parikh & Boyd (2014) sections 2.5 and 6.4.1.
     """
 
-    _fields = ("reg",)
+    _hyper_names = ("reg",)
     _public_name = "max_entry"
 
     def __init__(self, reg: Hyper = 1.0):
@@ -243,7 +243,7 @@ class max_entry(Prox):  # noqa: N801
             return []
         v = flat(leaves)
         r = self.reg * step
-        theta = threshold([(v, None)], r, traceable=traceable(r, v))
+        theta = threshold([(v, None)], r, traceable=dispatch.select(leaves, r).impl == dispatch.REFERENCE)
         return unflat(torch.minimum(v, theta), leaves)
 
     def _value(self, leaves, tree):

@@ -52,7 +52,7 @@ def flat_fn(op, params, step=STEP):
 
 def float_field(op):
     """Name and value of the first float hyperparameter (None for combinators / no fields)."""
-    for k in op._fields:
+    for k in op._hyper_names:
         v = getattr(op, k)
         if isinstance(v, float) and k != "group_dim":
             return k, v

@@ -67,8 +67,8 @@ _BLOCK = 1 << 18
 
 #: The same on other devices (a GPU): there a block costs kernel launches and one host sync
 #: per step, not cache misses, so the blocks are as large as float32 counting stays exact
-#: (2**24 entries, 64 MiB of float32): a 4096x4096 matrix is one block. With CPU-sized
-#: blocks linf1 on a 4096x4096 CUDA matrix took 91 ms (64 blocks x ~10 synced steps).
+#: (2**24 entries, 64 MiB of float32): a 4096x4096 matrix is one block, not 64 blocks of
+#: about ten synchronised steps each.
 _BLOCK_DEVICE = 1 << 24
 
 
@@ -397,9 +397,9 @@ def _sorts(parts: list[Part]) -> bool:
 
     Tiny inputs (the xor example: 100 groups of 3): a fixed handful of kernels and no host
     round trips beat any iteration; the sort of a few entries per row is free. Off the CPU
-    (a GPU): the device's segmented sort (no host sync) beat the fixed point's synced steps
-    on an H200: 4096x4096 rows 0.88 vs 2.74 ms; one group of 2**24 entries 1.2-1.4 vs
-    2.2-2.4 ms (``python -m benchmarks.cuda_variants``). Compiled code stays sort-free, and
-    eager linf1 on CUDA rows never gets here (:mod:`proxfunc.kernels.linf1_rows`).
+    (a GPU): the device's segmented sort (no host sync) beats the fixed point's synchronised
+    steps (``python -m benchmarks.cuda_variants``; figures in benchmarks/README.md). Compiled
+    code stays sort-free, and
+    eager linf1 on CUDA rows takes its kernel (:mod:`proxfunc.kernels.cuda.linf1`).
     """
     return sum(a.numel() for a, _ in parts) <= _SMALL or parts[0][0].device.type != "cpu"

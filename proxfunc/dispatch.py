@@ -1,0 +1,200 @@
+"""Which implementation computes an operator: the one place that decides.
+
+Every operator's math exists once, as its **reference** implementation: pure torch ops, no
+host read and no write into its inputs. The reference is what runs under ``torch.func``
+transforms (``grad``, ``vmap``, ``jvp``), under ``torch.compile``, on tensor subclasses such as
+``DTensor``, on meta and fake tensors, and whenever something is to be differentiated.
+
+An eager call on plain tensors with nothing to differentiate may take a faster
+implementation that computes the same values:
+
+``"aten"``
+    eager ATen kernels the reference cannot use: a threshold iterated to convergence with its
+    stopping test read on the host, a Python-float threshold passed straight to a kernel
+    (``softshrink``), multi-tensor (``_foreach``) kernels on CUDA, and writes into new outputs
+    or, for the in-place layer (:mod:`proxfunc.compat`), into the parameters themselves.
+``"kernel"``
+    a hand-written kernel for a layout it covers (linf1's row groups: C on the CPU,
+    Triton on CUDA; :mod:`proxfunc.kernels`). A kernel is kept only where ``benchmarks/``
+    shows it at least 1.5x faster than the ``"aten"`` implementation.
+
+:func:`select` is the decision, for every operator: it knows every condition (tensor type,
+device, dtype, layout, grad mode, tracing, the threshold's type) and nothing else does.
+Users choose with :func:`implementation` (or the ``PROXFUNC_IMPL`` environment variable)::
+
+    with pf.dispatch.implementation("reference"):    # rule out every fast path
+        new = op(params, step)
+
+``"auto"`` (the default) takes a kernel where one applies, else ``"aten"`` where it applies,
+else the reference; ``"aten"`` rules out the hand-written kernels; ``"reference"`` rules out
+both. The fast implementations are tested against the reference for every operator, layout,
+dtype and step type (``tests/test_dispatch.py``).
+
+A 0-d tensor threshold (``reg * step`` with a tensor ``step``) on the CPU is read once on the
+host, so it takes the same fast paths as a Python float; on other devices it keeps the
+reference, which needs no synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, NamedTuple
+
+import torch
+
+from ._base import _is_compiling
+
+__all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "Choice", "KernelSpec"]
+
+#: The choices :func:`implementation` accepts.
+IMPLEMENTATIONS = ("auto", "aten", "reference")
+
+REFERENCE, ATEN, KERNEL = "reference", "aten", "kernel"
+
+
+def _from_env() -> str:
+    impl = os.environ.get("PROXFUNC_IMPL", "auto") or "auto"
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"PROXFUNC_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    return impl
+
+
+_DEFAULT = _from_env()  # a str: immutable, as a ContextVar default must be
+_CHOICE: contextvars.ContextVar[str] = contextvars.ContextVar("proxfunc_impl", default=_DEFAULT)
+
+
+def current() -> str:
+    """The implementation in force: ``"auto"``, ``"aten"`` or ``"reference"``."""
+    return _CHOICE.get()
+
+
+@contextlib.contextmanager
+def implementation(impl: str) -> Iterator[None]:
+    """Within the block, operators use at most ``impl`` (see the module docstring).
+
+    Scoped to the current thread (and ``asyncio`` task); nests; restored on exit.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation: impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    token = _CHOICE.set(impl)
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a hand-written kernel takes, declared as data for :func:`select`.
+
+    The kernel computes the prox of one argument whose groups are the slices along dim 0 of
+    each of its tensors ("row groups": a weight, or a layer's ``(weight, bias)``).
+    """
+
+    name: str
+    device: str  #: ``"cpu"`` or ``"cuda"``
+    dtypes: tuple[torch.dtype, ...]
+    max_parts: int  #: tensors in one argument
+    max_group: int  #: entries in one group (all parts together)
+    available: Callable[[], bool]  #: built and loadable (asked last: it may build)
+
+
+class Choice(NamedTuple):
+    """What :func:`select` decided: the implementation and the threshold to give it (a Python
+    float for ``"aten"`` and ``"kernel"``; as given for ``"reference"``)."""
+
+    impl: str
+    t: Any
+
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_FAST_DTYPES = frozenset((torch.float32, torch.float64))
+_functorch = getattr(torch._C, "_functorch", None)
+_IS_WRAPPED = getattr(_functorch, "is_functorch_wrapped_tensor", None)
+_REQUIRES_GRAD, _DTYPE, _LAYOUT = attrgetter("requires_grad"), attrgetter("dtype"), attrgetter("layout")
+_DEVICE_TYPE = attrgetter("device.type")
+_CONTIGUOUS = torch.Tensor.is_contiguous
+
+
+def _eager(ts: list[torch.Tensor]) -> bool:
+    """Plain ``Tensor``/``Parameter`` objects holding real values: not a subclass (``DTensor``,
+    fake tensors), not a ``torch.func`` wrapper, not on the meta device, strided. Asked of
+    all tensors at once with C-level ``map`` (a model's tensors in a few microseconds). Fake
+    and functional tensors are subclasses."""
+    if not set(map(type, ts)) <= _PLAIN or set(map(_LAYOUT, ts)) != {torch.strided}:
+        return False
+    if "meta" in set(map(_DEVICE_TYPE, ts)):
+        return False
+    return _IS_WRAPPED is None or not any(map(_IS_WRAPPED, ts))
+
+
+def _float_threshold(t: Any) -> float | None:
+    """``t`` as a Python float when it can be read for free: a float, or a concrete 0-d CPU
+    tensor (checked by the caller's :func:`_eager`); ``None`` otherwise."""
+    if isinstance(t, float):
+        return t
+    if isinstance(t, torch.Tensor) and t.dim() == 0 and t.device.type == "cpu":
+        return float(t)
+    return None
+
+
+def select(
+    leaves: list[torch.Tensor],
+    t: Any,
+    *,
+    in_place: bool = False,
+    kernel: KernelSpec | None = None,
+    dims: list[int] | None = None,
+) -> Choice:
+    """The implementation of an operator on ``leaves`` with threshold ``t`` (its ``reg *
+    step``, a float or a tensor), and ``t`` as that implementation takes it.
+
+    ``in_place``: the in-place layer asks whether the operator may write into ``leaves``
+    itself (float32/float64, contiguous, one dtype and device); ``"reference"`` then means
+    "compute the new values and copy them". ``kernel`` and ``dims`` (each leaf's group dim):
+    a kernel that could compute this call, taken when its declared layout holds.
+    """
+    if _is_compiling():
+        return Choice(REFERENCE, t)
+    choice = _CHOICE.get()
+    if choice == REFERENCE or not leaves:
+        return Choice(REFERENCE, t)
+    ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
+    if not _eager(ts):
+        return Choice(REFERENCE, t)
+    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
+        return Choice(REFERENCE, t)
+    tf = _float_threshold(t)
+    if tf is None or not tf >= 0:
+        return Choice(REFERENCE, t)
+    first = leaves[0]
+    same = len(set(map(_DTYPE, leaves))) == 1 and len({x.device for x in leaves}) == 1
+    if in_place and not (same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))):
+        return Choice(REFERENCE, t)
+    if choice == "auto" and kernel is not None and dims is not None and same and _fits(kernel, leaves, dims, tf):
+        return Choice(KERNEL, tf)
+    return Choice(ATEN, tf)
+
+
+def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int], t: float) -> bool:
+    """The layout ``spec`` declares: row groups of contiguous tensors of one dtype on its
+    device, at most ``max_parts`` tensors and ``max_group`` entries a group, a finite ``t``."""
+    first = leaves[0]
+    if first.device.type != spec.device or first.dtype not in spec.dtypes or len(leaves) > spec.max_parts:
+        return False
+    if not t <= torch.finfo(first.dtype).max:
+        return False
+    rows = first.shape[0] if first.dim() else 0
+    if rows == 0:
+        return False
+    width = 0
+    for x, d in zip(leaves, dims):
+        if x.dim() == 0 or d % x.dim() != 0 or x.shape[0] != rows or not x.is_contiguous():
+            return False
+        width += x.numel() // rows
+    return 0 < width <= spec.max_group and spec.available()
