@@ -30,6 +30,8 @@ __all__ = ["Prox", "Hyper", "is_concrete", "check_hyper", "check_step"]
 
 Hyper = float | torch.Tensor
 
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+
 
 def _compiling_probe() -> Any:
     compiler = getattr(torch, "compiler", None)
@@ -96,6 +98,9 @@ def check_hyper(
             raise ValueError(f"{where} must be a 0-d tensor, got shape {tuple(value.shape)}")
         if not is_concrete(value):
             return value
+        if value.dim() == 0:  # one read on the host, then the checks of a number
+            _check_number(where, float(value.detach()), min_value, strict, allow_inf)
+            return value
         with torch.no_grad():
             v = value.detach()
             if bool(torch.isnan(v).any()):
@@ -108,8 +113,13 @@ def check_hyper(
                     op = ">" if strict else ">="
                     raise ValueError(f"{where} must be {op} {min_value}, got {_short(v)}")
         return value
-    # comparisons, not math.isnan/isinf: traced with a changing value, a float is symbolic
     f = float(value)
+    _check_number(where, f, min_value, strict, allow_inf)
+    return f
+
+
+def _check_number(where: str, f: float, min_value: float | None, strict: bool, allow_inf: bool) -> None:
+    # comparisons, not math.isnan/isinf: traced with a changing value, a float is symbolic
     if f != f:
         raise ValueError(f"{where} must not be NaN")
     if not allow_inf and abs(f) == math.inf:
@@ -117,7 +127,6 @@ def check_hyper(
     if min_value is not None and (f <= min_value if strict else f < min_value):
         op = ">" if strict else ">="
         raise ValueError(f"{where} must be {op} {min_value}, got {f}")
-    return f
 
 
 def check_step(owner: str, step: Any) -> Hyper:
@@ -210,6 +219,8 @@ class Prox:
 
     def _leaves_of(self, args: list[Any]) -> list[torch.Tensor]:
         """The floating tensors of every argument, with the checks of a call on each."""
+        if all(type(a) in _PLAIN_TENSORS for a in args) and all(map(torch.Tensor.is_floating_point, args)):
+            return list(args)  # a pattern rule's tensors: nothing to flatten or refuse
         out: list[torch.Tensor] = []
         for a in args:
             out += _tree.flatten(a, self._name())[0]

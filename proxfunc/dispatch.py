@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._base import _is_compiling
+from ._base import _PLAIN_TENSORS, _is_compiling
 
 __all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "Choice", "KernelSpec"]
 
@@ -112,13 +112,14 @@ class Choice(NamedTuple):
     t: Any
 
 
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _FAST_DTYPES = frozenset((torch.float32, torch.float64))
 _functorch = getattr(torch._C, "_functorch", None)
 _IS_WRAPPED = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 _REQUIRES_GRAD, _DTYPE, _LAYOUT = attrgetter("requires_grad"), attrgetter("dtype"), attrgetter("layout")
-_DEVICE_TYPE = attrgetter("device.type")
+_IS_META = attrgetter("is_meta")
+_current_level = getattr(_functorch, "maybe_current_level", None)
 _CONTIGUOUS = torch.Tensor.is_contiguous
+_DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU: one device iff one index
 
 
 def _eager(ts: list[torch.Tensor]) -> bool:
@@ -126,11 +127,13 @@ def _eager(ts: list[torch.Tensor]) -> bool:
     fake tensors), not a ``torch.func`` wrapper, not on the meta device, strided. Asked of
     all tensors at once with C-level ``map`` (a model's tensors in a few microseconds). Fake
     and functional tensors are subclasses."""
-    if not set(map(type, ts)) <= _PLAIN or set(map(_LAYOUT, ts)) != {torch.strided}:
+    if not set(map(type, ts)) <= _PLAIN_TENSORS or set(map(_LAYOUT, ts)) != {torch.strided}:
         return False
-    if "meta" in set(map(_DEVICE_TYPE, ts)):
+    if any(map(_IS_META, ts)):
         return False
-    return _IS_WRAPPED is None or not any(map(_IS_WRAPPED, ts))
+    if _IS_WRAPPED is None or (_current_level is not None and _current_level() is None):
+        return True  # no torch.func transform is running: nothing is wrapped
+    return not any(map(_IS_WRAPPED, ts))
 
 
 def _float_threshold(t: Any) -> float | None:
@@ -173,7 +176,7 @@ def select(
     if tf is None or not tf >= 0:
         return Choice(REFERENCE, t)
     first = leaves[0]
-    same = len(set(map(_DTYPE, leaves))) == 1 and len({x.device for x in leaves}) == 1
+    same = len(set(map(_DTYPE, leaves))) == 1 and len(set(map(_DEVICE_INDEX, leaves))) == 1
     if in_place and not (same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))):
         return Choice(REFERENCE, t)
     if choice == "auto" and kernel is not None and dims is not None and same and _fits(kernel, leaves, dims, tf):

@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _tree, dispatch
-from ._base import Hyper, Prox, check_hyper
+from ._base import _PLAIN_TENSORS, Hyper, Prox, check_hyper
 from ._util import block_scale, block_scale_, safe_norm, zeros_like_value
 from .kernels import threshold
 from .kernels.cpu import linf1 as linf1_cpu
@@ -78,9 +78,13 @@ class GroupProx(Prox):
         dims, _ = self.groups(leaves, tree)
         return self.reg * self._norms(leaves, dims).sum()
 
-    def _parts(self, args: list[Any]) -> tuple[Parts, list[_tree.Tree]]:
+    def _parts(self, args: list[Any]) -> tuple[Parts, list[_tree.Tree | None]]:
         """Each argument's floating tensors and their group dims, with the checks of a call,
         and the structures that rebuild each argument from its new leaves."""
+        gd = self.group_dim
+        if type(gd) is int and all(type(a) in _PLAIN_TENSORS and a.is_floating_point() for a in args):
+            if all(-a.dim() <= gd < a.dim() for a in args):  # a pattern rule's tensors, each its groups
+                return [([a], [gd % a.dim()]) for a in args], [None] * len(args)
         parts, trees = [], []
         for a in args:
             leaves, tree = _tree.flatten(a, self._name())
@@ -89,9 +93,10 @@ class GroupProx(Prox):
         return parts, trees
 
 
-def _rebuilt(trees: list[_tree.Tree], run: Callable[[], list[list[torch.Tensor]]]) -> Callable[[], list[Any]]:
-    """``run``'s new leaves of each argument, put back into the argument's structure."""
-    return lambda: [tree.unflatten(out) for tree, out in zip(trees, run())]
+def _rebuilt(trees: list[_tree.Tree | None], run: Callable[[], list[list[torch.Tensor]]]) -> Callable[[], list[Any]]:
+    """``run``'s new leaves of each argument, put back into the argument's structure (``None``:
+    the argument is one tensor)."""
+    return lambda: [out[0] if tree is None else tree.unflatten(out) for tree, out in zip(trees, run())]
 
 
 class l21(GroupProx):  # noqa: N801
