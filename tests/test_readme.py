@@ -41,3 +41,8 @@ def test_readme_test_command_matches_ci():
     assert 'pip install -q -e ".[dev]"' in ci and "\npytest\n" in ci
     text = README.read_text()
     assert 'pip install -e ".[dev]"\npytest\n' in text
+
+
+def test_choosing_an_implementation_runs():
+    code = _block_after("### Choosing an implementation")
+    exec(compile(code, "README-choosing-an-implementation", "exec"), {})
