@@ -22,6 +22,10 @@ incoming weights are all zero no longer depends on its input, so it can be remov
   downstream; a neuron whose incoming weights are zero but whose bias is not is a constant,
   and its contribution ``consumer(activation(bias))`` is folded into the consumer's bias when
   that is exact (so activations with ``f(0) != 0`` are handled). The original is never modified.
+* Distributed models: ``DistributedDataParallel`` and FSDP2 (``fully_shard``) models give the
+  plain model's groups and report (whole layers: sharded weights are gathered, so every rank
+  calls :func:`report`); a sharded model is shrunk as a plain copy, :func:`gather`, then
+  sharded again (``examples/fsdp_autosize.py``).
 
 Example::
 
@@ -53,7 +57,7 @@ from . import _tree
 from ._base import Prox
 from .calculus import partition
 
-__all__ = ["find_neurons", "neuron_prox", "report", "shrink", "Plan", "NeuronGroup", "Report", "NeuronProx"]
+__all__ = ["find_neurons", "neuron_prox", "report", "shrink", "gather", "Plan", "NeuronGroup", "Report", "NeuronProx"]
 
 # --------------------------------------------------------------------------------------------
 # Which graph operations keep neurons separate (act on each neuron / channel on its own)
@@ -271,11 +275,47 @@ def _make_op(op: Any, dims: tuple[int, ...]) -> Prox:
 # --------------------------------------------------------------------------------------------
 # Graph analysis with torch.fx
 # --------------------------------------------------------------------------------------------
+def _fsdp_module_type() -> type | None:
+    """FSDP2's ``FSDPModule`` (the base ``fully_shard`` adds to a module's class), or ``None``
+    where this torch has no FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6, or built without torch.distributed
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
+
+
+def _original_class(m: nn.Module) -> type:
+    """The class of ``m`` before ``fully_shard`` swapped it for ``FSDP<class>``: the first class
+    of its MRO that is not an FSDP2 wrapper."""
+    cls = type(m)
+    fsdp = _fsdp_module_type() if cls.__name__.startswith("FSDP") else None
+    if fsdp is None or not issubclass(cls, fsdp):
+        return cls
+    return next(c for c in cls.__mro__ if not issubclass(c, fsdp))
+
+
 class _Tracer(fx.Tracer):
+    """torch.fx's tracer, seeing through FSDP2: a module that ``fully_shard`` made an
+    ``FSDPLinear`` is a leaf as its ``nn.Linear`` was (its class is defined by FSDP, outside
+    ``torch.nn``), and a sharded module traced through runs its ``forward`` without FSDP's
+    hooks (they would all-gather parameters while tracing)."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _TRANSFORMER_LAYERS):
             return True
+        cls = _original_class(m)
+        if cls is not type(m):
+            return cls.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(cls, nn.Sequential)
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if _original_class(m) is not type(m):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _step_of(node: fx.Node, cur: fx.Node, modules: dict[str, nn.Module], prefix: str) -> tuple[_Step | None, str]:
@@ -298,7 +338,7 @@ def _step_of(node: fx.Node, cur: fx.Node, modules: dict[str, nn.Module], prefix:
             if m.start_dim == 1 and m.end_dim == -1:
                 return _Step("module", name, "Flatten"), "flatten"
             return None, f"{name} flattens dims {m.start_dim}..{m.end_dim} (only start_dim=1 is supported)"
-        return None, f"its output goes through {name} ({type(m).__name__}), which is not element-wise"
+        return None, f"its output goes through {name} ({_original_class(m).__name__}), which is not element-wise"
     if node.op not in ("call_function", "call_method"):
         return None, f"its output goes to {_describe(node)}"
     args = tuple(node.args)
@@ -491,6 +531,15 @@ def _analyze(mod: nn.Module, prefix: str, plan: Plan, reasons: dict[str, str]) -
             plan.groups.append(_ffn_group(sub, sub_name))
 
 
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(model.module, "module.")`` for ``DistributedDataParallel``/``DataParallel`` (their
+    ``forward`` broadcasts buffers and cannot be traced; the names keep the ``module.``
+    prefix, as in ``model.named_parameters()``), else ``(model, "")``."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module, "module."
+    return model, ""
+
+
 def find_neurons(model: nn.Module) -> Plan:
     """Find the hidden layers of ``model`` whose neurons can be auto-sized.
 
@@ -503,6 +552,11 @@ def find_neurons(model: nn.Module) -> Plan:
     channel-wise pooling and ``flatten(start_dim=1)``. Feed-forward blocks of
     ``nn.TransformerEncoderLayer``/``TransformerDecoderLayer`` are neuron groups too.
 
+    Distributed models give the plain model's groups, with nothing communicated: under
+    ``DistributedDataParallel`` those of ``model.module``, named ``module.<name>`` as in
+    ``model.named_parameters()``; a model sharded with FSDP2's ``fully_shard`` (any modules)
+    the same names and full sizes (``neurons`` counts the whole layer, not a rank's shard).
+
     Returns a :class:`Plan`: ``plan.groups`` and ``plan.skipped`` (``{layer name: reason}``
     for every other ``Linear``/``Conv2d``).
     """
@@ -510,7 +564,8 @@ def find_neurons(model: nn.Module) -> Plan:
         raise TypeError(f"autosize: model must be an nn.Module, got {type(model).__name__}")
     plan = Plan(groups=[], skipped={})
     reasons: dict[str, str] = {}
-    _analyze(model, "", plan, reasons)
+    inner, prefix = _unwrapped(model)
+    _analyze(inner, prefix, plan, reasons)
     covered = {g.producer for g in plan.groups}
     ffn_consumers = {g.consumer for g in plan.groups if g.kind == "ffn"}
     mha = {
@@ -605,17 +660,26 @@ class Report:
 
 
 def _tensor(model: nn.Module, params: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    """The named parameter's whole value, detached: from ``params`` when it has it, else from
+    ``model``. A ``DTensor`` (an FSDP2 shard) is gathered, a collective every rank joins."""
     if params is not None and name in params:
-        return params[name]
-    mod_name, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(mod_name), attr)
+        t = params[name]
+    else:
+        mod_name, _, attr = name.rpartition(".")
+        t = getattr(model.get_submodule(mod_name), attr)
+    return None if t is None else _full(t.detach())
 
 
-def _neuron_masks(g: NeuronGroup, model: nn.Module, params: Mapping[str, torch.Tensor] | None):
-    """(zero_in, zero_out, r): per-neuron masks; r = consumer columns per neuron."""
-    w = _tensor(model, params, f"{g.producer}.weight").detach()
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (``full_tensor()``: an all-gather), any other tensor as it is."""
+    gather = getattr(t, "full_tensor", None)
+    return t if gather is None else gather()
+
+
+def _neuron_masks(g: NeuronGroup, w: torch.Tensor, wc: torch.Tensor):
+    """(zero_in, zero_out, r): per-neuron masks from the producer's weight ``w`` and the
+    consumer's ``wc``; r = consumer columns per neuron."""
     zero_in = w.reshape(g.neurons, -1).eq(0).all(1)
-    wc = _tensor(model, params, f"{g.consumer}.weight").detach()
     out_dim = wc.shape[0]
     wc3 = wc.reshape(out_dim, g.neurons, -1)  # (O, n, columns per neuron or kernel entries)
     zero_out = wc3.eq(0).all(-1).all(0)
@@ -625,12 +689,12 @@ def _neuron_masks(g: NeuronGroup, model: nn.Module, params: Mapping[str, torch.T
 def _report(plan: Plan, model: nn.Module, params: Mapping[str, torch.Tensor] | None) -> Report:
     rows = []
     for g in plan.groups:
-        zero_in, zero_out, _ = _neuron_masks(g, model, params)
-        w = _tensor(model, params, f"{g.producer}.weight").detach()
+        w = _tensor(model, params, f"{g.producer}.weight")
         b = _tensor(model, params, f"{g.producer}.bias")
+        zero_in, zero_out, _ = _neuron_masks(g, w, _tensor(model, params, f"{g.consumer}.weight"))
         alive = ~(zero_in | zero_out)
         per = w[0].numel() + (1 if b is not None else 0)
-        nz = int(w.ne(0).sum()) + (int(b.detach().ne(0).sum()) if b is not None else 0)
+        nz = int(w.ne(0).sum()) + (int(b.ne(0).sum()) if b is not None else 0)
         total_p = w.numel() + (b.numel() if b is not None else 0)
         rows.append(
             LayerReport(
@@ -656,6 +720,11 @@ def report(model: nn.Module, params: Mapping[str, torch.Tensor] | None = None) -
     (all incoming weights zero: their output does not depend on the input), ``total``, the
     producer's parameter count, the part of it on live neurons, and its sparsity (fraction of
     exact zeros). ``print(report(model))`` prints a table.
+
+    Distributed models: the numbers are those of the whole model on every rank. Under FSDP2
+    each sharded weight is gathered (``DTensor.full_tensor()``, one layer at a time), so every
+    rank must call ``report`` (as for any collective); under ``DistributedDataParallel`` each
+    rank holds the whole model and nothing is communicated.
     """
     return _report(find_neurons(model), model, params)
 
@@ -711,9 +780,21 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
     cannot be shrunk exactly (not covered by :func:`find_neurons`, or constants that cannot be
     folded) raises ``NotImplementedError`` naming the layer and the reason; with
     ``strict=False`` those neurons are kept and a warning says why.
+
+    Distributed models: under ``DistributedDataParallel`` its ``module`` is shrunk (wrap the
+    result again). A model sharded with FSDP2 is refused with ``TypeError``: shrink
+    ``gather(model, plain)`` on every rank, a plain module holding the whole state (the same
+    result on every rank), then ``fully_shard`` the result; see :func:`gather`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"shrink: model must be an nn.Module, got {type(model).__name__}")
+    model = _unwrapped(model)[0]
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        raise TypeError(
+            "shrink: the model's parameters are sharded (DTensor, e.g. FSDP2's fully_shard); on every "
+            "rank, shrink a plain copy holding the whole state, shrink(autosize.gather(model, plain), "
+            "example_inputs), then shard the result again"
+        )
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     new = copy.deepcopy(model).eval()
     plan = find_neurons(new)
@@ -866,6 +947,28 @@ def shrink(model: nn.Module, example_inputs: Any, *, strict: bool = True, rtol: 
             err = (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)} != {tuple(a.shape)}"
             raise RuntimeError(f"shrink: the shrunk model's outputs differ from the original's (max error {err})")
     return new
+
+
+def gather(model: nn.Module, into: nn.Module) -> nn.Module:
+    """``into`` holding the whole state of the distributed ``model``, for :func:`shrink`.
+
+    ``model`` is sharded with FSDP2's ``fully_shard`` (each ``DTensor`` parameter is gathered
+    with ``full_tensor()``: a collective, so every rank calls ``gather``) or wrapped by
+    ``DistributedDataParallel`` (its ``module``'s state, nothing communicated). ``into`` is a
+    plain module of the same architecture, e.g. made by the same constructor; on the meta
+    device its tensors are replaced by the gathered ones (no memory spent twice). Returns
+    ``into``, the same on every rank. Shrinking a sharded model, on every rank::
+
+        small = autosize.shrink(autosize.gather(model, make_model()), example_inputs)
+        for block in small.blocks:  # shard again, as the original was
+            fully_shard(block)
+        fully_shard(small)
+    """
+    inner, _ = _unwrapped(model)
+    state = {k: _full(v.detach()) for k, v in inner.state_dict().items()}
+    meta = any(t.is_meta for t in into.state_dict().values())
+    into.load_state_dict(state, **({"assign": True} if meta else {}))
+    return into
 
 
 def _set_param(m: nn.Module, attr: str, value: torch.Tensor | None) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import groups as _groups
 from . import norms as _norms
-from ._base import Hyper, Prox, _is_compiling, check_step
+from ._base import _PLAIN_TENSORS, Hyper, Prox, _is_compiling, check_step
 from .calculus import partition
 
 __all__ = [
@@ -138,6 +138,15 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     the values of ``op(target, step)`` under the same implementation. When two tensors share
     memory (tied weights, overlapping views) every value is computed first and copied, so
     nothing is shrunk twice.
+
+    Distributed training: under ``DistributedDataParallel`` every rank holds whole tensors and
+    applies the same prox to the same values (replicas stay equal). Under FSDP2
+    (``fully_shard``) the parameters are ``DTensor`` shards: the operator computes on the
+    DTensors (the reference implementation; a group spanning ranks takes its collectives),
+    each new value is laid out as its target (``redistribute`` to the target's placements,
+    before anything is written) and copied into each rank's own shard. Every rank must call
+    ``apply_`` (as every rank calls ``optimizer.step()``); the result equals one process
+    applying the prox to the whole tensors.
     """
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
@@ -153,8 +162,11 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
         # would apply the prox twice): then every value is computed first and copied.
         if not _survey(items, overlap=bool(writers)):
             pairs, writers = _pairs(op(params, step), params), []
-        for d, n, where in pairs:
-            if not isinstance(n, torch.Tensor) or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
+        for i, (d, n, where) in enumerate(pairs):
+            if type(d) not in _PLAIN_TENSORS or type(n) not in _PLAIN_TENSORS:
+                n = _placed(d, n)  # a DTensor value laid out as its target (a collective if it moves)
+                pairs[i] = (d, n, where)
+            if n is None or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
                 at = "".join(f"[{k!r}]" for k in where) or "<tensor>"
                 raise RuntimeError(f"apply_: {op!r} returned a mismatched value for {at}")  # pragma: no cover
         # Commit: nothing below can fail, so the update is all-or-nothing.
@@ -163,6 +175,37 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
         for w in writers:
             w()
     return target
+
+
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` where this torch has none."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5, or built without torch.distributed
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def _placed(d: torch.Tensor, n: Any) -> torch.Tensor | None:
+    """The new value ``n`` for the target ``d``, ready to be copied: ``None`` (refused) unless
+    both are DTensors or neither is (a DTensor target takes no plain value: what would be its
+    shard?); a DTensor value in another layout (an operator's result placed as its ops left
+    it, e.g. ``Replicate`` or ``Partial``) is redistributed to the target's mesh and
+    placements, so the copy writes each rank's own shard, with no communication and nothing
+    that can fail."""
+    if not isinstance(n, torch.Tensor):
+        return None
+    dt = _dtensor_type()
+    if dt is None or not isinstance(d, dt):
+        return None if dt is not None and isinstance(n, dt) else n
+    if not isinstance(n, dt):
+        return None
+    if n.device_mesh != d.device_mesh or n.placements != d.placements:
+        n = n.redistribute(d.device_mesh, d.placements)
+    return n
 
 
 def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
@@ -202,7 +245,11 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The bytes ``t`` may touch: its own for a contiguous tensor, else its whole storage."""
+    """The bytes ``t`` may touch: its own for a contiguous tensor, else its whole storage.
+    A DTensor's are its local shard's (a DTensor's own ``data_ptr()`` is 0 for all of them)."""
+    local = getattr(t, "to_local", None) if type(t) not in _PLAIN_TENSORS else None
+    if local is not None:
+        t = local()
     if t.is_contiguous():
         start = t.data_ptr()
         return start, start + _nbytes(t)
@@ -289,6 +336,12 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
     the wrapped optimizer.
+
+    Distributed training: build it like the optimizer, from the wrapped model (after
+    ``fully_shard``, whose sharded parameters it then updates; with ``DistributedDataParallel``
+    the names carry the ``module.`` prefix, as :func:`proxfunc.autosize.neuron_prox` of the
+    wrapped model gives them). Training equals one process on the whole batch (tested on 2
+    gloo ranks: ``tests/test_distributed_training.py``).
 
     Works with every ``torch.optim`` optimizer (``SGD``, ``Adam``, ``AdamW``, ``RMSprop``,
     ``Adagrad``, ...; ``LBFGS`` through ``step(closure)``, the prox then follows the whole
