@@ -4,14 +4,20 @@ Issue 15, part B. One launch of :func:`tests.dist_training.worker` (2 CPU proces
 every case; the tests below read its records. Each training case trains 5 SGD steps + prox
 on each rank's half of every batch and compares the whole parameters with one process
 trained on the whole batches (same seed; float32, 1e-5), and requires them to differ from
-plain SGD's (a prox that does nothing fails).
+plain SGD's (a prox that does nothing fails). The example ``examples/fsdp_autosize.py`` runs
+under ``torch.distributed.run`` in its own test.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
-from tests.distributed import results, run_ranks
+from tests.distributed import ROOT, results, run_ranks, skip_unless_gloo
 
 TOL = 1e-5
 
@@ -89,3 +95,22 @@ def test_apply_on_dtensors_is_all_or_nothing(records):
         assert r["failing_op"] == "unchanged", r
         assert r["plain_value"] == "unchanged", r
         assert r["replicated_value"] == "halved", r  # redistributed to the shard's placement
+
+
+def test_example_under_torchrun():
+    """``examples/fsdp_autosize.py`` under ``torch.distributed.run`` (torchrun) on 2 CPU ranks."""
+    skip_unless_gloo()
+    if not _fsdp_available():
+        pytest.skip("needs FSDP2")
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["examples/fsdp_autosize.py", "--steps", "40", "--small", "--reg", "0.4"]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the example timed out:\n{(e.stdout or '')[-3000:]}{(e.stderr or '')[-3000:]}")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "outputs equal" in p.stdout, p.stdout[-3000:]
+    widths = re.search(r"feed-forward widths \[32, 32\] -> \[(\d+), (\d+)\]", p.stdout)
+    assert widths and all(0 < int(w) < 32 for w in widths.groups()), p.stdout[-3000:]  # shrunk, not emptied
