@@ -241,15 +241,19 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
     if not overlap or len(tensors) < 2:
         return True
     spans = sorted(map(_span, tensors))
+    if spans[0][0] == 0:  # a DTensor (its own data_ptr() is 0) or an empty tensor: local shards
+        spans = sorted(_span(_local(t)) for t in tensors)
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the memory this rank writes), any other tensor itself."""
+    to_local = getattr(t, "to_local", None) if type(t) not in _PLAIN_TENSORS else None
+    return t if to_local is None else to_local()
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The bytes ``t`` may touch: its own for a contiguous tensor, else its whole storage.
-    A DTensor's are its local shard's (a DTensor's own ``data_ptr()`` is 0 for all of them)."""
-    local = getattr(t, "to_local", None) if type(t) not in _PLAIN_TENSORS else None
-    if local is not None:
-        t = local()
+    """The bytes ``t`` may touch: its own for a contiguous tensor, else its whole storage."""
     if t.is_contiguous():
         start = t.data_ptr()
         return start, start + _nbytes(t)

@@ -269,6 +269,26 @@ def atomic_case(rank: int, world: int, mesh) -> dict:
     return out
 
 
+def mixed_case(rank: int, world: int, mesh) -> dict:
+    """Plain tensors (l1 writes them itself) next to DTensors (computed, copied): the overlap
+    survey looks at the DTensors' local shards (their own ``data_ptr()`` is 0)."""
+    model = fsdp(mlp(), mesh)
+    shards = dict(model.named_parameters())
+    torch.manual_seed(3)
+    plain = {"p.a": torch.randn(5, 3), "p.b": torch.randn(4)}
+    op = pf.partition({"p.*": pf.l1(0.3), "*.weight": pf.l1(0.3), "*.bias": pf.l1(0.3)})  # none mixes kinds
+    want = op({**full(model), **plain}, 0.5)
+    target = {**shards, **plain}
+    pg.apply_(op, target, 0.5)
+    got = {**full(model), **plain}
+    w = shards["0.weight"]
+    return {
+        "err": max_diff(got, want),
+        "distinct": pg._survey(list(target.items()), overlap=True),
+        "alias": pg._survey([("w", w), ("w.detach", w.detach()), ("p.a", plain["p.a"])], overlap=True),
+    }
+
+
 def worker(rank: int, world: int, only: list[str] | None = None) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -280,6 +300,7 @@ def worker(rank: int, world: int, only: list[str] | None = None) -> None:
     for wrapper in ("fsdp", "ddp"):
         jobs.append((f"autosize-{wrapper}", lambda w: autosize_case(rank, world, mesh, w), (wrapper,)))
     jobs.append(("atomic-fsdp", lambda: atomic_case(rank, world, mesh), ()))
+    jobs.append(("mixed-fsdp", lambda: mixed_case(rank, world, mesh), ()))
     for name, job, args in jobs:
         if only and name not in only:
             continue

@@ -97,6 +97,13 @@ def test_apply_on_dtensors_is_all_or_nothing(records):
         assert r["replicated_value"] == "halved", r  # redistributed to the shard's placement
 
 
+def test_apply_on_dtensors_and_plain_tensors(records):
+    for r in _ok(records, "mixed-fsdp"):
+        assert r["err"] <= TOL, r
+        assert r["distinct"], "distinct shards and tensors taken for overlapping"
+        assert not r["alias"], "two DTensors sharing a shard not seen as overlapping"
+
+
 def test_example_under_torchrun():
     """``examples/fsdp_autosize.py`` under ``torch.distributed.run`` (torchrun) on 2 CPU ranks."""
     skip_unless_gloo()
