@@ -189,12 +189,15 @@ def autosize_case(rank: int, world: int, mesh, wrapper: str) -> dict:
         r.__dict__ for r in want.rows
     ]
     x = torch.randn(2 * world * B, D_IN, generator=torch.Generator().manual_seed(2))
-    refused = ""
+    refused, direct = "", None
     if wrapper == "fsdp":
         try:
             autosize.shrink(wrapped, x)
         except TypeError as e:
             refused = str(e)
+    else:  # DDP: its module is shrunk
+        direct = autosize.shrink(wrapped, x)
+        direct = [direct[0].out_features, direct[2].out_features]
     small = autosize.shrink(autosize.gather(wrapped, mlp(seed=5)), x)
     sizes = [small[0].out_features, small[2].out_features]
     with torch.no_grad():
@@ -214,6 +217,7 @@ def autosize_case(rank: int, world: int, mesh, wrapper: str) -> dict:
         "shrink_err": float((y - y_small).abs().max()),
         "reshard_err": float((y - y_resharded).abs().max()),
         "refused": refused,
+        "direct_sizes": direct,
     }
 
 

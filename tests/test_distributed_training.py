@@ -88,6 +88,8 @@ def test_autosize_groups_report_shrink(records, wrapper):
         assert r["shrink_err"] <= 1e-5 and r["reshard_err"] <= 1e-5, r
         if wrapper == "fsdp":
             assert "gather" in r["refused"], "shrink of a sharded model should point to gather"
+        else:
+            assert r["direct_sizes"] == r["sizes"], "shrink(ddp_model) should shrink its module"
 
 
 def test_apply_on_dtensors_is_all_or_nothing(records):
