@@ -194,8 +194,8 @@ def _placed(d: torch.Tensor, n: Any) -> torch.Tensor | None:
     both are DTensors or neither is (a DTensor target takes no plain value: what would be its
     shard?); a DTensor value in another layout (an operator's result placed as its ops left
     it, e.g. ``Replicate`` or ``Partial``) is redistributed to the target's mesh and
-    placements, so the copy writes each rank's own shard, with no communication and nothing
-    that can fail."""
+    placements before anything is written (local from ``Replicate``, a reduce-scatter from
+    ``Partial``), so the copy writes each rank's own shard and cannot fail."""
     if not isinstance(n, torch.Tensor):
         return None
     dt = _dtensor_type()
