@@ -19,6 +19,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Any
 
 import pytest
@@ -49,28 +51,41 @@ def run_ranks(target: str, nprocs: int = 2, timeout: float = 240, **kwargs: Any)
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", "1")  # two ranks share two cores
+    # Each rank writes into a file, not a pipe: read one pipe at a time, a rank that filled its
+    # pipe (64 KiB) blocked on the write while the rank being read waited for it in a collective.
+    files = [tempfile.TemporaryFile(mode="w+") for _ in range(nprocs)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.distributed", target, str(rank), str(nprocs), str(port), json.dumps(kwargs)],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=f,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )
-        for rank in range(nprocs)
+        for rank, f in enumerate(files)
     ]
-    outs: list[str] = []
+
+    def read_all() -> list[str]:
+        outs = []
+        for f in files:
+            f.seek(0)
+            outs.append(f.read())
+            f.close()
+        return outs
+
     try:
+        deadline = time.monotonic() + timeout
         for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            outs.append(out)
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        tails = [(p.communicate()[0] or "")[-3000:] for p in procs]
+            p.wait()
+        tails = [out[-3000:] for out in read_all()]
         pytest.fail(f"{target}: timed out after {timeout} s (a collective mismatch?)\n" + "\n----\n".join(tails))
+    outs = read_all()
     failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
         detail = "\n----\n".join(f"rank {r} (exit {rc}):\n{outs[r][-4000:]}" for r, rc in failed)
