@@ -12,7 +12,7 @@ flattened leaves; this module owns flattening, validation of ``step`` and of the
 hyperparameters, equality, hashing and ``repr``.
 
 This is the lowest layer of proxfunc: it imports nothing from the rest of the package
-except :mod:`proxfunc._tree`.
+except :mod:`proxfunc._tree` and :mod:`proxfunc._dist` (DTensor leaves: see there).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _tree
+from . import _dist, _tree
 
 __all__ = ["Prox", "Hyper", "is_concrete", "check_hyper", "check_step"]
 
@@ -54,11 +54,14 @@ def _is_compiling() -> bool:
 def is_concrete(t: torch.Tensor) -> bool:
     """True when ``t`` holds real values that may be read on the host.
 
-    False while tracing with ``torch.compile``, for fake/meta tensors and for tensors
+    False while tracing with ``torch.compile``, for fake/meta tensors, for tensors
     wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...), where reading
-    a value would break the graph or is not allowed.
+    a value would break the graph or is not allowed, and for DTensors (a rank's local
+    values are a shard, or a partial sum, not the tensor's).
     """
     if _is_compiling() or t.device.type == "meta":
+        return False
+    if _dist.is_dtensor(t):  # a rank holds a shard: its local values are not the tensor's
         return False
     functorch = getattr(torch._C, "_functorch", None)
     if functorch is not None and functorch.is_functorch_wrapped_tensor(t):
@@ -177,12 +180,27 @@ class Prox:
     def __call__(self, params: Any, step: Hyper = 1.0) -> Any:
         step = check_step(self._name(), step)
         leaves, tree = _tree.flatten(params, self._name())
+        if _dist.classify(leaves, self._name(), lambda: tree.paths):
+            if _is_compiling():  # traced: the caller scopes implicit replication, if it needs it
+                out = self._prox(leaves, step, tree)
+            else:
+                with _dist.constants_replicated():
+                    out = self._prox(leaves, step, tree)
+            return tree.unflatten(_dist.restore(out, leaves))
         out = self._prox(leaves, step, tree)
         return tree.unflatten(out)
 
     def value(self, params: Any) -> torch.Tensor:
-        """``f(params)`` as a 0-d tensor (``inf`` outside the domain or constraint set)."""
+        """``f(params)`` as a 0-d tensor (``inf`` outside the domain or constraint set).
+
+        On DTensor leaves: a Replicate 0-d DTensor, the same number on every rank.
+        """
         leaves, tree = _tree.flatten(params, self._name())
+        if _dist.classify(leaves, self._name(), lambda: tree.paths):
+            if _is_compiling():
+                return _dist.replicated(self._value(leaves, tree))
+            with _dist.constants_replicated():
+                return _dist.replicated(self._value(leaves, tree))
         return self._value(leaves, tree)
 
     # ----------------------------------------------------------- subclass hooks

@@ -239,9 +239,11 @@ def reduce_except(t: torch.Tensor, d: int | None, fn: str) -> torch.Tensor:
         x = x * x
     elif fn in ("abssum", "amax_abs"):
         x = x.abs()
-    if d is None:
-        x = x.reshape(1, -1)
-        d = 0
+    if d is None:  # the whole tensor: a full reduction (no flattening view: a DTensor sharded
+        # unevenly, 7 rows on 2 ranks, has none), shaped (1,)
+        if fn == "amax_abs":
+            return x.amax().reshape(1) if x.numel() else x.new_zeros(1)
+        return x.sum().reshape(1)
     dims = [i for i in range(x.dim()) if i != d]
     if not dims:
         return x

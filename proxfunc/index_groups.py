@@ -163,19 +163,28 @@ class index_linf1(_IndexGroups):  # noqa: N801
         if M is None:
             tb = _segment_tau(torch.where(member, v.abs(), torch.zeros_like(v)), gidx, t)[gidx]
             return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)
+        reference = dispatch.select(leaves, t).impl == dispatch.REFERENCE
+        tau = threshold([(self._padded(v, member, gidx), 0)], t, traceable=reference).clamp_min(0)
+        tb = tau[gidx]
+        return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)
+
+    def _padded(self, v: torch.Tensor, member: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
+        """``|v|`` on the zero-padded ``(G, M)`` layout: row ``g`` holds group ``g``'s entries."""
+        G, M = self._cache_G, self._cache_M
         pos = self._cache_pos.to(v.device)
         lin = torch.where(member, gidx * M + pos, torch.full_like(pos, G * M))
         P = torch.zeros(G * M + 1, dtype=v.dtype, device=v.device).index_put((lin,), v.abs())[: G * M]
-        reference = dispatch.select(leaves, t).impl == dispatch.REFERENCE
-        tau = threshold([(P.reshape(G, M), 0)], t, traceable=reference).clamp_min(0)
-        tb = tau[gidx]
-        return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)
+        return P.reshape(G, M)
 
     def _value(self, leaves, tree):
         if not leaves:
             return zeros_like_value(leaves)
         v, member, gidx = self._v(leaves)
-        m = torch.zeros(max(self._cache_G, 1), dtype=v.dtype, device=v.device)  # G = 0: all entries free
+        if self._cache_G == 0:  # all entries free
+            return self.reg * v.new_zeros(())
+        if self._cache_M is not None:  # the padded layout: a row max (DTensor has no scatter_reduce)
+            return self.reg * self._padded(v, member, gidx).amax(dim=1).sum()
+        m = torch.zeros(self._cache_G, dtype=v.dtype, device=v.device)  # built traced: no layout
         m = m.scatter_reduce(0, gidx, torch.where(member, v.abs(), torch.zeros_like(v)), reduce="amax")
         return self.reg * m.sum()
 

@@ -20,6 +20,7 @@ import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, check_hyper, is_concrete
+from ._dist import flattenable
 from ._util import feasible_tol, indicator, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
@@ -42,8 +43,8 @@ def flat(leaves: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.
     """All leaves flattened and concatenated into one vector (in the accumulation dtype)."""
     dtype = dtype or _tree.common_acc_dtype(leaves)
     if len(leaves) == 1:
-        return leaves[0].to(dtype).reshape(-1)
-    return torch.cat([x.to(dtype).reshape(-1) for x in leaves])
+        return flattenable(leaves[0]).to(dtype).reshape(-1)
+    return torch.cat([flattenable(x).to(dtype).reshape(-1) for x in leaves])
 
 
 def unflat(v: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -396,9 +397,8 @@ class l2_sphere(Projection):  # noqa: N801
         v = flat(leaves)
         n = safe_norm((v * v).sum())
         r = _hyper_as(self.radius, v)
-        e1 = torch.zeros_like(v)
-        if v.numel():
-            e1[0] = 1
+        # e_1 without a write into a tensor (a DTensor shard holds no entry 0 on most ranks)
+        e1 = (torch.arange(v.numel(), device=v.device) == 0).to(v.dtype)
         out = torch.where(n > 0, v * (r / torch.where(n > 0, n, torch.ones_like(n))), e1 * r)
         return unflat(out, leaves)
 

@@ -102,7 +102,7 @@ def _start(parts: list[Part], radius, absolute: bool) -> tuple[torch.Tensor, tor
 
 def _amax(v: torch.Tensor, d: int | None) -> torch.Tensor:
     if d is None:
-        return v.reshape(1, -1).amax(dim=1) if v.numel() else v.new_full((1,), float("-inf"))
+        return v.amax().reshape(1) if v.numel() else v.new_full((1,), float("-inf"))
     dims = [i for i in range(v.dim()) if i != d]
     if not dims:
         return v
@@ -156,6 +156,12 @@ def threshold_unrolled(
 
     ``iters=None`` takes ``UNROLL + ceil(log2(n) / 2)`` for groups of ``n`` entries.
     """
+    if not isinstance(radius, torch.Tensor) and parts:
+        # A tensor like the values, not a Python number: on DTensors, torch 2.13 caches the
+        # sharding plan of ``partial_max - 0.3`` under the key that a later ``partial_max -
+        # tensor(0.3)`` (a tensor step) finds, and that plan fails on it ('float' object has
+        # no attribute 'mesh'); with a tensor radius every call has the same kind of argument
+        radius = parts[0][0].new_full((), radius)
     with torch.no_grad():
         dparts = [(a.detach(), d) for a, d in parts]
         r = _detach(radius)
