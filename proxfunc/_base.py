@@ -184,8 +184,7 @@ class Prox:
             if _is_compiling():  # traced: the caller scopes implicit replication, if it needs it
                 out = self._prox(leaves, step, tree)
             else:
-                with _dist.constants_replicated():
-                    out = self._prox(leaves, step, tree)
+                out = _dist.call(lambda: self._prox(leaves, step, tree))
             return tree.unflatten(_dist.restore(out, leaves))
         out = self._prox(leaves, step, tree)
         return tree.unflatten(out)
@@ -199,8 +198,7 @@ class Prox:
         if _dist.classify(leaves, self._name(), lambda: tree.paths):
             if _is_compiling():
                 return _dist.replicated(self._value(leaves, tree))
-            with _dist.constants_replicated():
-                return _dist.replicated(self._value(leaves, tree))
+            return _dist.replicated(_dist.call(lambda: self._value(leaves, tree)))
         return self._value(leaves, tree)
 
     # ----------------------------------------------------------- subclass hooks

@@ -38,6 +38,7 @@ __all__ = [
     "restore",
     "replicated",
     "flattenable",
+    "call",
 ]
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -110,6 +111,38 @@ def constants_replicated() -> Iterator[None]:
         yield
     finally:
         dispatcher._allow_implicit_replication = before
+
+
+def call(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (an operator's pure computation on DTensors) with plain tensors replicated, run
+    once more after clearing DTensor's sharding caches if torch 2.13's cache bug tripped it.
+
+    That bug: DTensor caches an op's sharding plan under a key in which a Python number and a
+    0-d tensor in the same argument are equal, and the plan keeps the number. When an op
+    needs a redistribution (a Partial sum or max beside the scalar, ``s - radius``), the plan
+    made for ``s - 1.5`` then fails on a later ``s - tensor(1.5)`` with ``'float' object has
+    no attribute 'mesh'``, before any communication of that op, at the same op on every rank
+    (each rank runs the same ops, so its caches hold the same plans). ``fn`` writes nothing,
+    so the rerun is safe; both the C++ and the Python caches are cleared.
+    """
+    with constants_replicated():
+        try:
+            return fn()
+        except AttributeError as e:
+            if "object has no attribute 'mesh'" not in str(e):
+                raise
+        _clear_sharding_caches()
+        return fn()
+
+
+def _clear_sharding_caches() -> None:
+    clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear is not None:
+        clear()
+    dispatcher = getattr(dtensor_class(), "_op_dispatcher", None)
+    cache = getattr(getattr(dispatcher, "sharding_propagator", None), "propagate_op_sharding", None)
+    if hasattr(cache, "cache_clear"):
+        cache.cache_clear()
 
 
 def restore(outs: list[Any], leaves: list[torch.Tensor]) -> list[Any]:

@@ -10,6 +10,8 @@ per check; the test module reads them back and names the failing cases. One laun
   leaves' placements (those of the input leaves), and ``value()`` (a Replicate DTensor, the
   value of the full tensors; the test compares the ranks' numbers). The calls run under
   :class:`NoHostReads`.
+* ``kind="large"``: the water-filling operators on 9000 entries (above the eager 4096).
+* ``kind="tensor_hyper"``: 0-d tensor hyperparameters, after the same operator with floats.
 * ``kind="tensor_step"``: a 0-d tensor step (its one host read is of the plain step).
 * ``kind="selftest"``: :class:`NoHostReads` catches ``float()`` of a DTensor and a boolean mask.
 * ``kind="mixed"``: plain and DTensor leaves in one call raise ``TypeError`` naming them.
@@ -268,6 +270,53 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:600]}{at}"
 
 
+def _large(meshes) -> list[str]:
+    """Above the eager path's 4096 entries (where its fixed point reads the host): the water-filling
+    operators on 9000-entry DTensors (rows of 72, 125 groups) against the full tensors."""
+    big = Case("big", lambda: None, lambda dtype: (mat(dtype, (125, 72), 5), mat(dtype, (125,), 6)))
+    problems = []
+    for name, make in (
+        ("linf", lambda: pf.linf(0.05)),
+        ("linf1", lambda: pf.linf1(0.05)),
+        ("l1_ball", lambda: pf.l1_ball(30.0)),
+        ("simplex", lambda: pf.simplex(3.0)),
+        ("max_entry", lambda: pf.max_entry(0.5)),
+    ):
+        case = Case(name, make, big.make_params)
+        for kind in ("shard0", "shard1"):
+            problems += [f"{name} {kind}: {p}" for p in check_case(case, kind, torch.float64, meshes, 0.3)["problems"]]
+    return problems
+
+
+def _tensor_hyper(meshes) -> list[str]:
+    """0-d tensor hyperparameters, each after the same operator with a float (the order in which
+    torch 2.13's DTensor sharding cache confused the two; see ``threshold_unrolled``)."""
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    pairs = [
+        ("l1_ball", pf.l1_ball(1.5), pf.l1_ball(t(1.5))),
+        ("simplex", pf.simplex(2.0), pf.simplex(t(2.0))),
+        ("l2_ball", pf.l2_ball(1.0), pf.l2_ball(t(1.0))),
+        ("linf_ball", pf.linf_ball(0.5), pf.linf_ball(t(0.5))),
+        ("l1_sphere", pf.l1_sphere(2.5), pf.l1_sphere(t(2.5))),
+        ("l2_sphere", pf.l2_sphere(1.5), pf.l2_sphere(t(1.5))),
+        ("box", pf.box(-0.5, 0.7), pf.box(t(-0.5), t(0.7))),
+        ("linf", pf.linf(0.4), pf.linf(t(0.4))),
+        ("l21", pf.l21(0.5), pf.l21(t(0.5))),
+        ("linf1", pf.linf1(0.4), pf.linf1(t(0.4))),
+        ("huber", pf.huber(0.8, 0.5), pf.huber(t(0.8), t(0.5))),
+        ("nuclear_ball", pf.nuclear_ball(2.0), pf.nuclear_ball(t(2.0))),
+    ]
+    problems = []
+    for name, a, b in pairs:
+        for op in (a, b):
+            src = next(c for c in CASES if c.name == name)
+            case = Case(name, lambda op=op: op, src.make_params)
+            for kind in ("shard0", "shard1"):
+                found = check_case(case, kind, torch.float64, meshes, 0.3)["problems"]
+                problems += [f"{op!r} {kind}: {p}" for p in found]
+    return problems
+
+
 def _run(kind_name: str, fn, **fields) -> None:
     t0 = time.perf_counter()
     try:
@@ -313,5 +362,7 @@ def worker(rank: int, world: int, compile: str | None = "aot_eager", only: list[
                 ],
                 name=case.name,
             )
+    _run("large", lambda: _large(meshes))
+    _run("tensor_hyper", lambda: _tensor_hyper(meshes))
     if compile:
         _run("compile", lambda: _compile(mesh, compile), backend=compile)
