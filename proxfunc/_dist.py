@@ -3,16 +3,18 @@
 Every operator computes on DTensors with its one reference implementation (pure torch ops,
 :mod:`proxfunc.dispatch`); DTensor's sharding propagation inserts the collectives the math
 needs (an all-reduce of the partial sums behind a norm, an all-gather before a sort). This
-module adds the three things a call needs around that math:
+module adds what a call needs around that math:
 
 * :func:`classify`: the leaves are all DTensors on one device mesh, or none is one. A mix
   raises ``TypeError`` naming the plain leaves (a plain tensor next to a sharded one has no
   defined global meaning: it could be one rank's shard or the whole tensor).
-* :func:`constants_replicated`: inside an operator call, the plain tensors the math meets
-  (hyperparameters such as ``hyperplane``'s ``a`` or ``quadratic``'s factorisation, and
-  constants built from shapes such as ``arange``) are the same on every rank, so DTensor may
-  treat them as replicated (DTensor's ``implicit_replication``, scoped to the call and
-  restored after it).
+* :func:`call` (with :func:`constants_replicated`): inside an operator call, the plain tensors
+  the math meets (hyperparameters such as ``hyperplane``'s ``a`` or ``quadratic``'s
+  factorisation, and constants built from shapes such as ``arange``) are the same on every
+  rank, so DTensor may treat them as replicated (DTensor's ``implicit_replication``, scoped to
+  the call and restored after it); and a torch 2.13 sharding-cache bug is worked around.
+* :func:`flattenable`: a leaf sharded unevenly (7 rows on 2 ranks), which DTensor cannot
+  flatten, replicated first where an operator takes all leaves as one vector.
 * :func:`restore` and :func:`replicated`: every output leaf gets the placements of its input
   leaf back (a sort or an SVD computes on replicated values; a Partial result is reduced), and
   ``value()`` is a Replicate 0-d DTensor: the same number on every rank.
