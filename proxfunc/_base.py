@@ -30,7 +30,7 @@ __all__ = ["Prox", "Hyper", "is_concrete", "check_hyper", "check_step"]
 
 Hyper = float | torch.Tensor
 
-_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_TENSORS = _dist.PLAIN_TENSORS
 
 
 def _compiling_probe() -> Any:

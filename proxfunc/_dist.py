@@ -43,7 +43,8 @@ __all__ = [
     "call",
 ]
 
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+#: The plain tensor types: any other type is a subclass (DTensor, fake, functional tensors).
+PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 _MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")  # torch >= 2.4, older
 
 
@@ -57,7 +58,7 @@ def dtensor_class() -> type | None:
 
 
 def is_dtensor(t: Any) -> bool:
-    if type(t) in _PLAIN:
+    if type(t) in PLAIN_TENSORS:
         return False
     cls = dtensor_class()
     return cls is not None and isinstance(t, cls)
@@ -70,7 +71,7 @@ def classify(leaves: list[torch.Tensor], owner: str, paths: Callable[[], list[st
     A mix raises ``TypeError``, leaves on several meshes ``ValueError``, each naming the
     leaves (``paths()`` gives their paths, computed only then).
     """
-    if set(map(type, leaves)) <= _PLAIN:
+    if set(map(type, leaves)) <= PLAIN_TENSORS:
         return False
     cls = dtensor_class()
     if cls is None:
@@ -168,7 +169,7 @@ def flattenable(x: torch.Tensor) -> torch.Tensor:
     """``x``, or for a DTensor sharded unevenly (a dim of a size its mesh dim does not divide,
     7 rows on 2 ranks), ``x`` replicated on those mesh dims: DTensor refuses to flatten an
     uneven shard (an all-gather of that one tensor)."""
-    if type(x) in _PLAIN or not is_dtensor(x):
+    if type(x) in PLAIN_TENSORS or not is_dtensor(x):
         return x
     mesh = x.device_mesh
     placements = list(x.placements)

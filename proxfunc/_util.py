@@ -7,6 +7,7 @@ from operator import attrgetter
 import torch
 
 from ._base import Hyper, _is_compiling, is_concrete
+from ._dist import PLAIN_TENSORS
 from ._tree import acc_dtype, common_acc_dtype
 
 __all__ = [
@@ -110,14 +111,13 @@ def traceable(*tensors: object) -> bool:
 
 
 _functorch = getattr(torch._C, "_functorch", None)
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _IS_META = attrgetter("is_meta")
 _IS_WRAPPED = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 
 
 def _plain(ts: list[torch.Tensor]) -> bool:
     """Every tensor a plain ``Tensor``/``Parameter``, not on the meta device, not wrapped."""
-    if not set(map(type, ts)) <= _PLAIN or any(map(_IS_META, ts)):
+    if not set(map(type, ts)) <= PLAIN_TENSORS or any(map(_IS_META, ts)):
         return False
     return _IS_WRAPPED is None or not any(map(_IS_WRAPPED, ts))
 

@@ -26,6 +26,7 @@ from torch import nn
 from . import groups as _groups
 from . import norms as _norms
 from ._base import _PLAIN_TENSORS, Hyper, Prox, _is_compiling, check_step
+from ._dist import dtensor_class
 from .calculus import partition
 
 __all__ = [
@@ -177,18 +178,6 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     return target
 
 
-def _dtensor_type() -> type | None:
-    """``torch.distributed.tensor.DTensor``, or ``None`` where this torch has none."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5, or built without torch.distributed
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
-
-
 def _placed(d: torch.Tensor, n: Any) -> torch.Tensor | None:
     """The new value ``n`` for the target ``d``, ready to be copied: ``None`` (refused) unless
     both are DTensors or neither is (a DTensor target takes no plain value: what would be its
@@ -198,7 +187,7 @@ def _placed(d: torch.Tensor, n: Any) -> torch.Tensor | None:
     ``Partial``), so the copy writes each rank's own shard and cannot fail."""
     if not isinstance(n, torch.Tensor):
         return None
-    dt = _dtensor_type()
+    dt = dtensor_class()
     if dt is None or not isinstance(d, dt):
         return None if dt is not None and isinstance(n, dt) else n
     if not isinstance(n, dt):

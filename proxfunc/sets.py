@@ -457,9 +457,10 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
     ``g(lam) = <a, clamp(x - lam a, lo, hi)>`` is continuous, piecewise linear and non-increasing;
     bisection over the bracket of its breakpoints keeps ``g(l) >= b >= g(h)``. Once no breakpoint
     lies strictly inside the bracket, ``g`` is linear on it and the free set at the midpoint gives
-    ``lam`` in closed form (the exact finish). Eagerly the bisection stops as soon as the active
-    pattern is the same at both ends of the bracket; under tracing (``torch.compile``,
-    ``torch.func``) the exact sort-based :func:`knapsack_lambda_sort` is used instead (or, with an
+    ``lam`` in closed form (the exact finish). Eagerly (when :func:`proxfunc.dispatch.select`
+    allows host reads) the bisection stops as soon as the active pattern is the same at both
+    ends of the bracket; otherwise (the reference: tracing, ``torch.func``, gradients, DTensors)
+    the exact sort-based :func:`knapsack_lambda_sort` is used instead (or, with an
     explicit ``iters``, that many steps). float32 inputs are solved in float64.
     """
     if x.dtype == torch.float32:  # sums over n terms decide the root: accumulate in float64
@@ -467,7 +468,9 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
         return knapsack_lambda(*args, iters=iters).to(x.dtype)
     bl = (x - hi) / a  # below bl: clamp at hi
     bh = (x - lo) / a  # above bh: clamp at lo
-    eager = not traceable(x, a, lo, hi, b)
+    # the bisection's early stop reads the bracket on the host: an "aten"-class implementation
+    ts = [t for t in (x, a, lo, hi, b) if isinstance(t, torch.Tensor)]
+    eager = dispatch.select(ts, 0.0).impl != dispatch.REFERENCE
     if not eager and iters is None:
         return knapsack_lambda_sort(x, a, lo, hi, b)
     lo_l = bl.min()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import proxfunc as pf
-from proxfunc import dispatch, groups, norms, projections
+from proxfunc import dispatch, groups, norms, projections, sets, smooth
 from proxfunc.compat import apply_
 from proxfunc.kernels.cpu import linf1 as linf1_cpu
 
@@ -27,7 +27,10 @@ OPS = {
     "linf": lambda: pf.linf(0.3),
     "l1_ball": lambda: pf.l1_ball(3.0),
     "simplex": lambda: pf.simplex(3.0),
+    "sum_largest": lambda: pf.sum_largest(3, 0.5),  # the knapsack multiplier: bisection vs sort
+    "box_hyperplane": lambda: pf.box_hyperplane(-0.5, 0.7, 1.0),
 }
+KNAPSACK = ("sum_largest", "box_hyperplane")
 GROUPED = ("l21", "linf1")  # layouts with a partition give these per-tensor groups
 
 
@@ -127,6 +130,8 @@ def _tol(dtype, op_name):
     if dtype == torch.bfloat16:  # float32 inside, rounded once: at most one ulp of bf16 apart
         return 2.0**-7, 1e-30
     eps = torch.finfo(dtype).eps
+    if op_name in KNAPSACK:  # the multiplier by bisection + exact finish vs by sorting: an
+        return 64 * eps, 1024 * eps  # absolute error of a few ulps of the entries (up to ~40)
     return 64 * eps, 64 * eps * 1e-3  # orders of summation; far below a 0.1% error
 
 
@@ -258,6 +263,16 @@ def _threshold_scaled(fn):
     return wrapped
 
 
+def _knapsack_scaled(fn):
+    """The multiplier off by 0.1% (of 1 + |lam|) on its eager (bisection) branch only."""
+
+    def wrapped(*args, **kwargs):
+        lam = fn(*args, **kwargs)
+        return lam if dispatch.current() == "reference" else lam + 1e-3 * (1 + lam.abs())
+
+    return wrapped
+
+
 PLANTS = [  # (operator, layout, implementation, object, attribute, replacement factory)
     ("l1", "model", "aten", norms, "_soft_threshold_aten", lambda fn: lambda xs, t, out: fn(xs, t * 1.001, out)),
     (
@@ -275,6 +290,8 @@ PLANTS = [  # (operator, layout, implementation, object, attribute, replacement 
     ("linf1", "mixed-2threads", "auto", linf1_cpu, "run", lambda fn: lambda xs, r, out=None: fn(xs, r * 1.001, out)),
     ("linf", "contiguous", "aten", norms, "threshold", _threshold_scaled),
     ("l1_ball", "contiguous", "aten", projections, "_l1_ball_eager", lambda fn: lambda xs, r: fn(xs, r * 1.001)),
+    ("sum_largest", "contiguous", "aten", smooth, "knapsack_lambda", _knapsack_scaled),
+    ("box_hyperplane", "contiguous", "aten", sets, "knapsack_lambda", _knapsack_scaled),
     # simplex's polish corrects a threshold error exactly: the plant is in its eager (in-place) polish
     (
         "simplex",
