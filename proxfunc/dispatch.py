@@ -175,8 +175,11 @@ def select(
     tf = _float_threshold(t)
     if tf is None or not tf >= 0:
         return Choice(REFERENCE, t)
+    dtypes = set(map(_DTYPE, leaves))
+    if not all(tf <= _largest(d) for d in dtypes):  # ATen refuses it; the reference's answer
+        return Choice(REFERENCE, t)
     first = leaves[0]
-    same = len(set(map(_DTYPE, leaves))) == 1 and len(set(map(_DEVICE_INDEX, leaves))) == 1
+    same = len(dtypes) == 1 and len(set(map(_DEVICE_INDEX, leaves))) == 1
     if in_place and not (same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))):
         return Choice(REFERENCE, t)
     if choice == "auto" and kernel is not None and dims is not None and same and _fits(kernel, leaves, dims, tf):
@@ -184,13 +187,22 @@ def select(
     return Choice(ATEN, tf)
 
 
+_LARGEST: dict[torch.dtype, float] = {}
+
+
+def _largest(dtype: torch.dtype) -> float:
+    """The largest finite value of a floating ``dtype`` (a threshold above it: the reference)."""
+    got = _LARGEST.get(dtype)
+    if got is None:
+        got = _LARGEST[dtype] = float(torch.finfo(dtype).max) if dtype.is_floating_point else float("inf")
+    return got
+
+
 def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int], t: float) -> bool:
     """The layout ``spec`` declares: row groups of contiguous tensors of one dtype on its
-    device, at most ``max_parts`` tensors and ``max_group`` entries a group, a finite ``t``."""
+    device, at most ``max_parts`` tensors and ``max_group`` entries a group."""
     first = leaves[0]
     if first.device.type != spec.device or first.dtype not in spec.dtypes or len(leaves) > spec.max_parts:
-        return False
-    if not t <= torch.finfo(first.dtype).max:
         return False
     rows = first.shape[0] if first.dim() else 0
     if rows == 0:

@@ -316,3 +316,22 @@ def test_a_planted_error_in_each_fast_branch_is_caught(plant, mode, monkeypatch)
     got = _apply(op_name, layout, dtype, "float", impl, mode == "in_place")
     with pytest.raises(AssertionError):
         check(got, want, dtype, op_name)
+
+
+def test_a_threshold_beyond_the_dtype_takes_the_reference():
+    """``reg * step`` above float32's largest value on float32 tensors: ATen's kernels refuse
+    such a threshold, so ``select`` takes the reference, which gives the float64 answer (every
+    finite group inside the ball), also in place next to a rule that writes in place."""
+    x = torch.randn(6, 4)
+    assert dispatch.select([x], 1e39).impl == "reference"
+    assert dispatch.select([x.double()], 1e39).impl == "aten"
+    for op in (pf.l1(1e39), pf.l21(1e39), pf.linf1(1e39), pf.linf(1e39), pf.l1_ball(1e39)):
+        want = op(x.double(), 1.0)
+        for impl in ("auto", "aten", "reference"):
+            with dispatch.implementation(impl):
+                got = op(x, 1.0)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    a, b = torch.randn(5), torch.randn(3, 2)
+    a0 = a.clone()
+    apply_(pf.partition({"a": pf.l1(1e-3), "b": pf.linf1(1e39)}), {"a": a, "b": b}, 1.0)
+    assert torch.equal(a, pf.l1(1e-3)(a0, 1.0)) and not b.any()

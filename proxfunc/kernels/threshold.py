@@ -161,7 +161,10 @@ def threshold_unrolled(
         # sharding plan of ``partial_max - 0.3`` under the key that a later ``partial_max -
         # tensor(0.3)`` (a tensor step) finds, and that plan fails on it ('float' object has
         # no attribute 'mesh'); with a tensor radius every call has the same kind of argument
-        radius = parts[0][0].new_full((), radius)
+        like = parts[0][0]
+        if isinstance(radius, float) and radius > torch.finfo(like.dtype).max:
+            radius = math.inf  # beyond the dtype's range (every finite group is inside the ball)
+        radius = like.new_full((), radius)
     with torch.no_grad():
         dparts = [(a.detach(), d) for a, d in parts]
         r = _detach(radius)
