@@ -181,11 +181,7 @@ class Prox:
         step = check_step(self._name(), step)
         leaves, tree = _tree.flatten(params, self._name())
         if _dist.classify(leaves, self._name(), lambda: tree.paths):
-            if _is_compiling():  # traced: the caller scopes implicit replication, if it needs it
-                out = self._prox(leaves, step, tree)
-            else:
-                out = _dist.call(lambda: self._prox(leaves, step, tree))
-            return tree.unflatten(_dist.restore(out, leaves))
+            return tree.unflatten(_dist.restore(_on_dtensors(lambda: self._prox(leaves, step, tree)), leaves))
         out = self._prox(leaves, step, tree)
         return tree.unflatten(out)
 
@@ -196,9 +192,7 @@ class Prox:
         """
         leaves, tree = _tree.flatten(params, self._name())
         if _dist.classify(leaves, self._name(), lambda: tree.paths):
-            if _is_compiling():
-                return _dist.replicated(self._value(leaves, tree))
-            return _dist.replicated(_dist.call(lambda: self._value(leaves, tree)))
+            return _dist.replicated(_on_dtensors(lambda: self._value(leaves, tree)))
         return self._value(leaves, tree)
 
     # ----------------------------------------------------------- subclass hooks
@@ -289,6 +283,12 @@ class Prox:
 
     def __reduce__(self):  # pickling (optimizer state_dicts may hold operators)
         return (_rebuild, (type(self), dict(self._params())))
+
+
+def _on_dtensors(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on DTensor leaves: through :func:`proxfunc._dist.call` eagerly; traced, as it is
+    (the caller scopes implicit replication there, if the operator needs it)."""
+    return fn() if _is_compiling() else _dist.call(fn)
 
 
 def _rebuild(cls: type, fields: dict[str, Any]) -> Prox:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 import torch
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._dist import PLAIN_TENSORS
 from ._tree import acc_dtype, common_acc_dtype
+from .dispatch import _eager
 
 __all__ = [
     "clamp",
@@ -102,24 +100,10 @@ def traceable(*tensors: object) -> bool:
     if _is_compiling():
         return True
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
-    # Fast path for the common eager case, asked of all tensors at once with C-level ``map``
-    # (several times faster than one tensor at a time): plain dense tensors, none on the meta
-    # device, none a torch.func wrapper. Anything else gets the full check.
-    if _plain(ts):
+    # the common eager case first (plain dense tensors, asked of all at once): dispatch's test
+    if _eager(ts):
         return False
     return not all(map(is_concrete, ts))
-
-
-_functorch = getattr(torch._C, "_functorch", None)
-_IS_META = attrgetter("is_meta")
-_IS_WRAPPED = getattr(_functorch, "is_functorch_wrapped_tensor", None)
-
-
-def _plain(ts: list[torch.Tensor]) -> bool:
-    """Every tensor a plain ``Tensor``/``Parameter``, not on the meta device, not wrapped."""
-    if not set(map(type, ts)) <= PLAIN_TENSORS or any(map(_IS_META, ts)):
-        return False
-    return _IS_WRAPPED is None or not any(map(_IS_WRAPPED, ts))
 
 
 def indicator(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
