@@ -49,7 +49,7 @@ import torch
 
 from ._base import _PLAIN_TENSORS, _is_compiling
 
-__all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "Choice", "KernelSpec"]
+__all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "reference_only", "Choice", "KernelSpec"]
 
 #: The choices :func:`implementation` accepts.
 IMPLEMENTATIONS = ("auto", "aten", "reference")
@@ -185,6 +185,12 @@ def select(
     if choice == "auto" and kernel is not None and dims is not None and same and _fits(kernel, leaves, dims, tf):
         return Choice(KERNEL, tf)
     return Choice(ATEN, tf)
+
+
+def reference_only(leaves: list[torch.Tensor], t: Any) -> bool:
+    """Whether :func:`select` takes the reference for ``leaves`` and ``t``: the question of
+    operators whose one fast path is ATen's eager threshold or bisection (host reads)."""
+    return select(leaves, t).impl == REFERENCE
 
 
 _LARGEST: dict[torch.dtype, float] = {}

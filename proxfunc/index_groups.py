@@ -163,7 +163,7 @@ class index_linf1(_IndexGroups):  # noqa: N801
         if M is None:
             tb = _segment_tau(torch.where(member, v.abs(), torch.zeros_like(v)), gidx, t)[gidx]
             return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)
-        reference = dispatch.select(leaves, t).impl == dispatch.REFERENCE
+        reference = dispatch.reference_only(leaves, t)
         tau = threshold([(self._padded(v, member, gidx), 0)], t, traceable=reference).clamp_min(0)
         tb = tau[gidx]
         return unflat(torch.where(member, torch.clamp(v, -tb, tb), v), leaves)

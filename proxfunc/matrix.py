@@ -148,7 +148,7 @@ def _svals(x: torch.Tensor) -> torch.Tensor:
 def _joint_tau(svals: list[torch.Tensor], radius, leaves) -> torch.Tensor:
     """The l1-ball threshold of all singular values together (0 inside the ball)."""
     parts = [(s.reshape(-1), None) for s in svals]
-    return threshold(parts, radius, traceable=dispatch.select(leaves, radius).impl == dispatch.REFERENCE).clamp_min(0)
+    return threshold(parts, radius, traceable=dispatch.reference_only(leaves, radius)).clamp_min(0)
 
 
 class nuclear(Prox):  # noqa: N801

@@ -435,7 +435,7 @@ class l1_sphere(Projection):  # noqa: N801
         v = flat(leaves)
         r = _hyper_as(self.radius, v)
         a = v.abs()
-        tau = threshold([(a, None)], r, traceable=dispatch.select(leaves, r).impl == dispatch.REFERENCE).clamp_min(0)
+        tau = threshold([(a, None)], r, traceable=dispatch.reference_only(leaves, r)).clamp_min(0)
         ball = v - torch.clamp(v, -tau, tau)
         c = (r - a.sum()) / max(v.numel(), 1)
         sgn = torch.where(v < 0, -torch.ones_like(v), torch.ones_like(v))
@@ -470,7 +470,7 @@ def knapsack_lambda(x, a, lo, hi, b, iters: int | None = None):
     bh = (x - lo) / a  # above bh: clamp at lo
     # the bisection's early stop reads the bracket on the host: an "aten"-class implementation
     ts = [t for t in (x, a, lo, hi, b) if isinstance(t, torch.Tensor)]
-    eager = dispatch.select(ts, 0.0).impl != dispatch.REFERENCE
+    eager = not dispatch.reference_only(ts, 0.0)
     if not eager and iters is None:
         return knapsack_lambda_sort(x, a, lo, hi, b)
     lo_l = bl.min()

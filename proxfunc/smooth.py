@@ -243,7 +243,7 @@ class max_entry(Prox):  # noqa: N801
             return []
         v = flat(leaves)
         r = self.reg * step
-        theta = threshold([(v, None)], r, traceable=dispatch.select(leaves, r).impl == dispatch.REFERENCE)
+        theta = threshold([(v, None)], r, traceable=dispatch.reference_only(leaves, r))
         return unflat(torch.minimum(v, theta), leaves)
 
     def _value(self, leaves, tree):
