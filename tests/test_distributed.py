@@ -46,14 +46,18 @@ def _failures(recs) -> list[str]:
     ]
 
 
+def _assert_passed(records, kind):
+    """The worker reported checks of ``kind`` and none of them failed."""
+    assert records[kind], f"the worker reported no {kind!r} checks"
+    assert not _failures(records[kind]), "\n".join(_failures(records[kind]))
+
+
 def test_host_read_detector_catches_reads(records):
-    assert records["selftest"], "the worker did not report its self-test"
-    assert not _failures(records["selftest"]), "\n".join(_failures(records["selftest"]))
+    _assert_passed(records, "selftest")
 
 
 def test_mixed_plain_and_dtensor_leaves_raise_type_error(records):
-    assert records["mixed"]
-    assert not _failures(records["mixed"]), "\n".join(_failures(records["mixed"]))
+    _assert_passed(records, "mixed")
 
 
 def test_every_operator_and_placement_was_checked(records):
@@ -76,22 +80,18 @@ def test_operator_on_dtensors_matches_full_tensor(records, case):
 
 
 def test_tensor_step(records):
-    assert records["tensor_step"]
-    assert not _failures(records["tensor_step"]), "\n".join(_failures(records["tensor_step"]))
+    _assert_passed(records, "tensor_step")
 
 
 @pytest.mark.skipif(_COMPILE_SKIP is not None, reason=_COMPILE_SKIP or "")
 def test_compile_fullgraph_matches_eager(records):
-    assert records["compile"], "the worker did not report the compiled step"
-    assert not _failures(records["compile"]), "\n".join(_failures(records["compile"]))
+    _assert_passed(records, "compile")
 
 
 def test_water_filling_above_the_eager_size(records):
     """linf, linf1, l1_ball, simplex, max_entry on 9000 entries: exact, same on every rank."""
-    assert records["large"]
-    assert not _failures(records["large"]), "\n".join(_failures(records["large"]))
+    _assert_passed(records, "large")
 
 
 def test_tensor_hyperparameters_after_float_ones(records):
-    assert records["tensor_hyper"]
-    assert not _failures(records["tensor_hyper"]), "\n".join(_failures(records["tensor_hyper"]))
+    _assert_passed(records, "tensor_hyper")
