@@ -306,6 +306,13 @@ def logbarrier(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: H
 
 
 # ----------------------------------------------------------------- optimizer wrapper
+def _with_prox(group: Mapping[str, Any], op: Any) -> dict[str, Any]:
+    """A copy of a param group's dict with ``"prox"`` set to ``op``."""
+    out = dict(group)
+    out["prox"] = op
+    return out
+
+
 def _zero(lr: Any) -> bool:
     if isinstance(lr, torch.Tensor):
         return bool((lr == 0).all())
@@ -328,7 +335,9 @@ class ProxOptimizer(torch.optim.Optimizer):
       pf.l21(1e-3)}], lr=0.1)``; the operator receives that group's parameters as a list.
 
     ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
-    the wrapped optimizer.
+    the wrapped optimizer; the state dict holds each group's ``"prox"`` as plain data
+    (:meth:`proxfunc.Prox.to_state`), so ``torch.load`` reads it with its default
+    ``weights_only=True``, and ``load_state_dict`` rebuilds the operators.
 
     Distributed training: build it like the optimizer, from the wrapped model (after
     ``fully_shard``, whose sharded parameters it then updates; with ``DistributedDataParallel``
@@ -416,11 +425,46 @@ class ProxOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self):
-        return self.optimizer.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict, of plain data and tensors only: a param group's
+        ``"prox"`` operator is stored as :meth:`proxfunc.Prox.to_state`, so
+        ``torch.load(f)`` (``weights_only=True``) reads it without proxfunc imported."""
+        sd = self.optimizer.state_dict()
+        groups = sd.get("param_groups")
+        if groups is not None and any(isinstance(g.get("prox"), Prox) for g in groups):
+            sd = dict(sd)
+            sd["param_groups"] = [_with_prox(g, g["prox"].to_state()) if "prox" in g else g for g in groups]
+        return sd
 
-    def load_state_dict(self, state_dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict of :meth:`state_dict` (or of the wrapped optimizer).
+
+        A group's ``"prox"`` is rebuilt from its plain data (:meth:`proxfunc.Prox.from_state`) or
+        taken as the operator it is; a saved group without ``"prox"`` keeps this optimizer's
+        operator (a plain optimizer's state dict loads into a ``ProxOptimizer``). Nothing changes
+        when an entry is not a valid operator (``TypeError``/``ValueError``).
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if groups is None:
+            self.optimizer.load_state_dict(state_dict)  # the wrapped optimizer names what is missing
+            return
+        mine = self.param_groups
+        loaded = []
+        for i, g in enumerate(groups):
+            if isinstance(g, Mapping) and "prox" in g:
+                op = g["prox"]
+                if op is not None and not isinstance(op, Prox):
+                    try:
+                        op = Prox.from_state(op)
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"ProxOptimizer.load_state_dict: param_groups[{i}]['prox']: {e}") from None
+                g = _with_prox(g, op)
+            elif isinstance(g, Mapping) and i < len(mine) and "prox" in mine[i]:
+                g = _with_prox(g, mine[i]["prox"])
+            loaded.append(g)
+        sd = dict(state_dict)
+        sd["param_groups"] = loaded
+        self.optimizer.load_state_dict(sd)
 
     def add_param_group(self, param_group) -> None:
         self.optimizer.add_param_group(param_group)
