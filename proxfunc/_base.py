@@ -170,7 +170,7 @@ def _same(a: Any, b: Any) -> bool:
             return False
         if not (is_concrete(a) and is_concrete(b)):
             return False
-        return bool(torch.equal(a.detach(), b.detach()))
+        return bool(torch.equal(a, b))
     if isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, dict):

@@ -56,7 +56,10 @@ def _targets(target: Any) -> tuple[Any, list[tuple[Any, torch.Tensor]]]:
         return target, [(0, target)]
     if isinstance(target, Mapping):
         items = [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return dict(items), items
+        # the operator sees the tree a functional call gets, integer/bool buffers included (it
+        # passes them through: the same rule both ways, e.g. for a pytree group_dim)
+        tree = {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and not v.is_complex()}
+        return tree, items
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
         seq = tuple(target)
         for i, t in enumerate(seq):
@@ -126,7 +129,8 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     """Apply ``op`` in place: ``target <- op(target, step)``, all-or-nothing.
 
     ``target`` is an ``nn.Module`` (its ``named_parameters()``, as a dict keyed by name, the
-    form :func:`proxfunc.partition` expects), a state_dict (its floating tensors), a tensor,
+    form :func:`proxfunc.partition` expects), a state_dict (its floating tensors, and its
+    integer/bool buffers, which every operator passes through as in a functional call), a tensor,
     or a sequence of tensors (``None`` entries allowed, e.g. a missing bias). Returns
     ``target``. Nothing is written unless every new value was computed and has the shape,
     dtype and device of the tensor it replaces.
