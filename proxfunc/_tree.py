@@ -254,9 +254,9 @@ def group_count(leaves: list[torch.Tensor], dims: list[int], tree: Tree, owner: 
         raise ValueError(
             f"{owner}: leaves have different numbers of groups: {desc}. Group i is slice i along group_dim "
             "of every leaf, one group across all of them. For the groups of each tensor on its own (the rows "
-            "of every weight, each entry of a bias) use pf.partition({'*': op}); for neurons across layers "
-            "(row i of a weight and its bias, column i of the next weight) use "
-            "pf.autosize.neuron_prox(model, op), or give group_dim as a pytree of ints"
+            "of every weight, each entry of a bias) use pf.partition({'*': op}); for the neurons of each "
+            "hidden layer (row i of its weight with entry i of its bias; with outgoing=True also column i of "
+            "the next weight) use pf.autosize.neuron_prox(model, op); or give group_dim as a pytree of ints"
         )
     return int(sizes[0])
 

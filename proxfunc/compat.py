@@ -437,7 +437,9 @@ class ProxOptimizer(torch.optim.Optimizer):
         groups = sd.get("param_groups")
         if groups is not None and any(isinstance(g.get("prox"), Prox) for g in groups):
             sd = dict(sd)
-            sd["param_groups"] = [_with_prox(g, g["prox"].to_state()) if "prox" in g else g for g in groups]
+            sd["param_groups"] = [
+                _with_prox(g, g["prox"].to_state()) if isinstance(g.get("prox"), Prox) else g for g in groups
+            ]
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

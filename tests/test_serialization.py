@@ -328,6 +328,13 @@ def test_prox_optimizer_keeps_its_operators_for_a_plain_state_dict_and_refuses_b
     mine = [g.get("prox") for g in opt.param_groups]
     opt.load_state_dict(_load(plain.state_dict()))
     assert [g.get("prox") for g in opt.param_groups] == mine and opt.param_groups[0]["lr"] == 0.01
+    # a group whose "prox" is None stays None
+    opt.param_groups[2]["prox"] = None
+    sd = opt.state_dict()
+    assert sd["param_groups"][2]["prox"] is None
+    opt.load_state_dict(_load(sd))
+    assert opt.param_groups[2]["prox"] is None
+    del opt.param_groups[2]["prox"]
     # a bad operator entry: an error naming the group, and nothing changed
     sd = opt.state_dict()
     sd["param_groups"][1]["prox"] = {"__prox__": "nope", "hyper": {}}
