@@ -157,6 +157,19 @@ def _key(v: Any) -> Any:
     return v
 
 
+def _holds_tensor(v: Any) -> bool:
+    """A tensor among the hyperparameters ``v`` (operators inside included)."""
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, Prox):
+        return _holds_tensor(v._params())
+    if isinstance(v, (tuple, list)):
+        return any(map(_holds_tensor, v))
+    if isinstance(v, dict):
+        return any(map(_holds_tensor, v.values()))
+    return False
+
+
 def _same(a: Any, b: Any) -> bool:
     """Hyperparameters ``a`` and ``b`` are equal: tensors by value (same dtype, shape and
     device, equal entries; a tensor whose values may not be read, traced or a DTensor, only
@@ -340,6 +353,17 @@ class Prox:
         if type(self) is not type(other):
             return NotImplemented
         return self is other or _same(self._params(), other._params())  # type: ignore[union-attr]
+
+    def _batch_key(self) -> Any:
+        """The key under which operators share one computation (:func:`proxfunc.partition` makes
+        one batch of the rules of equal operators, arranged once per key set): the operator
+        itself, equal by value, when no hyperparameter is a tensor; otherwise its identity, since
+        a tensor's values may change in place after the batches were arranged."""
+        holds = self.__dict__.get("_cache_holds_tensor")
+        if holds is None:
+            holds = _holds_tensor(self._params())
+            object.__setattr__(self, "_cache_holds_tensor", holds)
+        return ("id", id(self)) if holds else self
 
     def __hash__(self) -> int:
         try:

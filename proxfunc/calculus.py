@@ -164,9 +164,10 @@ class partition(Prox):  # noqa: N801
     def _layout(self, names: Iterable[str]) -> list[tuple[Prox, list[tuple[str, ...]], bool]]:
         """``resolve`` arranged for a call: ``[(op, name groups, joint)]``.
 
-        The rules of one operator (equal operators count as one) form one batch for
-        :meth:`Prox._prox_batch`, which may share work across them (a separable operator makes
-        one call; l21 one scale computation), functional or in place: its pattern rules' tensors
+        The rules of one operator form one batch for :meth:`Prox._prox_batch` (equal operators
+        count as one, unless they hold tensor hyperparameters, whose values may change in place:
+        then only the same object does), which may share work across them (a separable operator
+        makes one call; l21 one scale computation), functional or in place: its pattern rules' tensors
         each an argument (``joint=False``, groups of one name), and apart from those its tuple
         rules, each rule's tensors one argument (``joint=True``).
         """
@@ -177,7 +178,7 @@ class partition(Prox):  # noqa: N801
         by_value = not _is_compiling()  # traced: by identity (no operator hashing in the graph)
         for key, group, op in self.resolve(names):
             joint = not isinstance(key, str)
-            batches.setdefault((op if by_value else id(op), joint), (op, [], joint))[1].append(group)
+            batches.setdefault((op._batch_key() if by_value else id(op), joint), (op, [], joint))[1].append(group)
         return list(batches.values())
 
     def _cached(self, slot: str, names: tuple[str, ...], compute: Callable[[tuple[str, ...]], Any]) -> Any:

@@ -196,19 +196,28 @@ def test_hash_reads_no_tensor_and_equality_reads_only_when_needed():
     assert hash(m) == hash(m2) and m == m and m != m2
 
 
-def test_partition_batches_equal_operators_with_tensor_hyperparameters():
-    """Equal operators (by value) in several rules form one batch of _layout; the layout is
-    computed once per key set."""
-    reg = torch.tensor(0.3)
-    p = pf.partition({"a.*": pf.l21(reg), "b.*": pf.l21(reg.clone()), "c.*": pf.l21(torch.tensor(0.7))})
-    names = ["a.weight", "b.weight", "c.weight"]
+def test_partition_batches_equal_operators_and_tensor_ones_by_identity():
+    """Equal operators in several rules form one batch of _layout, arranged once per key set;
+    operators holding tensors batch only with themselves: the tensors' values may change in
+    place after the layout was arranged (a schedule of reg), and each rule keeps its own."""
+    names = ["a.weight", "b.weight", "c.weight", "d.weight"]
+    p = pf.partition({"a.*": pf.l21(0.3), "b.*": pf.l21(0.3), "c.*": pf.l21(0.7), "d.*": pf.l21(0.3, group_dim=1)})
     layout = p._layout(names)
-    assert len(layout) == 2 and sorted(len(groups) for _, groups, _ in layout) == [1, 2]
+    assert sorted(len(groups) for _, groups, _ in layout) == [1, 1, 2]
     assert p._layout(names) is layout  # cached: no comparison on later calls
+    reg_a, reg_b = torch.tensor(0.3), torch.tensor(0.3)
+    shared = pf.l21(torch.tensor(0.5))
+    q = pf.partition({"a.*": pf.l21(reg_a), "b.*": pf.l21(reg_b), "c.*": shared, "d.*": shared})
+    assert q.rules[0][1] == q.rules[1][1]  # equal by value...
+    assert sorted(len(groups) for _, groups, _ in q._layout(names)) == [1, 1, 2]  # ...batched apart
     params = {n: torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(names)}
-    out = p(params, 0.5)
+    q(params, 0.5)
+    with torch.no_grad():
+        reg_b.fill_(0.9)  # after the layout was arranged
+    out = q(params, 0.5)
     assert torch.equal(out["a.weight"], pf.l21(0.3)(params["a.weight"], 0.5))
-    assert torch.equal(out["c.weight"], pf.l21(0.7)(params["c.weight"], 0.5))
+    assert torch.equal(out["b.weight"], pf.l21(0.9)(params["b.weight"], 0.5))
+    assert torch.equal(out["d.weight"], pf.l21(0.5)(params["d.weight"], 0.5))
 
 
 # ------------------------------------------------------------------ from_state is strict
