@@ -2,14 +2,15 @@
 
 An operator is an immutable value ``op`` with
 
-* ``op(params, step)``: ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` for a tensor or
+* ``op(params, step=1.0)``: ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` for a tensor or
   any pytree of tensors (``torch.utils._pytree``), returned as a new tree of the same
   structure, shapes, dtypes and devices; ``params`` is never written to;
 * ``op.value(params)``: ``f(params)`` as a 0-d tensor (``inf`` outside a constraint set).
 
 Subclasses implement ``_prox(leaves, step, tree)`` and ``_value(leaves, tree)`` on the
 flattened leaves; this module owns flattening, validation of ``step`` and of the
-hyperparameters, equality, hashing and ``repr``.
+hyperparameters, equality, hashing, ``repr`` and serialisation (``to_state``/``from_state``,
+pickling, ``torch.load(weights_only=True)``).
 
 This is the lowest layer of proxfunc: it imports nothing from the rest of the package
 except :mod:`proxfunc._tree` and :mod:`proxfunc._dist` (DTensor leaves: see there).
