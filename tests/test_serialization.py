@@ -351,3 +351,19 @@ def test_prox_optimizer_keeps_its_operators_for_a_plain_state_dict_and_refuses_b
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['prox'\].*unknown operator 'nope'"):
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == 0.01 and [g.get("prox") for g in opt.param_groups] == mine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensor_hyperparameters():
+    reg = torch.tensor(0.5, device="cuda")
+    op = pf.l21(reg)
+    with _Recorder() as rec:
+        hash(op)
+    assert rec.ops == []
+    assert op == pf.l21(reg.clone()) and op != pf.l21(reg.cpu()) and hash(op) != hash(pf.l21(reg.cpu()))
+    back = _load(op)
+    assert back == op and back.reg.device == reg.device
+    cpu = torch.load(_saved(op), weights_only=True, map_location="cpu")
+    assert cpu == pf.l21(torch.tensor(0.5)) and cpu != op
+    x = torch.randn(6, 4, device="cuda")
+    assert torch.equal(back(x, 0.5), op(x, 0.5))
