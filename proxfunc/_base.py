@@ -2,14 +2,15 @@
 
 An operator is an immutable value ``op`` with
 
-* ``op(params, step)``: ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` for a tensor or
+* ``op(params, step=1.0)``: ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` for a tensor or
   any pytree of tensors (``torch.utils._pytree``), returned as a new tree of the same
   structure, shapes, dtypes and devices; ``params`` is never written to;
 * ``op.value(params)``: ``f(params)`` as a 0-d tensor (``inf`` outside a constraint set).
 
 Subclasses implement ``_prox(leaves, step, tree)`` and ``_value(leaves, tree)`` on the
 flattened leaves; this module owns flattening, validation of ``step`` and of the
-hyperparameters, equality, hashing and ``repr``.
+hyperparameters, equality, hashing, ``repr`` and serialisation (``to_state``/``from_state``,
+pickling, ``torch.load(weights_only=True)``).
 
 This is the lowest layer of proxfunc: it imports nothing from the rest of the package
 except :mod:`proxfunc._tree` and :mod:`proxfunc._dist` (DTensor leaves: see there).
@@ -17,6 +18,7 @@ except :mod:`proxfunc._tree` and :mod:`proxfunc._dist` (DTensor leaves: see ther
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -142,10 +144,11 @@ def _short(t: torch.Tensor) -> str:
 
 
 def _key(v: Any) -> Any:
-    # Tensors compare and hash by identity (their values may change in place); everything
-    # else by value. This keeps operators usable as dict keys and as torch.compile constants.
+    # The hash key of a hyperparameter. A tensor contributes its metadata only (dtype, shape,
+    # device), never its values: hashing reads nothing from a device, and stays the same when
+    # the values change in place. Everything else contributes its value.
     if isinstance(v, torch.Tensor):
-        return ("tensor", id(v))
+        return ("tensor", v.dtype, tuple(v.shape), v.device)
     if isinstance(v, list):
         return tuple(_key(x) for x in v)
     if isinstance(v, dict):
@@ -155,13 +158,84 @@ def _key(v: Any) -> Any:
     return v
 
 
+def _holds_tensor(v: Any) -> bool:
+    """A tensor among the hyperparameters ``v`` (operators inside included)."""
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, Prox):
+        return _holds_tensor(v._params())
+    if isinstance(v, (tuple, list)):
+        return any(map(_holds_tensor, v))
+    if isinstance(v, dict):
+        return any(map(_holds_tensor, v.values()))
+    return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Hyperparameters ``a`` and ``b`` are equal: tensors by value (same dtype, shape and
+    device, equal entries; a tensor whose values may not be read, traced or a DTensor, only
+    equals itself), containers entry by entry, everything else by ``==``."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        if not (is_concrete(a) and is_concrete(b)):
+            return False
+        return bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and bool(a == b)
+
+
 class Prox:
     """Base class of every proximal operator.
 
-    ``op(params, step)`` returns ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` and
-    ``op.value(params)`` returns ``f(params)``. Instances are immutable; two operators
-    are equal when they are of the same type with equal hyperparameters (tensor
-    hyperparameters compare by identity).
+    ``op(params, step=1.0)`` returns ``argmin_z f(z) + ||z - params||^2 / (2 * step)`` and
+    ``op.value(params)`` returns ``f(params)``. ``step`` defaults to ``1.0``: ``op(x)`` is
+    the prox of ``f`` itself; pass the step of your method (the learning rate of a
+    proximal-gradient step) explicitly.
+
+    ``params`` is a floating tensor or any pytree of them (``torch.utils._pytree``: dicts,
+    lists, tuples, named tuples, e.g. ``dict(model.named_parameters())`` or a
+    ``state_dict``). ``None`` leaves (a layer without bias) and buffers (integer and bool
+    tensors, e.g. a ``state_dict``'s ``num_batches_tracked``) come back unchanged, the same
+    objects, and take part in no group, norm or value; the in-place layer
+    (:func:`proxfunc.compat.apply_`) and :func:`proxfunc.partition` (whose rules match no
+    buffer) follow the same rule. ``params`` that is itself an integer or bool tensor, or
+    holds such tensors and no floating one, and complex or non-tensor leaves raise
+    ``TypeError``.
+
+    Instances are immutable values. Two operators are equal when they are of the same type
+    with equal hyperparameters; tensor hyperparameters are equal when they have the same
+    dtype, shape and device and equal values (compared when ``==`` is evaluated: one read of
+    each tensor, so comparing operators with CUDA tensor hyperparameters synchronises; a
+    traced or DTensor hyperparameter equals only itself). ``hash`` reads no tensor values
+    (tensors contribute dtype, shape and device), so hashing is cheap and stays valid when a
+    tensor hyperparameter changes in place; equal operators hash equal.
+
+    Serialisation: ``pickle``, ``copy.deepcopy`` and ``torch.save`` store an operator as
+    plain data (:meth:`to_state`) and rebuild it through its constructor, as an equal
+    operator (tensor hyperparameters become copies). ``torch.load(f)`` with its default
+    ``weights_only=True`` loads operators: ``import proxfunc`` registers one allowed global
+    (with ``torch.serialization.add_safe_globals``, torch >= 2.4), a function that builds
+    only subclasses of :class:`Prox` defined in the process, from plain data and tensors.
+    For a state dict without any allowed global, store ``op.to_state()`` and rebuild with
+    :meth:`Prox.from_state` (:class:`proxfunc.compat.ProxOptimizer` does so for its
+    param groups' operators)::
+
+        import io, torch, proxfunc as pf
+
+        op = pf.chain(pf.l1(0.1), pf.l21(torch.tensor(0.5)))
+        buf = io.BytesIO()
+        torch.save(op, buf)
+        buf.seek(0)
+        assert torch.load(buf) == op
+        assert pf.Prox.from_state(op.to_state()) == op
 
     Subclass contract: set ``_hyper_names`` to the names of the hyperparameters (stored as
     attributes of the same names, in ``__init__`` via :meth:`_set`) and implement
@@ -178,6 +252,13 @@ class Prox:
 
     # ------------------------------------------------------------------ public API
     def __call__(self, params: Any, step: Hyper = 1.0) -> Any:
+        """``argmin_z f(z) + ||z - params||^2 / (2 * step)``, a new tree shaped like ``params``.
+
+        ``step`` is a positive finite float or a positive 0-d floating tensor; it defaults to
+        ``1.0`` (``op(x)`` is the prox of ``f`` with unit step). Projections ignore it.
+        ``params`` is never written to; ``None`` leaves and integer/bool tensor leaves come
+        back as they are.
+        """
         step = check_step(self._name(), step)
         leaves, tree = _tree.flatten(params, self._name())
         if _dist.classify(leaves, self._name(), lambda: tree.paths):
@@ -272,7 +353,18 @@ class Prox:
     def __eq__(self, other: object) -> bool:
         if type(self) is not type(other):
             return NotImplemented
-        return _key(self._params()) == _key(other._params())  # type: ignore[union-attr]
+        return self is other or _same(self._params(), other._params())  # type: ignore[union-attr]
+
+    def _batch_key(self) -> Any:
+        """The key under which operators share one computation (:func:`proxfunc.partition` makes
+        one batch of the rules of equal operators, arranged once per key set): the operator
+        itself, equal by value, when no hyperparameter is a tensor; otherwise its identity, since
+        a tensor's values may change in place after the batches were arranged."""
+        holds = self.__dict__.get("_cache_holds_tensor")
+        if holds is None:
+            holds = _holds_tensor(self._params())
+            object.__setattr__(self, "_cache_holds_tensor", holds)
+        return ("id", id(self)) if holds else self
 
     def __hash__(self) -> int:
         try:
@@ -281,8 +373,41 @@ class Prox:
             return hash(type(self))  # before tracing its __init__ (an operator made in a compiled step)
         return hash((type(self), _key(params)))
 
-    def __reduce__(self):  # pickling (optimizer state_dicts may hold operators)
-        return (_rebuild, (type(self), dict(self._params())))
+    # ----------------------------------------------------------- serialisation
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[_state_name(cls)] = cls
+
+    def to_state(self) -> dict[str, Any]:
+        """The operator as plain data: ``{"__prox__": name, "hyper": {hyperparameter: value}}``.
+
+        ``name`` is the public name of a proxfunc operator (``"l21"``) or ``module.qualname`` of
+        another subclass; values are numbers, strings, bools, ``None``, tensors, and tuples,
+        lists and dicts of them; an operator inside (``chain``, ``partition``, ``scale``...) is
+        itself such a dict. ``torch.load(..., weights_only=True)`` reads it without any allowed
+        global. :meth:`from_state` builds the operator back.
+        """
+        return {"__prox__": _state_name(type(self)), "hyper": {k: _encode(v) for k, v in self._params()}}
+
+    @classmethod
+    def from_state(cls, state: Any) -> Prox:
+        """The operator that :meth:`to_state` described (an equal one).
+
+        Only operator classes can be built: the ones of proxfunc and any subclass of
+        :class:`Prox` defined in this process (define or import it before loading), from
+        hyperparameters that are plain data and tensors, through the class's constructor (which
+        validates them). Called on a subclass, the result must be an instance of it.
+        """
+        op = _decode(state)
+        if not isinstance(op, Prox):
+            raise ValueError(f"Prox.from_state: state must be a dict made by Prox.to_state, got {type(state).__name__}")
+        if not isinstance(op, cls):
+            raise TypeError(f"{cls.__name__}.from_state: state describes a {type(op).__name__}")
+        return op
+
+    def __reduce__(self):
+        # pickle, copy, deepcopy and torch.save: plain data rebuilt by one allowed global
+        return (_from_state, (self.to_state(),))
 
 
 def _on_dtensors(fn: Callable[[], Any]) -> Any:
@@ -291,6 +416,79 @@ def _on_dtensors(fn: Callable[[], Any]) -> Any:
     return fn() if _is_compiling() else _dist.call(fn)
 
 
-def _rebuild(cls: type, fields: dict[str, Any]) -> Prox:
-    # ``_hyper_names`` are the constructor's keyword arguments by convention.
-    return cls(**fields)
+# ------------------------------------------------------------------------- serialisation
+#: Every subclass of Prox by its state name (:func:`_state_name`), filled as classes are defined.
+_REGISTRY: dict[str, type] = {}
+_STATE_KEYS = frozenset(("__prox__", "hyper"))
+
+
+def _state_name(cls: type) -> str:
+    public = cls.__dict__.get("_public_name")
+    if public is not None and cls.__module__.split(".")[0] == "proxfunc":
+        return public
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _encode(v: Any) -> Any:
+    if isinstance(v, Prox):
+        return v.to_state()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_encode(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _encode(x) for k, x in v.items()}
+    return v
+
+
+def _decode(v: Any) -> Any:
+    if type(v) is dict and v.keys() == _STATE_KEYS:
+        return _build(v["__prox__"], v["hyper"])
+    if isinstance(v, (tuple, list)):
+        return type(v)(_decode(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _decode(x) for k, x in v.items()}
+    return v
+
+
+def _build(name: Any, hyper: Any) -> Prox:
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(
+            f"Prox.from_state: unknown operator {name!r}; an operator class must be defined (its module "
+            "imported) before an operator of it is loaded"
+        )
+    if not isinstance(hyper, dict) or set(hyper) != set(cls._hyper_names):
+        got = sorted(hyper) if isinstance(hyper, dict) else type(hyper).__name__
+        raise ValueError(f"Prox.from_state: {name} takes hyperparameters {list(cls._hyper_names)}, got {got}")
+    fields = {k: _decode(x) for k, x in hyper.items()}
+    args: list[Any] = []
+    star = _star_arg(cls)  # ``chain(*ops)``: a hyperparameter taken as the positional arguments
+    if star is not None:
+        args = list(fields.pop(star))
+    return cls(*args, **fields)
+
+
+def _star_arg(cls: type) -> str | None:
+    """The name of ``cls.__init__``'s ``*args`` when it is one of the hyperparameters."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a constructor without a signature
+        return None
+    star = next((p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    return star if star in cls._hyper_names else None
+
+
+def _from_state(state: dict[str, Any]) -> Prox:
+    """Unpickling an operator: :meth:`Prox.from_state` (allowed for ``torch.load(weights_only=True)``)."""
+    return Prox.from_state(state)
+
+
+def _allow_in_weights_only_load() -> None:
+    """Let ``torch.load(..., weights_only=True)`` rebuild operators: one allowed global, which
+    builds nothing but operator classes (torch >= 2.4; older torch loads them with
+    ``weights_only=False``)."""
+    add = getattr(getattr(torch, "serialization", None), "add_safe_globals", None)
+    if add is not None:
+        add([_from_state])
+
+
+_allow_in_weights_only_load()

@@ -3,10 +3,18 @@
 Group semantics (the contract of every group operator): group ``i`` is the slice ``i``
 along ``group_dim`` of **every** leaf. ``group_dim`` is an int (the same dim of every
 leaf, negative values counting from the end) or a pytree of ints with the structure of
-``params``. All leaves must have the same size along their group dims.
+``params``. All leaves must have the same size along their group dims; otherwise a
+``ValueError`` names each leaf's size and the two usual intents (each tensor's own groups:
+``pf.partition({'*': op})``; neurons across layers: ``pf.autosize.neuron_prox``).
 
 ``None`` leaves are allowed anywhere in ``params`` (a layer without bias) and come back
 as ``None``; they take part in no group and in no norm.
+
+Integer and bool tensors are buffers, not parameters (a BatchNorm's ``num_batches_tracked`` in
+a ``state_dict``, an index or a mask): as leaves of ``params`` they come back unchanged (the
+same tensor objects) and, like ``None``, take part in no group and no norm. ``params`` that is
+itself such a tensor, or holds such tensors and no floating one, is refused (``TypeError``:
+there is nothing to take the prox of), as are complex tensors and non-tensor leaves anywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from torch.utils import _pytree as pytree
 __all__ = [
     "Tree",
     "flatten",
+    "is_buffer",
+    "parameter_keys",
     "group_dims",
     "group_count",
     "reduce_except",
@@ -89,16 +99,23 @@ def leaf_paths(tree: Any) -> list[str]:
 class Tree:
     """Structure of a flattened ``params`` tree: spec, positions of ``None`` leaves, paths."""
 
-    __slots__ = ("_spec", "slots", "n_all", "_params", "_seq")
+    __slots__ = ("_spec", "slots", "n_all", "_params", "_seq", "_kept")
 
     def __init__(
-        self, spec: pytree.TreeSpec | None, slots: list[int], n_all: int, params: Any, seq: type | None = None
+        self,
+        spec: pytree.TreeSpec | None,
+        slots: list[int],
+        n_all: int,
+        params: Any,
+        seq: type | None = None,
+        kept: list[tuple[int, torch.Tensor]] | None = None,
     ):
         self._spec = spec  # spec of the full tree (None leaves included); computed on demand
-        self.slots = slots  # positions of tensor leaves among all leaves
+        self.slots = slots  # positions of the floating tensor leaves among all leaves
         self.n_all = n_all
         self._params = params
         self._seq = seq  # list or tuple: a flat sequence of tensors, rebuilt without pytree
+        self._kept = kept  # (position, tensor) of the buffers (integer/bool tensors) passed through
 
     @property
     def spec(self) -> pytree.TreeSpec:
@@ -114,6 +131,8 @@ class Tree:
         full: list[Any] = [None] * self.n_all
         for i, leaf in zip(self.slots, leaves):
             full[i] = leaf
+        for i, leaf in self._kept or ():
+            full[i] = leaf
         return pytree.tree_unflatten(full, self.spec)
 
     @property
@@ -123,8 +142,30 @@ class Tree:
         return [names[i] for i in self.slots]
 
 
+def is_buffer(x: Any) -> bool:
+    """True for an integer or bool tensor: a buffer (a counter, an index, a mask), never a
+    parameter; operators pass such leaves through unchanged."""
+    return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
+
+
+def parameter_keys(params: Any, owner: str) -> list[Any]:
+    """The keys of the mapping ``params`` whose values are not buffers (:func:`is_buffer`);
+    ``TypeError`` when it holds buffers and nothing else (as :func:`flatten`)."""
+    keys = [k for k, v in params.items() if not is_buffer(v)]
+    if not keys and params:
+        k = next(iter(params))
+        raise _no_parameter(owner, f"[{k!r}]", params[k])
+    return keys
+
+
 def flatten(params: Any, owner: str) -> tuple[list[torch.Tensor], Tree]:
-    """Flatten ``params`` into its tensor leaves, checking each is a floating tensor."""
+    """Flatten ``params`` into its floating tensor leaves, checking every other leaf.
+
+    ``None`` leaves and buffers (integer/bool tensors, :func:`is_buffer`) are passed through
+    (the tree rebuilds them in place); a non-tensor or complex leaf, ``params`` itself a
+    non-floating tensor, or buffers with no floating tensor beside them raise ``TypeError``
+    naming a path.
+    """
     if isinstance(params, torch.Tensor):  # the common fast path
         _check_leaf(params, owner, "params")
         return [params], Tree(_LEAF_SPEC, [0], 1, params)
@@ -136,15 +177,30 @@ def flatten(params: Any, owner: str) -> tuple[list[torch.Tensor], Tree]:
     all_leaves, spec = pytree.tree_flatten(params)
     leaves: list[torch.Tensor] = []
     slots: list[int] = []
+    kept: list[tuple[int, torch.Tensor]] = []
     for i, leaf in enumerate(all_leaves):
         if leaf is None:
             continue
         if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            if is_buffer(leaf):
+                kept.append((i, leaf))
+                continue
             path = _path_of(params, i)
             _check_leaf(leaf, owner, f"params{path}")
         leaves.append(leaf)
         slots.append(i)
-    return leaves, Tree(spec, slots, len(all_leaves), params)
+    if kept and not leaves:
+        i, leaf = kept[0]
+        raise _no_parameter(owner, _path_of(params, i), leaf)
+    return leaves, Tree(spec, slots, len(all_leaves), params, kept=kept)
+
+
+def _no_parameter(owner: str, path: str, leaf: torch.Tensor) -> TypeError:
+    return TypeError(
+        f"{owner}: params holds no floating tensor, only integer/bool tensors (params{path} has dtype "
+        f"{leaf.dtype}); such buffers pass through unchanged beside parameters, but there must be a "
+        "parameter to take the prox of"
+    )
 
 
 _LEAF_SPEC = pytree.tree_flatten(torch.empty(0))[1]
@@ -195,7 +251,13 @@ def group_count(leaves: list[torch.Tensor], dims: list[int], tree: Tree, owner: 
         return 0
     if any(s != sizes[0] for s in sizes):
         desc = ", ".join(f"params{p} has {s} along dim {d}" for p, s, d in zip(tree.paths, sizes, dims))
-        raise ValueError(f"{owner}: leaves have different numbers of groups: {desc}")
+        raise ValueError(
+            f"{owner}: leaves have different numbers of groups: {desc}. Group i is slice i along group_dim "
+            "of every leaf, one group across all of them. For the groups of each tensor on its own (the rows "
+            "of every weight, each entry of a bias) use pf.partition({'*': op}); for the neurons of each "
+            "hidden layer (row i of its weight with entry i of its bias; with outgoing=True also column i of "
+            "the next weight) use pf.autosize.neuron_prox(model, op); or give group_dim as a pytree of ints"
+        )
     return int(sizes[0])
 
 

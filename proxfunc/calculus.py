@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ._base import Hyper, Prox, _is_compiling, check_hyper, check_step, is_concrete
-from ._tree import acc_dtype, flatten, total
+from ._tree import acc_dtype, flatten, parameter_keys, total
 from ._util import feasible_tol, indicator, zeros_like_value
 
 __all__ = [
@@ -84,9 +84,6 @@ class chain(Prox):  # noqa: N801
     def __repr__(self) -> str:
         return "chain(" + ", ".join(repr(op) for op in self.ops) + ")"
 
-    def __reduce__(self):
-        return (chain, self.ops)
-
 
 Key = str | tuple[str, ...]
 
@@ -107,7 +104,9 @@ class partition(Prox):  # noqa: N801
     (:meth:`Prox._prox_batch`), with the result of one call per tensor: a separable operator
     makes a single call, l21 computes every tensor's group norms and then one scale for all.
 
-    Parameters no rule matches pass through unchanged (the same tensors). With
+    Parameters no rule matches pass through unchanged (the same tensors), and so do integer and
+    bool tensors (buffers such as a ``state_dict``'s ``num_batches_tracked``), which no rule
+    matches, called functionally or in place (:func:`proxfunc.compat.apply_`). With
     ``strict=True`` (default) a rule that matches nothing, or a tuple entry that does not match
     exactly one name, raises ``ValueError``; a name claimed by two rules always does (the
     blocks of a separable sum must be disjoint). ``value`` is the sum of the rules' values.
@@ -143,9 +142,6 @@ class partition(Prox):  # noqa: N801
             raise TypeError("partition: strict must be a bool")
         self._set(rules=tuple(checked), strict=strict)
 
-    def __reduce__(self):
-        return (_rebuild_partition, (self.rules, self.strict))
-
     # ------------------------------------------------------------------ resolution
     def resolve(self, names: Iterable[str]) -> list[tuple[Key, tuple[str, ...], Prox]]:
         """Which names each rule takes: ``[(key, names, op), ...]`` for a given name list.
@@ -168,9 +164,10 @@ class partition(Prox):  # noqa: N801
     def _layout(self, names: Iterable[str]) -> list[tuple[Prox, list[tuple[str, ...]], bool]]:
         """``resolve`` arranged for a call: ``[(op, name groups, joint)]``.
 
-        The rules of one operator (equal operators count as one) form one batch for
-        :meth:`Prox._prox_batch`, which may share work across them (a separable operator makes
-        one call; l21 one scale computation), functional or in place: its pattern rules' tensors
+        The rules of one operator form one batch for :meth:`Prox._prox_batch` (equal operators
+        count as one, unless they hold tensor hyperparameters, whose values may change in place:
+        then only the same object does), which may share work across them (a separable operator
+        makes one call; l21 one scale computation), functional or in place: its pattern rules' tensors
         each an argument (``joint=False``, groups of one name), and apart from those its tuple
         rules, each rule's tensors one argument (``joint=True``).
         """
@@ -181,7 +178,7 @@ class partition(Prox):  # noqa: N801
         by_value = not _is_compiling()  # traced: by identity (no operator hashing in the graph)
         for key, group, op in self.resolve(names):
             joint = not isinstance(key, str)
-            batches.setdefault((op if by_value else id(op), joint), (op, [], joint))[1].append(group)
+            batches.setdefault((op._batch_key() if by_value else id(op), joint), (op, [], joint))[1].append(group)
         return list(batches.values())
 
     def _cached(self, slot: str, names: tuple[str, ...], compute: Callable[[tuple[str, ...]], Any]) -> Any:
@@ -227,7 +224,7 @@ class partition(Prox):  # noqa: N801
         params = self._mapping(params)
         changed: dict[str, Any] = {}
         writers: list[Any] = []
-        for op, groups, joint in self._layout(params.keys()):
+        for op, groups, joint in self._layout(parameter_keys(params, "partition")):
             args = [tuple(params[n] for n in g) if joint else params[g[0]] for g in groups]
             run = op._prox_batch(args, step, in_place) if in_place or len(args) > 1 else None
             if run is not None and in_place:
@@ -241,7 +238,7 @@ class partition(Prox):  # noqa: N801
     def value(self, params: Any) -> torch.Tensor:
         params = self._mapping(params)
         vals = []
-        for key, names, op in self.resolve(params.keys()):
+        for key, names, op in self.resolve(parameter_keys(params, "partition")):
             arg = params[names[0]] if isinstance(key, str) else tuple(params[n] for n in names)
             vals.append(op.value(arg))
         tensors = [v for v in params.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
@@ -313,10 +310,6 @@ def _resolve_plan(
                     claim(n, key)
                 plan.append((i, tuple(group)))
     return tuple(plan)
-
-
-def _rebuild_partition(rules, strict):
-    return partition(rules, strict=strict)
 
 
 def _known(names: tuple[str, ...]) -> str:

@@ -56,7 +56,10 @@ def _targets(target: Any) -> tuple[Any, list[tuple[Any, torch.Tensor]]]:
         return target, [(0, target)]
     if isinstance(target, Mapping):
         items = [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return dict(items), items
+        # the operator sees the tree a functional call gets, integer/bool buffers included (it
+        # passes them through: the same rule both ways, e.g. for a pytree group_dim)
+        tree = {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and not v.is_complex()}
+        return tree, items
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
         seq = tuple(target)
         for i, t in enumerate(seq):
@@ -126,7 +129,8 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     """Apply ``op`` in place: ``target <- op(target, step)``, all-or-nothing.
 
     ``target`` is an ``nn.Module`` (its ``named_parameters()``, as a dict keyed by name, the
-    form :func:`proxfunc.partition` expects), a state_dict (its floating tensors), a tensor,
+    form :func:`proxfunc.partition` expects), a state_dict (its floating tensors, and its
+    integer/bool buffers, which every operator passes through as in a functional call), a tensor,
     or a sequence of tensors (``None`` entries allowed, e.g. a missing bias). Returns
     ``target``. Nothing is written unless every new value was computed and has the shape,
     dtype and device of the tensor it replaces.
@@ -306,6 +310,13 @@ def logbarrier(parameter: torch.Tensor, bias: torch.Tensor | None = None, reg: H
 
 
 # ----------------------------------------------------------------- optimizer wrapper
+def _with_prox(group: Mapping[str, Any], op: Any) -> dict[str, Any]:
+    """A copy of a param group's dict with ``"prox"`` set to ``op``."""
+    out = dict(group)
+    out["prox"] = op
+    return out
+
+
 def _zero(lr: Any) -> bool:
     if isinstance(lr, torch.Tensor):
         return bool((lr == 0).all())
@@ -328,7 +339,9 @@ class ProxOptimizer(torch.optim.Optimizer):
       pf.l21(1e-3)}], lr=0.1)``; the operator receives that group's parameters as a list.
 
     ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
-    the wrapped optimizer.
+    the wrapped optimizer; the state dict holds each group's ``"prox"`` as plain data
+    (:meth:`proxfunc.Prox.to_state`), so ``torch.load`` reads it with its default
+    ``weights_only=True``, and ``load_state_dict`` rebuilds the operators.
 
     Distributed training: build it like the optimizer, from the wrapped model (after
     ``fully_shard``, whose sharded parameters it then updates; with ``DistributedDataParallel``
@@ -416,11 +429,48 @@ class ProxOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self):
-        return self.optimizer.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict, of plain data and tensors only: a param group's
+        ``"prox"`` operator is stored as :meth:`proxfunc.Prox.to_state`, so
+        ``torch.load(f)`` (``weights_only=True``) reads it without proxfunc imported."""
+        sd = self.optimizer.state_dict()
+        groups = sd.get("param_groups")
+        if groups is not None and any(isinstance(g.get("prox"), Prox) for g in groups):
+            sd = dict(sd)
+            sd["param_groups"] = [
+                _with_prox(g, g["prox"].to_state()) if isinstance(g.get("prox"), Prox) else g for g in groups
+            ]
+        return sd
 
-    def load_state_dict(self, state_dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict of :meth:`state_dict` (or of the wrapped optimizer).
+
+        A group's ``"prox"`` is rebuilt from its plain data (:meth:`proxfunc.Prox.from_state`) or
+        taken as the operator it is; a saved group without ``"prox"`` keeps this optimizer's
+        operator (a plain optimizer's state dict loads into a ``ProxOptimizer``). Nothing changes
+        when an entry is not a valid operator (``TypeError``/``ValueError``).
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if groups is None:
+            self.optimizer.load_state_dict(state_dict)  # the wrapped optimizer names what is missing
+            return
+        mine = self.param_groups
+        loaded = []
+        for i, g in enumerate(groups):
+            if isinstance(g, Mapping) and "prox" in g:
+                op = g["prox"]
+                if op is not None and not isinstance(op, Prox):
+                    try:
+                        op = Prox.from_state(op)
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"ProxOptimizer.load_state_dict: param_groups[{i}]['prox']: {e}") from None
+                g = _with_prox(g, op)
+            elif isinstance(g, Mapping) and i < len(mine) and "prox" in mine[i]:
+                g = _with_prox(g, mine[i]["prox"])
+            loaded.append(g)
+        sd = dict(state_dict)
+        sd["param_groups"] = loaded
+        self.optimizer.load_state_dict(sd)
 
     def add_param_group(self, param_group) -> None:
         self.optimizer.add_param_group(param_group)

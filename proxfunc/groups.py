@@ -8,7 +8,14 @@ structure of ``params``::
     pf.l21(0.01)((W1, b1), step)                           # neuron i = (W1[i, :], b1[i])
     pf.l21(0.01, group_dim=(0, 0, 1))((W1, b1, W2), step)  # neuron i = (W1[i, :], b1[i], W2[:, i])
 
-Leaves whose sizes along their group dims differ raise ``ValueError`` naming them.
+Leaves whose sizes along their group dims differ raise ``ValueError`` naming them, as
+``pf.l21(reg)(dict(model.named_parameters()), step)`` does for an MLP (layers of different
+widths): one operator on a whole model needs to be told which tensors form groups together.
+``pf.partition({"*": pf.l21(reg)})`` gives each tensor its own groups (the rows of every
+weight, each entry of a bias); ``pf.autosize.neuron_prox(model, pf.l21(reg))`` gives the
+neurons of each hidden layer (row ``i`` of its weight with entry ``i`` of its bias, and with
+``outgoing=True`` column ``i`` of the next weight). When the sizes happen to agree, the
+groups of one call still span all the leaves.
 Zero groups are safe: no NaN or Inf in the value, the output or the gradients.
 
 References: Parikh & Boyd (2014) section 6.5.4; K. Murray and D. Chiang, *Auto-Sizing Neural

@@ -270,8 +270,12 @@ def test_partition_batch_falls_back_for_mixed_dtypes_gradients_and_bad_tensors()
     bad = dict(_batch_model(torch.float32), **{"scalar.weight": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="group_dim 0 is out of range"):
         pf.partition({"*.weight": op})(bad, 0.5)
-    bad = dict(_batch_model(torch.float32), **{"int.weight": torch.ones(3, 2, dtype=torch.int64)})
+    bad = dict(_batch_model(torch.float32), **{"cplx.weight": torch.ones(3, 2, dtype=torch.complex64)})
     with pytest.raises(TypeError, match="floating tensor"):
         pf.partition({"*.weight": op})(bad, 0.5)
     with pytest.raises(TypeError, match="floating tensor"):
         pf.partition({"*.weight": pf.l1(0.1)})(bad, 0.5)
+    # an integer tensor is a buffer, not a parameter: no rule matches it, it comes back as it is
+    buf = dict(_batch_model(torch.float32), **{"int.weight": torch.ones(3, 2, dtype=torch.int64)})
+    out = pf.partition({"*.weight": op})(buf, 0.5)
+    assert out["int.weight"] is buf["int.weight"]

@@ -127,26 +127,19 @@ def test_none_leaf_with_pytree_group_dim():
 def test_repr_eq_hash_pickle(case):
     op = case.make_op()
     other = case.make_op()
-    # tensor hyperparameters compare by identity (their values may change in place), so two
-    # separately built operators are equal exactly when they hold no tensor hyperparameter
-    mine = [v for v in pytree.tree_leaves(dict(op._params())) if isinstance(v, torch.Tensor)]
-    theirs = [v for v in pytree.tree_leaves(dict(other._params())) if isinstance(v, torch.Tensor)]
-    has_tensor = bool(mine)
-    shared = all(a is b for a, b in zip(mine, theirs))  # e.g. a module-level index tensor
+    # equal hyperparameters make equal operators, tensors compared by value (their copies too)
     assert op == op and hash(op) == hash(op)
-    assert (op == other) is shared
-    if shared:
-        assert hash(op) == hash(other)
+    assert op == other and hash(op) == hash(other)
     r = repr(op)
     assert r == repr(other)
     assert r.startswith(type(op).__name__ if not hasattr(op, "_public_name") else op._public_name)
     back = pickle.loads(pickle.dumps(op))
     assert repr(back) == r and type(back) is type(op)
-    assert (back == op) is (not has_tensor)
+    assert back == op and hash(back) == hash(op)
     params = case.make_params(torch.float64)
     for a, b in zip(pytree.tree_leaves(back(params, 0.5)), pytree.tree_leaves(op(params, 0.5))):
         assert torch.equal(a, b)
-    assert len({op, other, back}) == (1 if not has_tensor else 2 if shared else 3)
+    assert len({op, other, back}) == 1
     with pytest.raises(AttributeError):
         op.reg = 5.0
 
@@ -159,7 +152,8 @@ def test_equality_distinguishes_hyperparameters():
     assert pf.elastic_net(0.1, gamma=2.0) != pf.elastic_net(0.1)
     assert pf.chain(pf.l1(0.1), pf.nonneg()) != pf.chain(pf.nonneg(), pf.l1(0.1))
     t = torch.tensor(0.1)
-    assert pf.l1(t) == pf.l1(t) and pf.l1(t) != pf.l1(torch.tensor(0.1))  # tensors by identity
+    assert pf.l1(t) == pf.l1(t) and pf.l1(t) == pf.l1(torch.tensor(0.1))  # tensors by value
+    assert pf.l1(t) != pf.l1(torch.tensor(0.2)) and pf.l1(t) != pf.l1(0.1)
     assert repr(pf.l1(0.25)) == "l1(reg=0.25)"
     assert repr(pf.l1(torch.tensor(0.25))) == "l1(reg=tensor(0.25))"
     assert "linf1" in repr(pf.partition({("a", "b"): pf.linf1(0.1)}))
