@@ -11,6 +11,7 @@ from .dispatch import _eager
 __all__ = [
     "clamp",
     "safe_norm",
+    "scaled_norm",
     "block_scale",
     "block_scale_",
     "traceable",
@@ -56,6 +57,27 @@ def safe_norm(sq: torch.Tensor) -> torch.Tensor:
     """``sqrt(sq)`` with a zero (not NaN) gradient where ``sq == 0``."""
     pos = sq > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def scaled_norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The Euclidean norm over every entry of ``xs``, a 0-d tensor of their accumulation dtype,
+    without overflow or underflow: ``m * ||x / m||`` with ``m = max |x|`` (as LAPACK's ``nrm2``),
+    so a float32 norm of entries near ``1e30`` or ``1e-30`` is right where the sum of squares is
+    ``inf`` or 0. Zero (with a zero gradient) for all-zero or empty ``xs``; ``inf`` when an
+    entry is."""
+    dt = common_acc_dtype(xs)
+    dev = xs[0].device
+    m = torch.zeros((), dtype=dt, device=dev)
+    for x in xs:
+        if x.numel():
+            m = torch.maximum(m, x.detach().abs().amax().to(dt))
+    pos = (m > 0) & (m < float("inf"))
+    safe = torch.where(pos, m, torch.ones_like(m))
+    sq = torch.zeros((), dtype=dt, device=dev)
+    for x in xs:
+        sq = sq + (x.to(dt) / safe).square().sum()
+    n = safe * safe_norm(sq)
+    return torch.where(m == float("inf"), m, n)
 
 
 def block_scale(n: torch.Tensor, t: Hyper) -> torch.Tensor:

@@ -193,7 +193,7 @@ class log_barrier(Elementwise):  # noqa: N801
         h = torch.hypot(xa, c)  # sqrt(x^2 + 4rt) without overflow
         neg = xa < 0
         denom = torch.where(neg, h - xa, torch.ones_like(xa))
-        z = torch.where(neg, 2.0 * rt / denom, 0.5 * (xa + h))
+        z = torch.where(neg, 2.0 * rt / denom, 0.5 * xa + 0.5 * h)  # halves first: x + h may overflow
         return z.to(x.dtype)
 
     def _value_leaf(self, x):

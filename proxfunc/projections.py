@@ -19,7 +19,7 @@ import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import clamp, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import clamp, feasible_tol, indicator, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -58,7 +58,9 @@ class box(Projection):  # noqa: N801
         self._set(lower=lo, upper=hi)
 
     def _bound(self, b, x):
-        return b.to(device=x.device, dtype=x.dtype) if isinstance(b, torch.Tensor) else b
+        if isinstance(b, torch.Tensor):
+            return b.to(device=x.device, dtype=x.dtype)
+        return _in_range(b, x)
 
     def _prox(self, leaves, step, tree):
         out = []
@@ -105,6 +107,14 @@ def _widen(b, x: torch.Tensor, sign: int):
     if isinstance(b, float):
         return b + sign * eps * abs(b) if abs(b) != float("inf") else b
     return b + sign * eps * b.abs()
+
+
+def _in_range(b: float, x: torch.Tensor) -> float:
+    """A bound as ``clamp`` on ``x`` takes it: beyond the largest finite value of ``x``'s dtype
+    (``1e6`` on float16) it is ``+-inf``, which clamps every representable value the same way
+    (ATen refuses to convert such a number to the dtype)."""
+    big = torch.finfo(x.dtype).max
+    return b if -big <= b <= big else (float("inf") if b > 0 else float("-inf"))
 
 
 def _sum(leaves, fn):
@@ -262,15 +272,15 @@ class l2_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        n = safe_norm(_sum(leaves, "sumsq"))
+        n = scaled_norm(list(leaves))  # no overflow of the squares at large |x|
         r = self.radius
-        scale = torch.where(n > r, r / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
-        return [torch.where(n > r, x.to(scale.dtype) * scale, x.to(scale.dtype)).to(x.dtype) for x in leaves]
+        d = torch.where(n > r, n, torch.ones_like(n))  # x / n * r: r / n may underflow
+        return [torch.where(n > r, x.to(n.dtype) / d * r, x.to(n.dtype)).to(x.dtype) for x in leaves]
 
     def _value(self, leaves, tree):
         if not leaves:
             return self._empty_value(leaves)
-        n = safe_norm(_sum(leaves, "sumsq"))
+        n = scaled_norm(list(leaves))
         tol = feasible_tol(list(leaves), _numel(leaves))
         return indicator(n <= self.radius + tol * (abs(self.radius) + n), n.dtype)
 
@@ -288,7 +298,7 @@ class linf_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         r = self.radius
         if isinstance(r, float):
-            return [clamp(x, -r, r) for x in leaves]
+            return [clamp(x, -_in_range(r, x), _in_range(r, x)) for x in leaves]
         return [clamp(x, -r.to(x.dtype), r.to(x.dtype)) for x in leaves]
 
     def _value(self, leaves, tree):

@@ -16,12 +16,14 @@ Kennington & Lall (1980) and Kiwiel (2008) for the box ∩ hyperplane (continuou
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, check_hyper, is_concrete
 from ._dist import flattenable
-from ._util import feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import feasible_tol, indicator, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
 
@@ -91,8 +93,9 @@ def _check_numel(owner: str, name: str, a: torch.Tensor, n: int) -> torch.Tensor
 
 
 def check_k(owner: str, k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # numpy integers are integers
         raise TypeError(f"{owner}: k must be an int, got {type(k).__name__}")
+    k = int(k)
     if k < 0:
         raise ValueError(f"{owner}: k must be >= 0, got {k}")
     return k
@@ -250,17 +253,17 @@ class soc(Projection):  # noqa: N801
         if not leaves:
             return []
         v, y, s = self._parts(leaves)
-        ny = safe_norm((y * y).sum())
+        ny = scaled_norm([y]).to(v.dtype) if y.numel() else torch.zeros((), dtype=v.dtype, device=v.device)
         inside = ny <= s
         polar = ny <= -s
-        c = (s + ny) / (2 * torch.where(ny > 0, ny, torch.ones_like(ny)))
+        c = s / (2 * torch.where(ny > 0, ny, torch.ones_like(ny))) + 0.5  # (s + ny) / (2 ny) without overflow
         proj = torch.cat([c * y, (c * ny).reshape(1)])
         out = torch.where(inside, v, torch.where(polar, torch.zeros_like(v), proj))
         return unflat(out, leaves)
 
     def _value(self, leaves, tree):
         v, y, s = self._parts(leaves)
-        ny = safe_norm((y * y).sum())
+        ny = scaled_norm([y]).to(v.dtype) if y.numel() else torch.zeros((), dtype=v.dtype, device=v.device)
         tol = set_tol(leaves, v.numel())
         return indicator(ny <= s + tol * (ny + s.abs()), v.dtype)
 
@@ -395,16 +398,16 @@ class l2_sphere(Projection):  # noqa: N801
         if not leaves:
             return []
         v = flat(leaves)
-        n = safe_norm((v * v).sum())
+        n = scaled_norm([v]).to(v.dtype)  # no overflow of the squares at large |x|
         r = _hyper_as(self.radius, v)
         # e_1 without a write into a tensor (a DTensor shard holds no entry 0 on most ranks)
         e1 = (torch.arange(v.numel(), device=v.device) == 0).to(v.dtype)
-        out = torch.where(n > 0, v * (r / torch.where(n > 0, n, torch.ones_like(n))), e1 * r)
+        out = torch.where(n > 0, (v / torch.where(n > 0, n, torch.ones_like(n))) * r, e1 * r)
         return unflat(out, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
-        n = safe_norm((v * v).sum())
+        n = scaled_norm([v]).to(v.dtype)
         tol = set_tol(leaves, v.numel())
         return indicator((n - self.radius).abs() <= tol * (n + abs(self.radius)), v.dtype)
 
