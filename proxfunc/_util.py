@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._tree import acc_dtype, common_acc_dtype
+from ._tree import acc_dtype, cast, common_acc_dtype, reduce_except, total
 from .dispatch import _eager
 
 __all__ = [
     "clamp",
     "safe_norm",
     "scaled_norm",
+    "norm_parts",
     "block_scale",
     "block_scale_",
     "traceable",
@@ -59,25 +60,31 @@ def safe_norm(sq: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def scaled_norm(xs: list[torch.Tensor]) -> torch.Tensor:
-    """The Euclidean norm over every entry of ``xs``, a 0-d tensor of their accumulation dtype,
-    without overflow or underflow: ``m * ||x / m||`` with ``m = max |x|`` (as LAPACK's ``nrm2``),
-    so a float32 norm of entries near ``1e30`` or ``1e-30`` is right where the sum of squares is
-    ``inf`` or 0. Zero (with a zero gradient) for all-zero or empty ``xs``; ``inf`` when an
-    entry is."""
+def norm_parts(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, nu)`` with ``||xs||_2 = m * nu`` over every entry of ``xs``, without overflow or
+    underflow: ``m = max |x|`` (1 where that is 0 or inf) and ``nu = ||x / m||`` in ``[1, sqrt(n)]``
+    (0 for all-zero ``xs``), 0-d tensors of the accumulation dtype (as LAPACK's ``nrm2`` scales).
+    ``x / m / nu`` is then the direction of ``x`` even where ``m * nu`` overflows. ``m`` is a
+    constant for autograd (the norm is homogeneous: the gradient is exact), and ``nu`` has a
+    zero gradient at 0."""
     dt = common_acc_dtype(xs)
-    dev = xs[0].device
-    m = torch.zeros((), dtype=dt, device=dev)
+    m = None
     for x in xs:
-        if x.numel():
-            m = torch.maximum(m, x.detach().abs().amax().to(dt))
-    pos = (m > 0) & (m < float("inf"))
-    safe = torch.where(pos, m, torch.ones_like(m))
-    sq = torch.zeros((), dtype=dt, device=dev)
-    for x in xs:
-        sq = sq + (x.to(dt) / safe).square().sum()
-    n = safe * safe_norm(sq)
-    return torch.where(m == float("inf"), m, n)
+        a = cast(reduce_except(x.detach(), None, "amax_abs")[0], dt)
+        m = a if m is None else torch.maximum(m, a)
+    assert m is not None
+    safe = torch.where((m > 0) & (m < float("inf")), m, torch.ones_like(m))
+    sq = total([reduce_except(cast(x, dt) / safe, None, "sumsq")[0] for x in xs], xs)
+    return safe, safe_norm(sq)
+
+
+def scaled_norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The Euclidean norm over every entry of ``xs`` (:func:`norm_parts`' ``m * nu``), a 0-d tensor
+    of their accumulation dtype: right where the sum of squares over- or underflows (float32
+    entries near ``1e30`` or ``1e-30``); ``inf`` only where the norm itself is beyond the dtype's
+    range or an entry is ``inf``."""
+    m, nu = norm_parts(xs)
+    return m * nu
 
 
 def block_scale(n: torch.Tensor, t: Hyper) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import block_scale, hyper_tensor, safe_norm, zeros_like_value
+from ._util import block_scale, hyper_tensor, scaled_norm, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
@@ -223,8 +223,7 @@ class l2(Prox):
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        sq = _tree.total([_tree.reduce_except(x, None, "sumsq")[0] for x in leaves], leaves)
-        n = safe_norm(sq)
+        n = scaled_norm(list(leaves))  # the squares neither overflow nor underflow
         t = self.reg * step
         scale = block_scale(n, t)
         return [_tree.cast(_tree.cast(x, scale.dtype) * scale, x.dtype) for x in leaves]
@@ -232,8 +231,7 @@ class l2(Prox):
     def _value(self, leaves, tree):
         if not leaves:
             return zeros_like_value(leaves)
-        sq = _tree.total([_tree.reduce_except(x, None, "sumsq")[0] for x in leaves], leaves)
-        return self.reg * safe_norm(sq)
+        return self.reg * scaled_norm(list(leaves))
 
 
 class linf(Prox):

@@ -19,7 +19,7 @@ import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import clamp, feasible_tol, indicator, scaled_norm, traceable, zeros_like_value
+from ._util import clamp, feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -272,10 +272,11 @@ class l2_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        n = scaled_norm(list(leaves))  # no overflow of the squares at large |x|
+        m, nu = norm_parts(list(leaves))  # ||x|| = m * nu: no overflow of the squares (nor of the norm)
+        n = m * nu
         r = self.radius
-        d = torch.where(n > r, n, torch.ones_like(n))  # x / n * r: r / n may underflow
-        return [torch.where(n > r, x.to(n.dtype) / d * r, x.to(n.dtype)).to(x.dtype) for x in leaves]
+        d = torch.where(n > r, nu, torch.ones_like(nu))  # x / m / nu * r: r / n may underflow, n overflow
+        return [torch.where(n > r, x.to(n.dtype) / m / d * r, x.to(n.dtype)).to(x.dtype) for x in leaves]
 
     def _value(self, leaves, tree):
         if not leaves:

@@ -23,7 +23,7 @@ import torch
 from . import _tree, dispatch
 from ._base import Hyper, check_hyper, is_concrete
 from ._dist import flattenable
-from ._util import feasible_tol, indicator, scaled_norm, traceable, zeros_like_value
+from ._util import feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
 
@@ -253,11 +253,13 @@ class soc(Projection):  # noqa: N801
         if not leaves:
             return []
         v, y, s = self._parts(leaves)
-        ny = scaled_norm([y]).to(v.dtype) if y.numel() else torch.zeros((), dtype=v.dtype, device=v.device)
+        m, nu = norm_parts([y]) if y.numel() else (v.new_ones(()), v.new_zeros(()))
+        m, nu = m.to(v.dtype), nu.to(v.dtype)
+        ny = m * nu  # ||y||, inf only where it is beyond the dtype's range
         inside = ny <= s
         polar = ny <= -s
-        c = s / (2 * torch.where(ny > 0, ny, torch.ones_like(ny))) + 0.5  # (s + ny) / (2 ny) without overflow
-        proj = torch.cat([c * y, (c * ny).reshape(1)])
+        c = (s / m) / (2 * torch.where(nu > 0, nu, torch.ones_like(nu))) + 0.5  # (s + ny) / (2 ny), no overflow
+        proj = torch.cat([c * y, (c * nu * m).reshape(1)])  # c ||y||: finite where ||y|| alone overflows
         out = torch.where(inside, v, torch.where(polar, torch.zeros_like(v), proj))
         return unflat(out, leaves)
 
@@ -398,11 +400,12 @@ class l2_sphere(Projection):  # noqa: N801
         if not leaves:
             return []
         v = flat(leaves)
-        n = scaled_norm([v]).to(v.dtype)  # no overflow of the squares at large |x|
-        r = _hyper_as(self.radius, v)
+        m, nu = norm_parts([v])  # v / m / nu: the direction of v without overflow or underflow
+        r = _hyper_as(self.radius, m)
         # e_1 without a write into a tensor (a DTensor shard holds no entry 0 on most ranks)
-        e1 = (torch.arange(v.numel(), device=v.device) == 0).to(v.dtype)
-        out = torch.where(n > 0, (v / torch.where(n > 0, n, torch.ones_like(n))) * r, e1 * r)
+        e1 = (torch.arange(v.numel(), device=v.device) == 0).to(m.dtype)
+        d = torch.where(nu > 0, nu, torch.ones_like(nu))
+        out = torch.where(nu > 0, v.to(m.dtype) / m / d * r, e1 * r).to(v.dtype)
         return unflat(out, leaves)
 
     def _value(self, leaves, tree):

@@ -164,12 +164,18 @@ class neg_entropy(Elementwise):  # noqa: N801
         xa = x.to(acc)
         c = hyper_tensor(self.reg * step, acc, x.device)
         L = xa / c - 1.0 - torch.log(c)
+        # x / c beyond the dtype's range: z = x - c (1 + log z) with z = x to rounding
+        # (-inf: z = c W(e^L) underflows to 0)
+        over, under = L == float("inf"), L == float("-inf")
+        L = torch.where(over | under, torch.ones_like(L), L)
         big = L > 1.0
         v = torch.where(big, torch.log(torch.where(big, L, torch.ones_like(L))), L)
         for _ in range(40):
             ev = torch.exp(v)
             v = v - (v + ev - L) / (1.0 + ev)
-        return (c * torch.exp(v)).to(x.dtype)
+        xo = torch.where(over, xa, torch.ones_like(xa))
+        z = torch.where(over, xo - c * (1.0 + torch.log(xo)), c * torch.exp(v))
+        return torch.where(under, torch.zeros_like(z), z).to(x.dtype)
 
     def _value_leaf(self, x):
         xa = x.to(_tree.acc_dtype(x))
