@@ -82,6 +82,17 @@ def _vec(owner: str, name: str, a, *, nonzero: bool = False) -> torch.Tensor:
     return a
 
 
+def _pow2_scale(v: torch.Tensor) -> torch.Tensor:
+    """A power of two ``s`` (0-d, ``v``'s dtype) with ``max |v / s| < 2`` where ``max |v| > 1``, else 1.
+
+    Projections onto affine sets are equivariant, ``P_{b}(x) = s P_{b/s}(x / s)``: in these units
+    ``<a, x>`` cannot overflow at the top of the dtype's range, and dividing by a power of two is
+    exact, so results elsewhere are bit for bit those of the unscaled formula."""
+    m = v.detach().abs().amax() if v.numel() else v.new_zeros(())
+    big = (m > 1) & (m < float("inf"))
+    return torch.exp2(torch.floor(torch.log2(torch.where(big, m, torch.ones_like(m)))))
+
+
 def _hyper_as(h, like: torch.Tensor):
     return h.to(device=like.device, dtype=like.dtype) if isinstance(h, torch.Tensor) else h
 
@@ -117,16 +128,20 @@ class hyperplane(Projection):  # noqa: N801
     def __init__(self, a: torch.Tensor, b: Hyper = 0.0):
         self._set(a=_vec("hyperplane", "a", a, nonzero=True), b=check_hyper("hyperplane", "b", b, min_value=None))
 
-    def _gap(self, v):
+    def _gap(self, v, s=None):
+        """``(a, <a, v> - b)``; with ``s``, for ``v / s`` and ``b / s``."""
         a = _check_numel(self._name(), "a", self.a, v.numel()).to(device=v.device, dtype=v.dtype)
-        return a, torch.dot(a, v) - _hyper_as(self.b, v)
+        b = _hyper_as(self.b, v)
+        return a, torch.dot(a, v) - (b if s is None else b / s)
 
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
         v = flat(leaves)
-        a, gap = self._gap(v)
-        return unflat(v - (gap / torch.dot(a, a)) * a, leaves)
+        s = _pow2_scale(v)
+        v = v / s
+        a, gap = self._gap(v, s)
+        return unflat((v - (gap / torch.dot(a, a)) * a) * s, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -153,9 +168,11 @@ class halfspace(hyperplane):  # noqa: N801
         if not leaves:
             return []
         v = flat(leaves)
-        a, gap = self._gap(v)
+        s = _pow2_scale(v)
+        v = v / s
+        a, gap = self._gap(v, s)
         out = torch.where(gap > 0, v - (gap.clamp_min(0) / torch.dot(a, a)) * a, v)
-        return unflat(out, leaves)
+        return unflat(out * s, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -209,13 +226,15 @@ class affine(Projection):  # noqa: N801
         if self.A.shape[1] != n:
             raise ValueError(f"affine: A has {self.A.shape[1]} columns but params has {n} entries")
         A = self.A.to(device=v.device, dtype=v.dtype)
-        b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype)
+        sc = _pow2_scale(v)
+        v = v / sc
+        b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype) / sc
         r = A @ v - b
         if self.A.requires_grad:  # hyperparameter learning in A: differentiate the pseudo-inverse
-            return unflat(v - torch.linalg.pinv(A) @ r, leaves)
+            return unflat((v - torch.linalg.pinv(A) @ r) * sc, leaves)
         V = self._cache_V.to(device=v.device, dtype=v.dtype)
         W = self._cache_W.to(device=v.device, dtype=v.dtype)
-        return unflat(v - V @ (W @ r), leaves)
+        return unflat((v - V @ (W @ r)) * sc, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
