@@ -375,7 +375,10 @@ class psd(Projection):  # noqa: N801
         for x in leaves:
             xa = x.to(_tree.acc_dtype(x))
             s = 0.5 * (xa + xa.transpose(-1, -2))
-            lam, Q = torch.linalg.eigh(s)
+            try:
+                lam, Q = torch.linalg.eigh(s)
+            except torch.linalg.LinAlgError as e:  # NaN or inf entries: LAPACK does not converge
+                raise ValueError(f"psd: params must be finite (no NaN or inf): {e}") from None
             # Only the eigenvalues stay in eigh's graph; _EighApply differentiates through Q.
             p = _EighApply.apply(s, Q.detach(), lam, lam.clamp_min(0), (lam > 0).to(lam.dtype))
             out.append((0.5 * (p + p.transpose(-1, -2))).to(x.dtype))

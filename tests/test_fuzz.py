@@ -23,7 +23,6 @@ KINDS = ("plain", "nan", "inf", "huge", "max", "tiny", "subnormal", "zero", "neg
 #: normal): an absolute error of the input's size times eps is all a float can give.
 CANCELLING = ("add_linear", "add_quadratic", "hyperplane", "halfspace", "affine", "moreau_env", "precompose")
 EXTREME = ("huge", "max", "tiny", "subnormal")
-_DECOMPOSED = ("psd", "nuclear", "nuclear_ball", "spectral", "rank_k")
 STEPS = (0.7, 1e-30, 1e30, 0.0, -1.0, float("nan"), float("inf"), "int_tensor", "vec_tensor")
 
 
@@ -85,12 +84,6 @@ def _check_one(case, kind: str, dtype: torch.dtype, step) -> None:
             assert _same_tree(target, before), f"{case.name}: apply_ changed its target after an error"
         return
     except NotImplementedError:
-        return
-    except torch.linalg.LinAlgError:
-        # NaN into an eigen/singular value decomposition: LAPACK's own error (not a ValueError
-        # naming the argument yet); every other input class must pass the checks above
-        assert kind == "nan" and case.name in _DECOMPOSED, case.name
-        assert _same_tree(params, before), f"{case.name}: input changed"
         return
     assert _same_tree(params, before), f"{case.name}: input changed"
     lo, so = pytree.tree_flatten(out)
