@@ -51,6 +51,8 @@ def hyper_tensor(h: Hyper, dtype: torch.dtype, device: torch.device) -> torch.Te
     changing float recompiles for every value)."""
     if isinstance(h, torch.Tensor):
         return h.to(dtype=dtype, device=device)
+    if not _is_compiling() and isinstance(h, float) and abs(h) > _finfo(dtype)[1]:
+        h = h * float("inf")  # beyond the dtype's range: rounds to +-inf, as a tensor's cast does
     return torch.full((), h, dtype=dtype, device=device)
 
 

@@ -127,6 +127,12 @@ class partition(Prox):  # noqa: N801
     _public_name = "partition"
 
     def __init__(self, rules: Mapping[Key, Prox] | Iterable[tuple[Key, Prox]], *, strict: bool = True):
+        listed = isinstance(rules, Iterable) and not isinstance(rules, (str, bytes, torch.Tensor))
+        if not isinstance(rules, Mapping) and not listed:
+            raise TypeError(
+                f"partition: rules must be a mapping of keys to operators or an iterable of (key, operator) pairs, "
+                f"got {type(rules).__name__}"
+            )
         items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
         checked = []
         for i, item in enumerate(items):

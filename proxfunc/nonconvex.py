@@ -198,6 +198,7 @@ def _unit(x: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     and the step fixed), so ``prox(x; lam) = c * prox(x / c; lam / c)``: in these units the
     candidates and objectives stay near 1 and neither ``lam**2`` nor ``x**2`` overflows (a huge
     ``reg`` gives 0, not ``a * reg``) or underflows."""
+    lam = lam.clamp(max=torch.finfo(lam.dtype).max)  # a reg beyond the dtype's range: its largest value
     c = torch.maximum(x.detach().abs(), lam.detach())
     c = torch.where(c > 0, c, torch.ones_like(c))
     return x / c, lam / c, c

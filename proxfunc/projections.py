@@ -61,6 +61,12 @@ class box(Projection):  # noqa: N801
 
     def _bound(self, b, x):
         if isinstance(b, torch.Tensor):
+            try:
+                torch.broadcast_shapes(b.shape, x.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"box: a bound of shape {tuple(b.shape)} does not broadcast with params of shape {tuple(x.shape)}"
+                ) from None
             return b.to(device=x.device, dtype=x.dtype)
         return _in_range(b, x)
 

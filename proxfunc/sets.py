@@ -74,6 +74,8 @@ def set_tol(leaves: list[torch.Tensor], n: int) -> float:
 def _vec(owner: str, name: str, a, *, nonzero: bool = False) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         raise TypeError(f"{owner}: {name} must be a floating tensor, got {type(a).__name__}")
+    if a.layout != torch.strided:
+        raise TypeError(f"{owner}: {name} must be a dense (strided) tensor, got layout {a.layout}")
     if is_concrete(a):
         if not bool(torch.isfinite(a).all()):
             raise ValueError(f"{owner}: {name} must be finite")
@@ -591,8 +593,13 @@ class box_hyperplane(Projection):  # noqa: N801
     def _data(self, v):
         n = v.numel()
         a = torch.ones_like(v) if self.a is None else _check_numel(self._name(), "a", self.a, n).to(v)
-        lo = torch.as_tensor(_hyper_as(self.lower, v), dtype=v.dtype, device=v.device).expand(v.shape)
-        hi = torch.as_tensor(_hyper_as(self.upper, v), dtype=v.dtype, device=v.device).expand(v.shape)
+        for name, h in (("lower", self.lower), ("upper", self.upper)):
+            if isinstance(h, torch.Tensor) and h.dim() and h.numel() != n:
+                raise ValueError(
+                    f"box_hyperplane: {name} has {h.numel()} entries but params has {n} (all leaves flattened)"
+                )
+        lo = torch.as_tensor(_hyper_as(self.lower, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
+        hi = torch.as_tensor(_hyper_as(self.upper, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
         b = torch.as_tensor(_hyper_as(self.b, v), dtype=v.dtype, device=v.device)
         return a, lo, hi, b
 

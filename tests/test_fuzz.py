@@ -10,6 +10,7 @@ reference; the input is never changed, and ``apply_`` leaves its target unchange
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,49 @@ def _check_one(case, kind: str, dtype: torch.dtype, step) -> None:
     assert pf is not None
 
 
+def _bad_hyper(i: int):
+    """The i-th bad or edge hyperparameter value (built here: tensors are not made at import)."""
+    import numpy as np
+
+    values = [
+        float("nan"), float("inf"), float("-inf"), -1.0, 0.0, 1e39, 1e-45, 1e308, True, "x", 1j, None,
+        np.int64(2), np.float32(0.5), torch.tensor(float("nan")), torch.tensor(1), torch.tensor([0.1, 0.2]),
+        torch.tensor(0.1, device="meta"), torch.tensor([0.1]).to_sparse(), torch.tensor(0.5, dtype=torch.float16),
+    ]  # fmt: skip
+    return values[i % len(values)]
+
+
+N_BAD_HYPER = 20
+
+
+def _check_hyper(case, name_index: int, bad_index: int) -> None:
+    """One hyperparameter of the case's operator replaced by a bad value: the constructor refuses it
+    (``ValueError``/``TypeError`` naming the operator) or the operator works or refuses clearly."""
+    good = case.make_op()
+    fields = dict(good._params())
+    if not fields:
+        return
+    name = sorted(fields)[name_index % len(fields)]
+    fields[name] = _bad_hyper(bad_index)
+    try:
+        op = type(good)(**fields)
+    except (ValueError, TypeError) as e:
+        assert good._name() in str(e) or name in str(e), f"{case.name}({name}=...): unclear error {e!r}"
+        return
+    params = case.make_params(torch.float32)
+    before = pytree.tree_map(torch.clone, params)
+    try:
+        out = op(params, 0.5)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        # the operator's or an inner operator's message ("l1: step must be finite" from precompose)
+        assert re.match(r"^\w+: ", str(e)) or isinstance(e, NotImplementedError), f"{case.name}: unclear error {e!r}"
+    else:
+        lo, so = pytree.tree_flatten(out)
+        li, si = pytree.tree_flatten(params)
+        assert so == si and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(lo, li)), case.name
+    assert _same_tree(params, before), f"{case.name}: input changed"
+
+
 def _main() -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -138,10 +182,24 @@ def _main() -> None:
         _check_one(case, kind, dtype, step)
 
     run()
+
+    @settings(
+        max_examples=int(os.environ.get("FUZZ_EXAMPLES", "1500")) // 2,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.sampled_from(CASES), st.integers(0, 7), st.integers(0, N_BAD_HYPER - 1))
+    def run_hyper(case, name_index, bad_index):
+        _check_hyper(case, name_index, bad_index)
+
+    run_hyper()
     # every operator at least once with every input class, whatever hypothesis drew
     for case in CASES:
         for kind in KINDS:
             _check_one(case, kind, torch.float32, 0.7)
+        for bad in range(N_BAD_HYPER):
+            _check_hyper(case, 0, bad)
 
 
 def test_fuzz_every_operator_in_a_child_process():
