@@ -124,6 +124,8 @@ class top_k(k_sparse):  # noqa: N801
             return []
         dims = _tree.group_dims(self.group_dim, leaves, tree, "top_k")
         G = _tree.group_count(leaves, dims, tree, "top_k")
+        if G == 0:  # no groups: every leaf is empty
+            return [torch.zeros_like(x) for x in leaves]
         R = rows(leaves, dims, G)
         if self.k > R.shape[1]:
             raise ValueError(f"top_k: k={self.k} is larger than the group size {R.shape[1]}")
@@ -135,6 +137,8 @@ class top_k(k_sparse):  # noqa: N801
             return super()._value(leaves, tree)
         dims = _tree.group_dims(self.group_dim, leaves, tree, "top_k")
         G = _tree.group_count(leaves, dims, tree, "top_k")
+        if G == 0:
+            return zeros_like_value(leaves)
         R = rows(leaves, dims, G)
         return indicator(((R != 0).sum(dim=1) <= self.k).all(), zeros_like_value(leaves).dtype)
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("plain", "nan", "inf", "huge", "max", "tiny", "subnormal", "zero", "neg_zero")
+KINDS = ("plain", "nan", "inf", "huge", "max", "tiny", "subnormal", "zero", "neg_zero", "empty", "no_cols")
 #: Operators whose answer is a difference of input-sized numbers (x - t*v, a shift along a
 #: normal): an absolute error of the input's size times eps is all a float can give.
 CANCELLING = ("add_linear", "add_quadratic", "hyperplane", "halfspace", "affine", "moreau_env", "precompose")
@@ -34,9 +34,9 @@ def _scaled(params, kind: str, dtype: torch.dtype):
     out = []
     for x in leaves:
         x = x.clone()
-        if kind == "nan":
+        if kind == "nan" and x.numel():
             x.view(-1)[0] = float("nan")
-        elif kind == "inf":
+        elif kind == "inf" and x.numel():
             x.view(-1)[0] = float("inf")
         elif kind == "huge":  # the squared norm overflows, the norm does not
             x = (x / x.abs().amax().clamp_min(1e-30) * (fi.max / 4 / n**0.5)).to(dtype)
@@ -50,6 +50,10 @@ def _scaled(params, kind: str, dtype: torch.dtype):
             x = torch.zeros_like(x)
         elif kind == "neg_zero":
             x = -torch.zeros_like(x)
+        elif kind == "empty":  # no rows (no groups along dim 0)
+            x = x[:0]
+        elif kind == "no_cols":  # groups with no entries (an nn.Linear(0, n) weight)
+            x = x[..., :0] if x.dim() > 1 else x
         out.append(x)
     return pytree.tree_unflatten(out, spec)
 
