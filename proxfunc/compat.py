@@ -515,20 +515,34 @@ class ProxOptimizer(torch.optim.Optimizer):
 
         A group whose current ``lr`` is 0 (e.g. the end of ``CosineAnnealingLR`` with
         ``eta_min=0``) is left as it is: the prox with a zero step is the identity. All-or-nothing:
-        every group's new values are computed and checked before the first is written.
+        every group's new values are computed and checked before the first is written (a tensor
+        under two operators, a group's ``"prox"`` and the wrapper's ``prox``, gets the second
+        applied to the first's result: the first is written before the second is computed).
         """
-        commits = []  # every group is computed and checked before any is written
+        commits: list[Callable[[], None]] = []  # every group is computed and checked before any is written
+        touched: set[int] = set()
+
+        def prepare(op: Prox, target: Any, tensors: list[torch.Tensor], lr: Hyper) -> None:
+            ids = {id(t) for t in tensors}
+            if ids & touched:  # a tensor already proxed: this prox composes with that one's result
+                for commit in commits:
+                    commit()
+                commits.clear()
+                touched.clear()
+            commits.append(_prepare(op, target, lr))
+            touched.update(ids)
+
         for i, g in enumerate(self.param_groups):
             op = g.get("prox")
             if op is not None:
                 if not isinstance(op, Prox):
                     raise TypeError(f"ProxOptimizer: param_groups[{i}]['prox'] must be a proxfunc operator")
                 if not _zero(g["lr"]):
-                    commits.append(_prepare(op, list(g["params"]), g["lr"]))
+                    prepare(op, list(g["params"]), list(g["params"]), g["lr"])
         if self.prox is not None and self.named is not None:
             lr = self._lr_of(list(self.named.values()))
             if not _zero(lr):
-                commits.append(_prepare(self.prox, self.named, lr))
+                prepare(self.prox, self.named, list(self.named.values()), lr)
         for commit in commits:
             commit()
 

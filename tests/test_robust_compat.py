@@ -195,3 +195,12 @@ def test_planted_or_truncated_library_is_not_loaded(tmp_path):
     planted = tmp_path / f"k-abc-{hashlib.sha256(b'other').hexdigest()}.so"
     planted.write_bytes(data)  # a name whose hash does not match its bytes
     assert _cc._cached(tmp_path, "k-abc-")[0] is None
+
+
+def test_proxoptimizer_group_prox_and_wrapper_prox_on_one_tensor_compose():
+    lin = nn.Linear(3, 4)
+    w0 = lin.weight.detach().clone()
+    sgd = torch.optim.SGD([{"params": [lin.weight], "prox": pf.l1(0.1)}, {"params": [lin.bias]}], lr=0.5)
+    opt = pc.ProxOptimizer(sgd, pf.partition({"weight": pf.l21(0.2)}, strict=False), params=lin)
+    opt.prox_step()
+    assert torch.equal(lin.weight.detach(), pf.l21(0.2)(pf.l1(0.1)(w0, 0.5), 0.5))
