@@ -218,18 +218,25 @@ def _check_aliases(op: Prox, pairs: list, items: list[tuple[Any, torch.Tensor]])
     order of the copies. Checked by trial: the copies are made, compared and undone."""
     if not pairs:
         return
-    plain = [t for _, t in items if type(t) in _PLAIN_TENSORS]
-    if len(plain) != len(items):
-        return  # DTensor shards: a rank's local memory is checked by _survey only
-    saved = [(t, t.clone()) for t in plain]
+    # the tensors sharing a storage with another one (real memory: not meta, not empty, not DTensors)
+    by_storage: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+    for k, t in items:
+        if type(t) in _PLAIN_TENSORS and t.numel() and t.device.type != "meta":
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((k, t))
+    shared = [kt for group in by_storage.values() if len(group) > 1 for kt in group]
+    if not shared:
+        return
+    ids = {id(t) for _, t in shared}
+    saved = [(k, t, t.clone()) for k, t in shared]
     try:
         for d, n, _ in pairs:
-            d.copy_(n)
-        bad = [where for d, n, where in pairs if not _same(d, n)]
+            if id(d) in ids:
+                d.copy_(n)
+        bad = [where for d, n, where in pairs if id(d) in ids and not _same(d, n)]
         changed = {id(d) for d, _, _ in pairs}
-        bad += [(k,) for (k, t), (_, c) in zip(items, saved) if id(t) not in changed and not _same(t, c)]
+        bad += [(k,) for k, t, c in saved if id(t) not in changed and not _same(t, c)]
     finally:
-        for t, c in saved:
+        for _, t, c in saved:
             t.copy_(c)
     if bad:
         at = "".join(f"[{k!r}]" for k in bad[0]) or "<tensor>"

@@ -204,3 +204,12 @@ def test_proxoptimizer_group_prox_and_wrapper_prox_on_one_tensor_compose():
     opt = pc.ProxOptimizer(sgd, pf.partition({"weight": pf.l21(0.2)}, strict=False), params=lin)
     opt.prox_step()
     assert torch.equal(lin.weight.detach(), pf.l21(0.2)(pf.l1(0.1)(w0, 0.5), 0.5))
+
+
+def test_meta_and_empty_targets_and_consistent_overlapping_views():
+    pc.apply_(pf.l21(0.1), nn.Linear(4, 3, device="meta"), 0.1)  # no memory: nothing to compare
+    pc.apply_(pf.l1(0.1), [torch.empty(0), torch.empty(0, 3), torch.randn(3)], 0.1)
+    w = torch.randn(4, 4)
+    want = pf.l1(0.1)(w, 0.1)
+    pc.apply_(pf.l1(0.1), [w, w[1:3]], 0.1)  # a separable prox gives a view the same values
+    assert torch.equal(w, want)
