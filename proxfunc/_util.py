@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._tree import acc_dtype, cast, common_acc_dtype, reduce_except, total
+from ._tree import acc_dtype, cast, common_acc_dtype, total
 from .dispatch import _eager
 
 __all__ = [
@@ -64,19 +64,25 @@ def safe_norm(sq: torch.Tensor) -> torch.Tensor:
 
 def norm_parts(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m, nu)`` with ``||xs||_2 = m * nu`` over every entry of ``xs``, without overflow or
-    underflow: ``m = max |x|`` (1 where that is 0 or inf) and ``nu = ||x / m||`` in ``[1, sqrt(n)]``
-    (0 for all-zero ``xs``), 0-d tensors of the accumulation dtype (as LAPACK's ``nrm2`` scales).
+    underflow: ``m = max |x|`` (1 where that is 0, the largest finite value where it is inf) and
+    ``nu = ||x / m||`` in ``[1, sqrt(n)]`` (0 for all-zero ``xs``), 0-d tensors of the
+    accumulation dtype (as LAPACK's ``nrm2`` scales).
     ``x / m / nu`` is then the direction of ``x`` even where ``m * nu`` overflows. ``m`` is a
     constant for autograd (the norm is homogeneous: the gradient is exact), and ``nu`` has a
     zero gradient at 0."""
     dt = common_acc_dtype(xs)
+    big = _finfo(dt)[1]
     m = None
     for x in xs:
-        a = cast(reduce_except(x.detach(), None, "amax_abs")[0], dt)
-        m = a if m is None else torch.maximum(m, a)
-    assert m is not None
-    safe = torch.where((m > 0) & (m < float("inf")), m, torch.ones_like(m))
-    sq = total([reduce_except(cast(x, dt) / safe, None, "sumsq")[0] for x in xs], xs)
+        if x.numel():
+            a = cast(x.detach().abs().amax(), dt)
+            m = a if m is None else torch.maximum(m, a)
+    if m is None:
+        z = torch.zeros((), dtype=dt, device=xs[0].device)
+        return z + 1, z
+    # 0 -> 1 (then x / m = 0), inf -> max (then x / m = inf where x is)
+    safe = torch.where(m > 0, m.clamp(max=big), torch.ones_like(m))
+    sq = total([cast(x, dt).div(safe).square().sum() for x in xs if x.numel()], xs)
     return safe, safe_norm(sq)
 
 
