@@ -71,7 +71,7 @@ def norm_parts(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     constant for autograd (the norm is homogeneous: the gradient is exact), and ``nu`` has a
     zero gradient at 0."""
     dt = common_acc_dtype(xs)
-    big = _finfo(dt)[1]
+    big = torch.finfo(dt).max  # torch.finfo: dynamo folds it (the _finfo cache would be guarded)
     m = None
     for x in xs:
         if x.numel():
