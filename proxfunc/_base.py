@@ -97,6 +97,8 @@ def check_hyper(
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{where} must be a real number or a floating tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"{where} must be a dense (strided) tensor, got layout {value.layout}")
         if not value.is_floating_point():
             raise TypeError(f"{where} must be a floating tensor, got dtype {value.dtype}")
         if scalar and value.dim() != 0:
@@ -261,6 +263,8 @@ class Prox:
         """
         step = check_step(self._name(), step)
         leaves, tree = _tree.flatten(params, self._name())
+        if leaves:
+            self._check_placement(leaves, tree, step)
         if _dist.classify(leaves, self._name(), lambda: tree.paths):
             return tree.unflatten(_dist.restore(_on_dtensors(lambda: self._prox(leaves, step, tree)), leaves))
         out = self._prox(leaves, step, tree)
@@ -275,6 +279,32 @@ class Prox:
         if _dist.classify(leaves, self._name(), lambda: tree.paths):
             return _dist.replicated(_on_dtensors(lambda: self._value(leaves, tree)))
         return self._value(leaves, tree)
+
+    #: Every leaf must be on one device (False: the operator splits its leaves among operators
+    #: that check their own, as :func:`proxfunc.partition` does for model-parallel layers).
+    _one_device: ClassVar[bool] = True
+
+    def _check_placement(self, leaves: list[torch.Tensor], tree: _tree.Tree, step: Hyper) -> None:
+        """Clear errors for what ATen would refuse with its own message: a sparse (or other
+        non-strided) leaf, leaves on several devices (a non-separable operator), a sparse tensor
+        step or hyperparameter, and one on the meta device with real leaves."""
+        dev = leaves[0].device
+        for i, x in enumerate(leaves):
+            if x.layout != torch.strided:
+                where = f"{self._name()}: params{tree.paths[i]}"
+                raise TypeError(f"{where} must be a dense (strided) tensor, got {x.layout}")
+            if x.device != dev and self._one_device and not self.separable:
+                raise ValueError(
+                    f"{self._name()}: params{tree.paths[i]} is on {x.device} but params{tree.paths[0]} on {dev}; "
+                    "every tensor of one call must be on the same device"
+                )
+        named = [("step", step), *self._params()] if isinstance(step, torch.Tensor) else self._params()
+        for name, h in named:
+            if isinstance(h, torch.Tensor):
+                if h.layout != torch.strided:
+                    raise TypeError(f"{self._name()}: {name} must be a dense (strided) tensor, got {h.layout}")
+                if h.device.type == "meta" and dev.type != "meta":  # no values to compute with
+                    raise ValueError(f"{self._name()}: {name} is on {h.device} but params on {dev}")
 
     # ----------------------------------------------------------- subclass hooks
     def _prox(self, leaves: list[torch.Tensor], step: Hyper, tree: _tree.Tree) -> list[torch.Tensor]:

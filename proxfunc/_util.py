@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._tree import acc_dtype, common_acc_dtype
+from ._tree import acc_dtype, cast, common_acc_dtype, total
 from .dispatch import _eager
 
 __all__ = [
     "clamp",
     "safe_norm",
+    "scaled_norm",
+    "norm_parts",
     "block_scale",
     "block_scale_",
     "traceable",
@@ -49,6 +51,8 @@ def hyper_tensor(h: Hyper, dtype: torch.dtype, device: torch.device) -> torch.Te
     changing float recompiles for every value)."""
     if isinstance(h, torch.Tensor):
         return h.to(dtype=dtype, device=device)
+    if not _is_compiling() and isinstance(h, float) and abs(h) > _finfo(dtype)[1]:
+        h = h * float("inf")  # beyond the dtype's range: rounds to +-inf, as a tensor's cast does
     return torch.full((), h, dtype=dtype, device=device)
 
 
@@ -56,6 +60,39 @@ def safe_norm(sq: torch.Tensor) -> torch.Tensor:
     """``sqrt(sq)`` with a zero (not NaN) gradient where ``sq == 0``."""
     pos = sq > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def norm_parts(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, nu)`` with ``||xs||_2 = m * nu`` over every entry of ``xs``, without overflow or
+    underflow: ``m = max |x|`` (1 where that is 0, the largest finite value where it is inf) and
+    ``nu = ||x / m||`` in ``[1, sqrt(n)]`` (0 for all-zero ``xs``), 0-d tensors of the
+    accumulation dtype (as LAPACK's ``nrm2`` scales).
+    ``x / m / nu`` is then the direction of ``x`` even where ``m * nu`` overflows. ``m`` is a
+    constant for autograd (the norm is homogeneous: the gradient is exact), and ``nu`` has a
+    zero gradient at 0."""
+    dt = common_acc_dtype(xs)
+    big = torch.finfo(dt).max  # torch.finfo: dynamo folds it (the _finfo cache would be guarded)
+    m = None
+    for x in xs:
+        if x.numel():
+            a = cast(x.detach().abs().amax(), dt)
+            m = a if m is None else torch.maximum(m, a)
+    if m is None:
+        z = torch.zeros((), dtype=dt, device=xs[0].device)
+        return z + 1, z
+    # 0 -> 1 (then x / m = 0), inf -> max (then x / m = inf where x is)
+    safe = torch.where(m > 0, m.clamp(max=big), torch.ones_like(m))
+    sq = total([cast(x, dt).div(safe).square().sum() for x in xs if x.numel()], xs)
+    return safe, safe_norm(sq)
+
+
+def scaled_norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The Euclidean norm over every entry of ``xs`` (:func:`norm_parts`' ``m * nu``), a 0-d tensor
+    of their accumulation dtype: right where the sum of squares over- or underflows (float32
+    entries near ``1e30`` or ``1e-30``); ``inf`` only where the norm itself is beyond the dtype's
+    range or an entry is ``inf``."""
+    m, nu = norm_parts(xs)
+    return m * nu
 
 
 def block_scale(n: torch.Tensor, t: Hyper) -> torch.Tensor:

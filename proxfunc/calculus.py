@@ -121,10 +121,17 @@ class partition(Prox):  # noqa: N801
     Parikh & Boyd (2014) section 2.1 (separable sum).
     """
 
+    _one_device = False  # each rule checks its own tensors (model-parallel layers)
     _hyper_names = ("rules", "strict")
     _public_name = "partition"
 
     def __init__(self, rules: Mapping[Key, Prox] | Iterable[tuple[Key, Prox]], *, strict: bool = True):
+        listed = isinstance(rules, Iterable) and not isinstance(rules, (str, bytes, torch.Tensor))
+        if not isinstance(rules, Mapping) and not listed:
+            raise TypeError(
+                f"partition: rules must be a mapping of keys to operators or an iterable of (key, operator) pairs, "
+                f"got {type(rules).__name__}"
+            )
         items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
         checked = []
         for i, item in enumerate(items):
@@ -352,7 +359,28 @@ def _check_arg(owner: str, name: str, v: Any) -> Any:
         raise TypeError(f"{owner}: {name} must be a number, a tensor or a pytree of tensors")
     if isinstance(v, (int, float)):
         return check_hyper(owner, name, float(v), min_value=None)
+    if isinstance(v, complex):
+        raise TypeError(f"{owner}: {name} must be real, got complex")
+    for path, leaf in _leaves_with_paths(v):
+        where = f"{owner}: {name}{path}"
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{where} must be a number or a floating tensor, got {type(leaf).__name__}")
+        if not leaf.is_floating_point():
+            raise TypeError(f"{where} must be a floating tensor, got dtype {leaf.dtype}")
+        if leaf.layout != torch.strided:
+            raise TypeError(f"{where} must be a dense (strided) tensor, got layout {leaf.layout}")
+        if is_concrete(leaf) and not _is_compiling() and not bool(torch.isfinite(leaf.detach()).all()):
+            raise ValueError(f"{where} must be finite (no NaN or inf)")
     return v
+
+
+def _leaves_with_paths(v: Any) -> list[tuple[str, Any]]:
+    from torch.utils import _pytree as pytree
+
+    if isinstance(v, torch.Tensor):
+        return [("", v)]
+    leaves, _ = pytree.tree_flatten(v)
+    return [(f"[{i}]", x) for i, x in enumerate(leaves) if x is not None]
 
 
 def _cast(v: Any, x: torch.Tensor) -> Any:
@@ -512,6 +540,9 @@ class conjugate(Prox):  # noqa: N801
         self._set(op=_as_op("conjugate", "op", op))
 
     def _prox(self, leaves, step, tree):
+        ball = _DUAL_BALL.get(type(self.op))
+        if ball is not None:  # a norm's conjugate is its dual ball: projected directly, no cancellation
+            return _apply(ball(self.op), leaves, step, tree)
         inv = 1.0 / step
         scaled = [(x.to(acc_dtype(x)) * inv).to(x.dtype) for x in leaves]
         p = _apply(self.op, scaled, inv, tree)
@@ -879,6 +910,20 @@ def _tree_total_abs(leaves, dims):
 
     return total([reduce_except(x, d, "abssum") for x, d in zip(leaves, dims)], leaves)
 
+
+def _dual_ball_table() -> dict[type, Any]:
+    """Norms whose conjugate is the indicator of the dual-norm ball of radius ``reg``: their
+    conjugate's prox is that projection (Moreau's ``x - t prox(x / t)`` cancels at large ``|x|``)."""
+    from . import norms, projections
+
+    return {
+        norms.l2: lambda op: projections.l2_ball(op.reg),
+        norms.l1: lambda op: projections.linf_ball(op.reg),
+        norms.linf: lambda op: projections.l1_ball(op.reg),
+    }
+
+
+_DUAL_BALL: dict[type, Any] = _dual_ball_table()
 
 #: Filled at import: a plain dict that dynamo reads as a constant. (A dict subclass filling
 #: itself on first ``get`` looked empty to torch 2.11's dynamo when the first lookup was traced.)

@@ -141,7 +141,9 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     tuple rules): ``softshrink`` into each tensor, the group norms then a multiply, the
     thresholds then a clamp. They run after everything else is computed and checked, with
     the values of ``op(target, step)`` under the same implementation. When two tensors share
-    memory (tied weights, overlapping views) every value is computed first and copied, so
+    memory (tied weights, overlapping views) every value is computed first and copied (a
+    ``ValueError`` when ``op`` gives the shared memory two different values, e.g. a weight and
+    its transpose view under ``l21``; an expanded, stride-0 target is refused), so
     nothing is shrunk twice.
 
     Distributed training: under ``DistributedDataParallel`` every rank holds whole tensors and
@@ -153,19 +155,34 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
     ``apply_`` (as every rank calls ``optimizer.step()``); the result equals one process
     applying the prox to the whole tensors.
     """
+    _prepare(op, target, step)()
+    return target
+
+
+def _prepare(op: Prox, target: Any, step: Hyper) -> Callable[[], None]:
+    """Every computation and check of ``apply_(op, target, step)``; returns the commit (the copies
+    and in-place writers), which cannot fail. :class:`ProxOptimizer` prepares every group before
+    it commits any."""
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
     params, items = _targets(target)
     with torch.no_grad():
         if _is_compiling():  # traced: the graph computes the new values and copies them
-            for d, n, _ in _pairs(op(params, step), params):
-                d.copy_(n)
-            return target
+            traced = _pairs(op(params, step), params)
+
+            def commit_traced() -> None:
+                with torch.no_grad():
+                    for d, n, _ in traced:
+                        d.copy_(n)
+
+            return commit_traced
+        _refuse_overlapping_elements(items)
         pairs, writers = _compute(op, params, step)
         # One pass over the tensors: refuse inference tensors and, when writers would update
         # tensors in place, make sure no two tensors share memory (with tied weights a writer
         # would apply the prox twice): then every value is computed first and copied.
-        if not _survey(items, overlap=bool(writers)):
+        disjoint = _survey(items, overlap=True)
+        if not disjoint and writers:
             pairs, writers = _pairs(op(params, step), params), []
         for i, (d, n, where) in enumerate(pairs):
             if type(d) not in _PLAIN_TENSORS or type(n) not in _PLAIN_TENSORS:
@@ -174,12 +191,70 @@ def apply_(op: Prox, target: Any, step: Hyper) -> Any:
             if n is None or n.shape != d.shape or n.dtype != d.dtype or n.device != d.device:
                 at = "".join(f"[{k!r}]" for k in where) or "<tensor>"
                 raise RuntimeError(f"apply_: {op!r} returned a mismatched value for {at}")  # pragma: no cover
-        # Commit: nothing below can fail, so the update is all-or-nothing.
+        if not disjoint:
+            _check_aliases(op, pairs, items)
+
+    def commit() -> None:
+        # nothing below can fail, so the update is all-or-nothing
+        with torch.no_grad():
+            for d, n, _ in pairs:
+                d.copy_(n)
+            for w in writers:
+                w()
+
+    return commit
+
+
+def _refuse_overlapping_elements(items: list[tuple[Any, torch.Tensor]]) -> None:
+    """``ValueError`` for a target whose elements share memory (an ``expand``-ed, stride-0 tensor):
+    no value can be written into it element by element."""
+    for k, t in items:
+        if type(t) in _PLAIN_TENSORS and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"apply_: target[{k!r}] has elements that share memory (an expanded, stride-0 tensor); "
+                "it cannot be written in place (clone() it first)"
+            )
+
+
+def _check_aliases(op: Prox, pairs: list, items: list[tuple[Any, torch.Tensor]]) -> None:
+    """``ValueError`` when two targets share memory (tied weights, a weight and its transpose view)
+    and ``op`` gives that memory two different values: which one would be kept depends on the
+    order of the copies. Checked by trial: the copies are made, compared and undone."""
+    if not pairs:
+        return
+    # the tensors sharing a storage with another one (real memory: not meta, not empty, not DTensors)
+    by_storage: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+    for k, t in items:
+        if type(t) in _PLAIN_TENSORS and t.numel() and t.device.type != "meta":
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((k, t))
+    shared = [kt for group in by_storage.values() if len(group) > 1 for kt in group]
+    if not shared:
+        return
+    ids = {id(t) for _, t in shared}
+    saved = [(k, t, t.clone()) for k, t in shared]
+    try:
         for d, n, _ in pairs:
-            d.copy_(n)
-        for w in writers:
-            w()
-    return target
+            if id(d) in ids:
+                d.copy_(n)
+        bad = [where for d, n, where in pairs if id(d) in ids and not _same(d, n)]
+        changed = {id(d) for d, _, _ in pairs}
+        bad += [(k,) for k, t, c in saved if id(t) not in changed and not _same(t, c)]
+    finally:
+        for _, t, c in saved:
+            t.copy_(c)
+    if bad:
+        at = "".join(f"[{k!r}]" for k in bad[0]) or "<tensor>"
+        raise ValueError(
+            f"apply_: targets share memory (tied or overlapping views) and {op!r} gives it different values "
+            f"(at target{at}); apply the operator to one of the aliased tensors only"
+        )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN."""
+    if torch.equal(a, b):
+        return True
+    return bool(torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
 def _placed(d: torch.Tensor, n: Any) -> torch.Tensor | None:
@@ -496,19 +571,37 @@ class ProxOptimizer(torch.optim.Optimizer):
         """Apply the proximal step(s) now, with the current learning rates.
 
         A group whose current ``lr`` is 0 (e.g. the end of ``CosineAnnealingLR`` with
-        ``eta_min=0``) is left as it is: the prox with a zero step is the identity.
+        ``eta_min=0``) is left as it is: the prox with a zero step is the identity. All-or-nothing:
+        every group's new values are computed and checked before the first is written (a tensor
+        under two operators, a group's ``"prox"`` and the wrapper's ``prox``, gets the second
+        applied to the first's result: the first is written before the second is computed).
         """
+        commits: list[Callable[[], None]] = []  # every group is computed and checked before any is written
+        touched: set[int] = set()
+
+        def prepare(op: Prox, target: Any, tensors: list[torch.Tensor], lr: Hyper) -> None:
+            ids = {id(t) for t in tensors}
+            if ids & touched:  # a tensor already proxed: this prox composes with that one's result
+                for commit in commits:
+                    commit()
+                commits.clear()
+                touched.clear()
+            commits.append(_prepare(op, target, lr))
+            touched.update(ids)
+
         for i, g in enumerate(self.param_groups):
             op = g.get("prox")
             if op is not None:
                 if not isinstance(op, Prox):
                     raise TypeError(f"ProxOptimizer: param_groups[{i}]['prox'] must be a proxfunc operator")
                 if not _zero(g["lr"]):
-                    apply_(op, list(g["params"]), g["lr"])
+                    prepare(op, list(g["params"]), list(g["params"]), g["lr"])
         if self.prox is not None and self.named is not None:
             lr = self._lr_of(list(self.named.values()))
             if not _zero(lr):
-                apply_(self.prox, self.named, lr)
+                prepare(self.prox, self.named, list(self.named.values()), lr)
+        for commit in commits:
+            commit()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()

@@ -42,7 +42,10 @@ def _check_mats(owner: str, leaves, tree) -> None:
 def _svd(x: torch.Tensor):
     """Thin SVD in the accumulation dtype. Only ``s`` stays in the autograd graph (the singular
     vectors are detached; :class:`_SpectralApply` differentiates through them safely)."""
-    U, s, Vh = torch.linalg.svd(x.to(_tree.acc_dtype(x)), full_matrices=False)
+    try:
+        U, s, Vh = torch.linalg.svd(x.to(_tree.acc_dtype(x)), full_matrices=False)
+    except torch.linalg.LinAlgError as e:  # NaN or inf entries: LAPACK does not converge
+        raise ValueError(f"params must be finite (no NaN or inf) for a singular value decomposition: {e}") from None
     return U.detach(), s, Vh.detach()
 
 
@@ -142,7 +145,10 @@ def _spectral(x: torch.Tensor, U, s, Vh, fs, slope) -> torch.Tensor:
 
 
 def _svals(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(x.to(_tree.acc_dtype(x)))
+    try:
+        return torch.linalg.svdvals(x.to(_tree.acc_dtype(x)))
+    except torch.linalg.LinAlgError as e:  # NaN or inf entries: LAPACK does not converge
+        raise ValueError(f"params must be finite (no NaN or inf) for a singular value decomposition: {e}") from None
 
 
 def _joint_tau(svals: list[torch.Tensor], radius, leaves) -> torch.Tensor:

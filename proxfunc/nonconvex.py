@@ -124,6 +124,8 @@ class top_k(k_sparse):  # noqa: N801
             return []
         dims = _tree.group_dims(self.group_dim, leaves, tree, "top_k")
         G = _tree.group_count(leaves, dims, tree, "top_k")
+        if G == 0:  # no groups: every leaf is empty
+            return [torch.zeros_like(x) for x in leaves]
         R = rows(leaves, dims, G)
         if self.k > R.shape[1]:
             raise ValueError(f"top_k: k={self.k} is larger than the group size {R.shape[1]}")
@@ -135,6 +137,8 @@ class top_k(k_sparse):  # noqa: N801
             return super()._value(leaves, tree)
         dims = _tree.group_dims(self.group_dim, leaves, tree, "top_k")
         G = _tree.group_count(leaves, dims, tree, "top_k")
+        if G == 0:
+            return zeros_like_value(leaves)
         R = rows(leaves, dims, G)
         return indicator(((R != 0).sum(dim=1) <= self.k).all(), zeros_like_value(leaves).dtype)
 
@@ -161,7 +165,16 @@ class group_top_k(Prox):  # noqa: N801
         G = _tree.group_count(leaves, dims, tree, "group_top_k")
         if self.k > G:
             raise ValueError(f"group_top_k: k={self.k} is larger than the number of groups {G}")
-        sq = _tree.total([_tree.reduce_except(x, d, "sumsq") for x, d in zip(leaves, dims)], leaves)
+        # ranked by the squared norms of x / max|x|: the squares neither overflow nor underflow
+        m = None
+        for x in leaves:
+            if x.numel():
+                mx = x.detach().abs().amax().to(_tree.acc_dtype(x))
+                m = mx if m is None else torch.maximum(m, mx.to(m.dtype))
+        if m is not None:
+            m = torch.where((m > 0) & (m < float("inf")), m, torch.ones_like(m))
+        xs = [x if m is None else x.to(_tree.acc_dtype(x)) / m.to(_tree.acc_dtype(x)) for x in leaves]
+        sq = _tree.total([_tree.reduce_except(x, d, "sumsq") for x, d in zip(xs, dims)], leaves)
         return dims, sq
 
     def _prox(self, leaves, step, tree):
@@ -180,6 +193,19 @@ class group_top_k(Prox):  # noqa: N801
 
 def _t(h, like: torch.Tensor) -> torch.Tensor:
     return hyper_tensor(h, like.dtype, like.device)
+
+
+def _unit(x: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x / c, lam / c, c)`` with ``c = max(|x|, lam)`` per entry (1 where both are 0).
+
+    SCAD's and MCP's objectives are homogeneous of degree 2 in ``(u, x, lam)`` (``a``, ``gamma``
+    and the step fixed), so ``prox(x; lam) = c * prox(x / c; lam / c)``: in these units the
+    candidates and objectives stay near 1 and neither ``lam**2`` nor ``x**2`` overflows (a huge
+    ``reg`` gives 0, not ``a * reg``) or underflows."""
+    lam = lam.clamp(max=torch.finfo(lam.dtype).max)  # a reg beyond the dtype's range: its largest value
+    c = torch.maximum(x.detach().abs(), lam.detach())
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    return x / c, lam / c, c
 
 
 def _best(x: torch.Tensor, cands: list[torch.Tensor], pen, t) -> torch.Tensor:
@@ -221,6 +247,7 @@ class scad(Elementwise):  # noqa: N801
     def _prox_leaf(self, x, step):
         xa = x.to(_tree.acc_dtype(x))
         lam, a, t = (_t(h, xa) for h in (self.reg, self.a, step))
+        xa, lam, c = _unit(xa, lam)
         ax = xa.abs()
         c1 = torch.clamp(ax - t * lam, min=torch.zeros_like(ax), max=lam + torch.zeros_like(ax))
         conv = (a - 1) - t
@@ -228,7 +255,7 @@ class scad(Elementwise):  # noqa: N801
         c2 = torch.where(conv > 0, c2, lam + torch.zeros_like(ax)).clamp(min=lam, max=a * lam)
         c3 = torch.maximum(ax, a * lam + torch.zeros_like(ax))
         cands = [torch.zeros_like(ax), c1, lam + 0 * ax, c2, a * lam + 0 * ax, c3]
-        return _best(xa, cands, lambda u: self._pen(u, lam, a), t).to(x.dtype)
+        return (_best(xa, cands, lambda u: self._pen(u, lam, a), t) * c).to(x.dtype)
 
     def _value_leaf(self, x):
         xa = x.to(_tree.acc_dtype(x))
@@ -258,13 +285,14 @@ class mcp(Elementwise):  # noqa: N801
     def _prox_leaf(self, x, step):
         xa = x.to(_tree.acc_dtype(x))
         lam, g, t = (_t(h, xa) for h in (self.reg, self.gamma, step))
+        xa, lam, c = _unit(xa, lam)
         ax = xa.abs()
         conv = 1 - t / g
         c1 = (ax - t * lam) / torch.where(conv > 0, conv, torch.ones_like(conv + ax))
         c1 = torch.where(conv > 0, c1, torch.zeros_like(ax)).clamp(min=0 * ax, max=g * lam + 0 * ax)
         c2 = torch.maximum(ax, g * lam + 0 * ax)
         cands = [torch.zeros_like(ax), c1, g * lam + 0 * ax, c2]
-        return _best(xa, cands, lambda u: self._pen(u, lam, g), t).to(x.dtype)
+        return (_best(xa, cands, lambda u: self._pen(u, lam, g), t) * c).to(x.dtype)
 
     def _value_leaf(self, x):
         xa = x.to(_tree.acc_dtype(x))

@@ -10,13 +10,14 @@ Optimization 1(3), 2014 (section numbers below refer to it).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import block_scale, hyper_tensor, safe_norm, zeros_like_value
+from ._util import block_scale, hyper_tensor, scaled_norm, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
@@ -189,11 +190,16 @@ class log_barrier(Elementwise):  # noqa: N801
         acc = _tree.acc_dtype(x)
         xa = x.to(acc)
         rt = self.reg * step
-        c = torch.sqrt(hyper_tensor(4.0 * rt, acc, x.device))
+        # sqrt(4 rt) of a Python number before the cast: 4 rt alone may be beyond the dtype's range
+        if isinstance(rt, float):
+            c = hyper_tensor(math.sqrt(4.0 * rt), acc, x.device)
+        else:
+            c = torch.sqrt(hyper_tensor(4.0 * rt, acc, x.device))
         h = torch.hypot(xa, c)  # sqrt(x^2 + 4rt) without overflow
         neg = xa < 0
-        denom = torch.where(neg, h - xa, torch.ones_like(xa))
-        z = torch.where(neg, 2.0 * rt / denom, 0.5 * (xa + h))
+        denom = torch.where(neg, 0.5 * h - 0.5 * xa, torch.ones_like(xa))  # (h - x) / 2: h - x may overflow
+        # 2 rt / (h - x) as (c / denom) * (c / 4): 2 rt alone may be beyond the dtype's range
+        z = torch.where(neg, (c / denom) * (0.25 * c), 0.5 * xa + 0.5 * h)  # halves first: x + h may overflow
         return z.to(x.dtype)
 
     def _value_leaf(self, x):
@@ -223,8 +229,7 @@ class l2(Prox):
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        sq = _tree.total([_tree.reduce_except(x, None, "sumsq")[0] for x in leaves], leaves)
-        n = safe_norm(sq)
+        n = scaled_norm(list(leaves))  # the squares neither overflow nor underflow
         t = self.reg * step
         scale = block_scale(n, t)
         return [_tree.cast(_tree.cast(x, scale.dtype) * scale, x.dtype) for x in leaves]
@@ -232,8 +237,7 @@ class l2(Prox):
     def _value(self, leaves, tree):
         if not leaves:
             return zeros_like_value(leaves)
-        sq = _tree.total([_tree.reduce_except(x, None, "sumsq")[0] for x in leaves], leaves)
-        return self.reg * safe_norm(sq)
+        return self.reg * scaled_norm(list(leaves))
 
 
 class linf(Prox):

@@ -15,11 +15,13 @@ Condat, *Fast projection onto the simplex and the l1 ball*, Math. Programming 20
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper
-from ._util import clamp, feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import clamp, feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -58,7 +60,15 @@ class box(Projection):  # noqa: N801
         self._set(lower=lo, upper=hi)
 
     def _bound(self, b, x):
-        return b.to(device=x.device, dtype=x.dtype) if isinstance(b, torch.Tensor) else b
+        if isinstance(b, torch.Tensor):
+            try:
+                torch.broadcast_shapes(b.shape, x.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"box: a bound of shape {tuple(b.shape)} does not broadcast with params of shape {tuple(x.shape)}"
+                ) from None
+            return b.to(device=x.device, dtype=x.dtype)
+        return _in_range(b, x)
 
     def _prox(self, leaves, step, tree):
         out = []
@@ -105,6 +115,42 @@ def _widen(b, x: torch.Tensor, sign: int):
     if isinstance(b, float):
         return b + sign * eps * abs(b) if abs(b) != float("inf") else b
     return b + sign * eps * b.abs()
+
+
+def _with_headroom(leaves: list[torch.Tensor], radius: Hyper, project) -> list[torch.Tensor]:
+    """``project(leaves, radius)``, a projection onto an l1-type set (sums of ``|x|``), computed as
+    ``s * project(leaves / s, radius / s)`` (exact: the set scales with its radius) with ``s`` a
+    power of two large enough that no sum over the leaves overflows their accumulation dtype, where
+    ``numel * max|x|`` comes near its largest value; ``s = 1`` (no rescaling) otherwise. Eager: one
+    host read of ``max|x|``; traced: ``s`` is a tensor, 1 for ordinary inputs (a division by 1)."""
+    dt = _tree.common_acc_dtype(leaves)
+    big = torch.finfo(dt).max / (4 * max(_numel(leaves), 1))
+    m = None
+    for x in leaves:
+        if x.numel():
+            a = x.detach().abs().amax().to(dt)
+            m = a if m is None else torch.maximum(m, a)
+    if m is None:
+        return project(leaves, radius)
+    if not traceable(*leaves):
+        mf = float(m)
+        if not mf > big or mf == float("inf"):
+            return project(leaves, radius)
+        s = 2.0 ** math.ceil(math.log2(mf / big))
+        out = project([x / s for x in leaves], radius / s)
+        return [(z * s).to(x.dtype) for z, x in zip(out, leaves)]
+    need = (m > big) & (m < float("inf"))
+    s = torch.exp2(torch.ceil(torch.log2(torch.where(need, m / big, torch.ones_like(m)))))
+    out = project([x / s.to(x.dtype) for x in leaves], radius / s)
+    return [(z * s.to(z.dtype)).to(x.dtype) for z, x in zip(out, leaves)]
+
+
+def _in_range(b: float, x: torch.Tensor) -> float:
+    """A bound as ``clamp`` on ``x`` takes it: beyond the largest finite value of ``x``'s dtype
+    (``1e6`` on float16) it is ``+-inf``, which clamps every representable value the same way
+    (ATen refuses to convert such a number to the dtype)."""
+    big = torch.finfo(x.dtype).max
+    return b if -big <= b <= big else (float("inf") if b > 0 else float("-inf"))
 
 
 def _sum(leaves, fn):
@@ -185,7 +231,10 @@ class simplex(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        impl, r = dispatch.select(leaves, self.radius)
+        return _with_headroom(leaves, self.radius, self._project)
+
+    def _project(self, leaves, radius):
+        impl, r = dispatch.select(leaves, radius)
         eager = impl != dispatch.REFERENCE
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
         # one group (the whole object): a 0-d threshold, so 0-d leaves keep their shape
@@ -225,14 +274,17 @@ class l1_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        impl, r = dispatch.select(leaves, self.radius)
+        return _with_headroom(leaves, self.radius, self._project)
+
+    def _project(self, leaves, radius):
+        impl, r = dispatch.select(leaves, radius)
         if impl != dispatch.REFERENCE:
             return _l1_ball_eager(leaves, r)
         parts = [(x.to(_tree.acc_dtype(x)), None) for x in leaves]
-        tau = threshold(parts, self.radius, traceable=True, absolute=True)
+        tau = threshold(parts, radius, traceable=True, absolute=True)
         tau = tau.clamp_min(0).reshape(())
         xs = [x.to(tau.dtype) for x in leaves]
-        mags = _polish_sum([xa.abs() - tau for xa in xs], self.radius)
+        mags = _polish_sum([xa.abs() - tau for xa in xs], radius)
         # tau == 0 inside the ball: x comes back bit for bit (no polish there)
         inside = tau <= 0
         return [torch.where(inside, xa, torch.copysign(m, xa)).to(x.dtype) for xa, m, x in zip(xs, mags, leaves)]
@@ -262,15 +314,16 @@ class l2_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        n = safe_norm(_sum(leaves, "sumsq"))
+        m, nu = norm_parts(list(leaves))  # ||x|| = m * nu: no overflow of the squares (nor of the norm)
+        n = m * nu
         r = self.radius
-        scale = torch.where(n > r, r / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
-        return [torch.where(n > r, x.to(scale.dtype) * scale, x.to(scale.dtype)).to(x.dtype) for x in leaves]
+        d = torch.where(n > r, nu, torch.ones_like(nu))  # x / m / nu * r: r / n may underflow, n overflow
+        return [torch.where(n > r, x.to(n.dtype) / m / d * r, x.to(n.dtype)).to(x.dtype) for x in leaves]
 
     def _value(self, leaves, tree):
         if not leaves:
             return self._empty_value(leaves)
-        n = safe_norm(_sum(leaves, "sumsq"))
+        n = scaled_norm(list(leaves))
         tol = feasible_tol(list(leaves), _numel(leaves))
         return indicator(n <= self.radius + tol * (abs(self.radius) + n), n.dtype)
 
@@ -288,7 +341,7 @@ class linf_ball(Projection):  # noqa: N801
     def _prox(self, leaves, step, tree):
         r = self.radius
         if isinstance(r, float):
-            return [clamp(x, -r, r) for x in leaves]
+            return [clamp(x, -_in_range(r, x), _in_range(r, x)) for x in leaves]
         return [clamp(x, -r.to(x.dtype), r.to(x.dtype)) for x in leaves]
 
     def _value(self, leaves, tree):

@@ -16,12 +16,14 @@ Kennington & Lall (1980) and Kiwiel (2008) for the box ∩ hyperplane (continuou
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _tree, dispatch
 from ._base import Hyper, check_hyper, is_concrete
 from ._dist import flattenable
-from ._util import feasible_tol, indicator, safe_norm, traceable, zeros_like_value
+from ._util import feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
 
@@ -72,12 +74,25 @@ def set_tol(leaves: list[torch.Tensor], n: int) -> float:
 def _vec(owner: str, name: str, a, *, nonzero: bool = False) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         raise TypeError(f"{owner}: {name} must be a floating tensor, got {type(a).__name__}")
+    if a.layout != torch.strided:
+        raise TypeError(f"{owner}: {name} must be a dense (strided) tensor, got layout {a.layout}")
     if is_concrete(a):
         if not bool(torch.isfinite(a).all()):
             raise ValueError(f"{owner}: {name} must be finite")
         if nonzero and not bool((a != 0).any()):
             raise ValueError(f"{owner}: {name} must not be zero")
     return a
+
+
+def _pow2_scale(v: torch.Tensor) -> torch.Tensor:
+    """A power of two ``s`` (0-d, ``v``'s dtype) with ``max |v / s| < 2`` where ``max |v| > 1``, else 1.
+
+    Projections onto affine sets are equivariant, ``P_{b}(x) = s P_{b/s}(x / s)``: in these units
+    ``<a, x>`` cannot overflow at the top of the dtype's range, and dividing by a power of two is
+    exact, so results elsewhere are bit for bit those of the unscaled formula."""
+    m = v.detach().abs().amax() if v.numel() else v.new_zeros(())
+    big = (m > 1) & (m < float("inf"))
+    return torch.exp2(torch.floor(torch.log2(torch.where(big, m, torch.ones_like(m)))))
 
 
 def _hyper_as(h, like: torch.Tensor):
@@ -91,8 +106,9 @@ def _check_numel(owner: str, name: str, a: torch.Tensor, n: int) -> torch.Tensor
 
 
 def check_k(owner: str, k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # numpy integers are integers
         raise TypeError(f"{owner}: k must be an int, got {type(k).__name__}")
+    k = int(k)
     if k < 0:
         raise ValueError(f"{owner}: k must be >= 0, got {k}")
     return k
@@ -114,16 +130,20 @@ class hyperplane(Projection):  # noqa: N801
     def __init__(self, a: torch.Tensor, b: Hyper = 0.0):
         self._set(a=_vec("hyperplane", "a", a, nonzero=True), b=check_hyper("hyperplane", "b", b, min_value=None))
 
-    def _gap(self, v):
+    def _gap(self, v, s=None):
+        """``(a, <a, v> - b)``; with ``s``, for ``v / s`` and ``b / s``."""
         a = _check_numel(self._name(), "a", self.a, v.numel()).to(device=v.device, dtype=v.dtype)
-        return a, torch.dot(a, v) - _hyper_as(self.b, v)
+        b = _hyper_as(self.b, v)
+        return a, torch.dot(a, v) - (b if s is None else b / s)
 
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
         v = flat(leaves)
-        a, gap = self._gap(v)
-        return unflat(v - (gap / torch.dot(a, a)) * a, leaves)
+        s = _pow2_scale(v)
+        v = v / s
+        a, gap = self._gap(v, s)
+        return unflat((v - (gap / torch.dot(a, a)) * a) * s, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -150,9 +170,11 @@ class halfspace(hyperplane):  # noqa: N801
         if not leaves:
             return []
         v = flat(leaves)
-        a, gap = self._gap(v)
+        s = _pow2_scale(v)
+        v = v / s
+        a, gap = self._gap(v, s)
         out = torch.where(gap > 0, v - (gap.clamp_min(0) / torch.dot(a, a)) * a, v)
-        return unflat(out, leaves)
+        return unflat(out * s, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -206,13 +228,15 @@ class affine(Projection):  # noqa: N801
         if self.A.shape[1] != n:
             raise ValueError(f"affine: A has {self.A.shape[1]} columns but params has {n} entries")
         A = self.A.to(device=v.device, dtype=v.dtype)
-        b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype)
+        sc = _pow2_scale(v)
+        v = v / sc
+        b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype) / sc
         r = A @ v - b
         if self.A.requires_grad:  # hyperparameter learning in A: differentiate the pseudo-inverse
-            return unflat(v - torch.linalg.pinv(A) @ r, leaves)
+            return unflat((v - torch.linalg.pinv(A) @ r) * sc, leaves)
         V = self._cache_V.to(device=v.device, dtype=v.dtype)
         W = self._cache_W.to(device=v.device, dtype=v.dtype)
-        return unflat(v - V @ (W @ r), leaves)
+        return unflat((v - V @ (W @ r)) * sc, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -250,17 +274,19 @@ class soc(Projection):  # noqa: N801
         if not leaves:
             return []
         v, y, s = self._parts(leaves)
-        ny = safe_norm((y * y).sum())
+        m, nu = norm_parts([y]) if y.numel() else (v.new_ones(()), v.new_zeros(()))
+        m, nu = m.to(v.dtype), nu.to(v.dtype)
+        ny = m * nu  # ||y||, inf only where it is beyond the dtype's range
         inside = ny <= s
         polar = ny <= -s
-        c = (s + ny) / (2 * torch.where(ny > 0, ny, torch.ones_like(ny)))
-        proj = torch.cat([c * y, (c * ny).reshape(1)])
+        c = (s / m) / (2 * torch.where(nu > 0, nu, torch.ones_like(nu))) + 0.5  # (s + ny) / (2 ny), no overflow
+        proj = torch.cat([c * y, (c * nu * m).reshape(1)])  # c ||y||: finite where ||y|| alone overflows
         out = torch.where(inside, v, torch.where(polar, torch.zeros_like(v), proj))
         return unflat(out, leaves)
 
     def _value(self, leaves, tree):
         v, y, s = self._parts(leaves)
-        ny = safe_norm((y * y).sum())
+        ny = scaled_norm([y]).to(v.dtype) if y.numel() else torch.zeros((), dtype=v.dtype, device=v.device)
         tol = set_tol(leaves, v.numel())
         return indicator(ny <= s + tol * (ny + s.abs()), v.dtype)
 
@@ -351,7 +377,10 @@ class psd(Projection):  # noqa: N801
         for x in leaves:
             xa = x.to(_tree.acc_dtype(x))
             s = 0.5 * (xa + xa.transpose(-1, -2))
-            lam, Q = torch.linalg.eigh(s)
+            try:
+                lam, Q = torch.linalg.eigh(s)
+            except torch.linalg.LinAlgError as e:  # NaN or inf entries: LAPACK does not converge
+                raise ValueError(f"psd: params must be finite (no NaN or inf): {e}") from None
             # Only the eigenvalues stay in eigh's graph; _EighApply differentiates through Q.
             p = _EighApply.apply(s, Q.detach(), lam, lam.clamp_min(0), (lam > 0).to(lam.dtype))
             out.append((0.5 * (p + p.transpose(-1, -2))).to(x.dtype))
@@ -395,16 +424,17 @@ class l2_sphere(Projection):  # noqa: N801
         if not leaves:
             return []
         v = flat(leaves)
-        n = safe_norm((v * v).sum())
-        r = _hyper_as(self.radius, v)
+        m, nu = norm_parts([v])  # v / m / nu: the direction of v without overflow or underflow
+        r = _hyper_as(self.radius, m)
         # e_1 without a write into a tensor (a DTensor shard holds no entry 0 on most ranks)
-        e1 = (torch.arange(v.numel(), device=v.device) == 0).to(v.dtype)
-        out = torch.where(n > 0, v * (r / torch.where(n > 0, n, torch.ones_like(n))), e1 * r)
+        e1 = (torch.arange(v.numel(), device=v.device) == 0).to(m.dtype)
+        d = torch.where(nu > 0, nu, torch.ones_like(nu))
+        out = torch.where(nu > 0, v.to(m.dtype) / m / d * r, e1 * r).to(v.dtype)
         return unflat(out, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
-        n = safe_norm((v * v).sum())
+        n = scaled_norm([v]).to(v.dtype)
         tol = set_tol(leaves, v.numel())
         return indicator((n - self.radius).abs() <= tol * (n + abs(self.radius)), v.dtype)
 
@@ -563,8 +593,13 @@ class box_hyperplane(Projection):  # noqa: N801
     def _data(self, v):
         n = v.numel()
         a = torch.ones_like(v) if self.a is None else _check_numel(self._name(), "a", self.a, n).to(v)
-        lo = torch.as_tensor(_hyper_as(self.lower, v), dtype=v.dtype, device=v.device).expand(v.shape)
-        hi = torch.as_tensor(_hyper_as(self.upper, v), dtype=v.dtype, device=v.device).expand(v.shape)
+        for name, h in (("lower", self.lower), ("upper", self.upper)):
+            if isinstance(h, torch.Tensor) and h.dim() and h.numel() != n:
+                raise ValueError(
+                    f"box_hyperplane: {name} has {h.numel()} entries but params has {n} (all leaves flattened)"
+                )
+        lo = torch.as_tensor(_hyper_as(self.lower, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
+        hi = torch.as_tensor(_hyper_as(self.upper, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
         b = torch.as_tensor(_hyper_as(self.b, v), dtype=v.dtype, device=v.device)
         return a, lo, hi, b
 

@@ -11,6 +11,8 @@ References: N. Parikh and S. Boyd, *Proximal Algorithms*, 2014 (sections cited p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _tree, dispatch
@@ -162,14 +164,30 @@ class neg_entropy(Elementwise):  # noqa: N801
     def _prox_leaf(self, x, step):
         acc = _tree.acc_dtype(x)
         xa = x.to(acc)
-        c = hyper_tensor(self.reg * step, acc, x.device)
+        rt = self.reg * step
+        if isinstance(rt, float) and rt > torch.finfo(acc).max:  # c beyond the dtype: in logarithms,
+            # z = exp(v + log c) with v + e^v = x / c - 1 - log c (x / c scaled through 2**64)
+            logc = math.log(rt)
+            L = (xa * 2.0**-64) * (2.0**64 / rt) - 1.0 - logc
+            v = L - torch.log1p(torch.exp(L))  # L is below -88 here: e^v = e^L to rounding
+            for _ in range(3):
+                ev = torch.exp(v)
+                v = v - (v + ev - L) / (1.0 + ev)
+            return torch.exp(v + logc).to(x.dtype)
+        c = hyper_tensor(rt, acc, x.device)
         L = xa / c - 1.0 - torch.log(c)
+        # x / c beyond the dtype's range: z = x - c (1 + log z) with z = x to rounding
+        # (-inf: z = c W(e^L) underflows to 0)
+        over, under = L == float("inf"), L == float("-inf")
+        L = torch.where(over | under, torch.ones_like(L), L)
         big = L > 1.0
         v = torch.where(big, torch.log(torch.where(big, L, torch.ones_like(L))), L)
         for _ in range(40):
             ev = torch.exp(v)
             v = v - (v + ev - L) / (1.0 + ev)
-        return (c * torch.exp(v)).to(x.dtype)
+        xo = torch.where(over, xa, torch.ones_like(xa))
+        z = torch.where(over, xo - c * (1.0 + torch.log(xo)), c * torch.exp(v))
+        return torch.where(under, torch.zeros_like(z), z).to(x.dtype)
 
     def _value_leaf(self, x):
         xa = x.to(_tree.acc_dtype(x))
