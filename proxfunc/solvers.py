@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from torch.func import grad_and_value
 from . import _tree
 from ._base import Hyper, Prox, _is_compiling, check_hyper
 from ._tree import acc_dtype
+from ._util import traceable
 from .calculus import identity
 
 __all__ = [
@@ -114,16 +116,25 @@ class ProxGradState(NamedTuple):
         y: the point where the next gradient is taken (``x_k`` for ISTA, the extrapolated
             point for FISTA).
         momentum: FISTA's ``t_k`` (1 after a restart; unused by ISTA).
-        stepsize: the last accepted step (the line search starts from it, grown).
+        stepsize: the step of the last update.
         iteration: number of updates done (0-d int64 tensor).
         error: the gradient-mapping norm ``||y - prox(y - s grad f(y), s)|| / s`` of the last
-            update (``inf`` before the first).
-        value: ``F(x_k) = fun(x_k) + g(x_k)``.
-        smooth: ``fun(x_k)``.
-        bound: the sufficient-decrease bound the last step met,
+            update (``inf`` before the first): the fixed-point residual divided by the step.
+        value: ``F(x_k) = fun(x_k) + g(x_k)`` where the update needs it (``restart="function"``),
+            NaN otherwise (:meth:`ProximalGradient.run` evaluates it at the end).
+        smooth: ``fun(x_k)`` (NaN where the update did not evaluate it: FISTA with a fixed step).
+        bound: the sufficient-decrease bound of the last step,
             ``fun(y) + <grad f(y), x_k - y> + ||x_k - y||^2 / (2 s)`` (``inf`` before the first).
         restarted: whether the last update restarted the momentum (bool tensor).
         trials: number of prox evaluations the last line search used (0-d int64 tensor).
+        next_stepsize: the first trial step of the next line search (see
+            :class:`ProximalGradient` for when it grows).
+        grad: ISTA: ``grad fun(y)``, computed by the last update's accepted trial (reused, so an
+            ISTA iteration evaluates the gradient once); ``None`` for FISTA.
+        fy: ISTA: ``fun(y)`` (with ``grad``); ``None`` for FISTA.
+        differentiable: whether the iterations keep their autograd graph (some input of the
+            problem requires grad: ``params``, a tensor in ``args``, a tensor captured by ``fun``,
+            a tensor hyperparameter of ``prox``). A Python bool, fixed at :meth:`init`.
     """
 
     params: Any
@@ -137,6 +148,10 @@ class ProxGradState(NamedTuple):
     bound: torch.Tensor
     restarted: torch.Tensor
     trials: torch.Tensor
+    next_stepsize: torch.Tensor | None = None
+    grad: Any = None
+    fy: torch.Tensor | None = None
+    differentiable: bool = False
 
 
 @dataclass
@@ -165,6 +180,22 @@ class ProxGradResult:
     history: dict[str, list] | None = field(default=None, repr=False)
 
 
+def _requires_grad(obj: Any) -> bool:
+    """Whether a tensor inside ``obj`` (a pytree, or an operator's hyperparameters) requires grad."""
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if isinstance(obj, Prox):
+        return any(_requires_grad(v) for _, v in obj._params())
+    if isinstance(obj, dict):
+        return any(_requires_grad(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_requires_grad(v) for v in obj)
+    return False
+
+
+_NAN = float("nan")
+
+
 class ProximalGradient:
     """Proximal gradient descent (ISTA) and its accelerated form (FISTA) as ``init``/``update``.
 
@@ -178,9 +209,11 @@ class ProximalGradient:
     (Beck & Teboulle 2009).
 
     Args:
-        fun: smooth part, ``fun(params, *args) -> 0-d tensor``; differentiated with
-            :func:`torch.func.grad_and_value`, so it must be written functionally
-            (``torch.func.functional_call`` for a module).
+        fun: smooth part, ``fun(params, *args) -> 0-d tensor``, convex for the line search's
+            guarantees; differentiated by autograd (``torch.func.grad_and_value`` under a
+            transform or ``torch.compile``), so it must be written functionally
+            (``torch.func.functional_call`` for a module). With ``value_and_grad=True``,
+            ``fun`` returns ``(value, grad)`` itself and no autograd runs.
         prox: a proxfunc operator (``None``: ``g = 0``, plain gradient descent).
         stepsize: ``None`` (default) for backtracking line search; a positive float for a fixed
             step (``1/L`` for an ``L``-Lipschitz gradient); or a callable ``k -> step`` (a
@@ -192,34 +225,49 @@ class ProximalGradient:
             ``F(x_{k+1}) > F(x_k)``) or ``None``. A restart sets ``t = 1`` and ``y = x_{k+1}``.
         init_stepsize: the first trial step of the line search.
         decrease_factor: the line search multiplies a rejected step by this (in ``(0, 1)``).
-        increase_factor: each iteration's line search starts from the last accepted step times
-            this (``>= 1``; 1 keeps the steps non-increasing, as in Beck & Teboulle). ``None``
+        increase_factor: the factor by which the next search may start above an accepted step
+            (``>= 1``; 1 keeps the steps non-increasing, as in Beck & Teboulle). ``None``
             (default) means 1.2, except for FISTA without restart, where it means 1: growing
             steps break FISTA's momentum schedule and, without a restart to reset it, the
             iterates can oscillate instead of converging.
         maxls: maximum number of trial steps per line search. Under ``torch.compile`` the
             search always evaluates ``maxls`` trials (masked), so keep it small there.
+        value_and_grad: ``fun`` returns ``(value, grad)`` (``grad`` a pytree like ``params``).
 
-    Line search: a trial step ``s`` is accepted when ``x+ = prox(y - s grad, s)`` satisfies
-    the sufficient-decrease test on the smooth part
+    Line search. With ``d = x+ - y`` for the trial ``x+ = prox(y - s grad, s)``, a trial step
+    ``s`` is accepted when the sufficient-decrease test on the smooth part holds,
 
-        fun(x+) <= fun(y) + <grad fun(y), x+ - y> + ||x+ - y||^2 / (2 s)
+        fun(x+) - fun(y) - <grad fun(y), d> <= ||d||^2 / (2 s)   (+ rounding slack),
 
-    (with a relative slack of a few ulps of ``|fun(y)|`` against rounding). If no trial passes
-    within ``maxls``, the last (smallest) one is taken.
+    and, for ISTA (which evaluates ``grad fun(x+)`` anyway: it is the next iteration's
+    gradient), also the Lipschitz test ``<grad fun(x+) - grad fun(y), d> <= ||d||^2 / s``
+    (+ its rounding slack). Both hold for every ``s <= 1/L``; the gradient test has no
+    cancellation of function values, so it stays informative down to ``||d||`` of the order
+    of rounding. If no trial passes within ``maxls``, the last (smallest) one is taken.
+
+    The next search starts at ``increase_factor * s`` only when the accepted step is certified
+    with margin: the tests would also hold with ``||d||^2 / (2 s)`` divided by
+    ``increase_factor``, and ``||d||^2 / (2 s)`` is above the rounding slack of the
+    function-value test (near the solution that test is decided by rounding, and a step
+    accepted within rounding is not evidence for a larger one). Otherwise it starts at ``s``.
+    So the step never grows past what the tests certify, and near a solution it stays put.
 
     ``state.error`` is the norm of the gradient mapping at the point where the gradient was
     taken, ``||y - prox(y - s grad fun(y), s)|| / s``, which is 0 exactly at a minimiser.
 
-    Differentiable unrolling: the iterates are not detached, so when the data in ``args`` (or
-    captured by ``fun``) or a tensor hyperparameter of ``prox`` requires grad, ``state.params`` can be
-    back-propagated through the iterations (the line-search and restart decisions are
-    constants). The bookkeeping scalars (``value``, ``error``, ...) are detached.
+    Differentiable unrolling: when some input requires grad (``params``, a tensor in ``args``
+    or captured by ``fun``, a tensor hyperparameter of ``prox``: see
+    ``ProxGradState.differentiable``), the iterates keep their graph and ``state.params`` can
+    be back-propagated through the iterations (the line-search and restart decisions are
+    constants). Otherwise the loop runs without autograd bookkeeping: one gradient of ``fun``
+    per iteration (by ``torch.autograd.grad`` on fresh leaves) and the prox's eager fast path.
+    For the derivative of the solution itself, see :func:`proxfunc.argmin` (implicit
+    differentiation). The bookkeeping scalars (``value``, ``error``, ...) are detached.
     """
 
     def __init__(
         self,
-        fun: Callable[..., torch.Tensor],
+        fun: Callable[..., Any],
         prox: Prox | None = None,
         *,
         stepsize: Stepsize = None,
@@ -229,6 +277,7 @@ class ProximalGradient:
         decrease_factor: float = 0.5,
         increase_factor: float | None = None,
         maxls: int = 30,
+        value_and_grad: bool = False,
     ):
         name = "proximal_gradient"
         if not callable(fun):
@@ -243,6 +292,8 @@ class ProximalGradient:
             raise ValueError(f"{name}: restart must be None, 'gradient' or 'function', got {restart!r}")
         if not isinstance(acceleration, bool):
             raise TypeError(f"{name}: acceleration must be a bool")
+        if not isinstance(value_and_grad, bool):
+            raise TypeError(f"{name}: value_and_grad must be a bool")
         check_hyper(name, "init_stepsize", init_stepsize, strict=True)
         if not 0.0 < float(decrease_factor) < 1.0:
             raise ValueError(f"{name}: decrease_factor must be in (0, 1), got {decrease_factor}")
@@ -261,6 +312,7 @@ class ProximalGradient:
         self.decrease_factor = float(decrease_factor)
         self.increase_factor = float(increase_factor)
         self.maxls = maxls
+        self.value_and_grad = value_and_grad
 
     def __repr__(self) -> str:
         kind = "FISTA" if self.acceleration else "ISTA"
@@ -270,23 +322,52 @@ class ProximalGradient:
     # ------------------------------------------------------------------------- pieces
     def objective(self, params: Any, *args: Any) -> torch.Tensor:
         """``F(params) = fun(params, *args) + prox.value(params)``."""
-        return self.fun(params, *args) + self.prox.value(params)
+        return self._value(params, args) + self.prox.value(params)
+
+    def _value(self, params: Any, args: tuple) -> torch.Tensor:
+        out = self.fun(params, *args)
+        return out[0] if self.value_and_grad else out
+
+    def _value_and_grad(self, y: Any, args: tuple, lean: bool) -> tuple[Any, torch.Tensor]:
+        """``(grad fun(y), fun(y))``; ``lean``: by autograd on fresh leaves, nothing kept."""
+        if self.value_and_grad:
+            f, g = self.fun(y, *args)
+            return g, f
+        if not lean:
+            return grad_and_value(self.fun)(y, *args)
+        leaves, spec = _tree.pytree.tree_flatten(y)
+        with torch.enable_grad():
+            fresh = [x.detach().requires_grad_() for x in leaves]
+            f = self.fun(_tree.pytree.tree_unflatten(fresh, spec), *args)
+            grads = torch.autograd.grad(f, fresh, allow_unused=True)
+        grads = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(fresh, grads)]
+        return _tree.pytree.tree_unflatten(grads, spec), f.detach()
 
     def init(self, params: Any, *args: Any) -> ProxGradState:
-        """The state before the first iteration (evaluates ``fun`` once)."""
+        """The state before the first iteration (evaluates ``fun`` once; ISTA: with its gradient)."""
         like = _first_leaf(params, "proximal_gradient")
         vd = acc_dtype(like)
-        f0 = self.fun(params, *args)
+        f0 = self._value(params, args)
         if not isinstance(f0, torch.Tensor) or f0.numel() != 1:
             raise TypeError("proximal_gradient: fun must return a scalar (0-d) tensor")
+        differentiable = (
+            not _is_compiling()
+            and torch.is_grad_enabled()
+            and (f0.requires_grad or _requires_grad(params) or _requires_grad(args) or _requires_grad(self.prox))
+        )
         f0 = f0.detach().reshape(()).to(vd)
         v0 = f0 + self.prox.value(params).detach().to(vd)
         s0 = self.init_stepsize if self.stepsize is None else self._scheduled(0)
+        grad = fy = None
+        if not self.acceleration:
+            grad, fy = self._value_and_grad(params, args, self._lean(params, differentiable))
+            fy = fy.detach().reshape(()).to(vd)
+        step = _scalar_like(s0, like, vd)
         return ProxGradState(
             params=params,
             y=params,
             momentum=_scalar_like(1.0, like, vd),
-            stepsize=_scalar_like(s0, like, vd),
+            stepsize=step,
             iteration=_scalar_like(0, like, torch.int64),
             error=_scalar_like(float("inf"), like, vd),
             value=v0,
@@ -294,84 +375,142 @@ class ProximalGradient:
             bound=_scalar_like(float("inf"), like, vd),
             restarted=_scalar_like(False, like, torch.bool),
             trials=_scalar_like(0, like, torch.int64),
+            next_stepsize=step,
+            grad=grad,
+            fy=fy,
+            differentiable=differentiable,
         )
 
     def _scheduled(self, k: Any) -> Hyper:
         s = self.stepsize
         return s(k) if callable(s) else s  # type: ignore[operator,return-value]
 
-    def _step_at(self, y: Any, g: Any, fy: torch.Tensor, s: Hyper, *args: Any):
+    def _lean(self, y: Any, differentiable: bool) -> bool:
+        """Eager and nothing to differentiate: no graph, the fast paths of the prox."""
+        if _is_compiling() or (differentiable and torch.is_grad_enabled()):
+            return False
+        return not traceable(*_leaves(y))
+
+    def _trial(self, y: Any, g: Any, fy: torch.Tensor, gn: torch.Tensor, s: Hyper, args: tuple, lean: bool):
+        """One trial step ``s``: the new point, ``fun`` there (ISTA: and its gradient) and the
+        line-search verdicts ``ok`` (accepted) and ``grow`` (certified with margin)."""
         x_new = self.prox(_axpy(-s, g, y), s)
         d = _sub(x_new, y)
-        f_new = self.fun(x_new, *args).detach().reshape(()).to(fy.dtype)
+        g_new = None
+        if self.acceleration:
+            f_new = self._value(x_new, args)
+        else:
+            g_new, f_new = self._value_and_grad(x_new, args, lean)
+        vd = fy.dtype
+        f_new = f_new.detach().reshape(()).to(vd)
+        inc = self.increase_factor
         with torch.no_grad():
-            bound = fy + _vdot(g, d).to(fy.dtype) + _sqnorm(d).to(fy.dtype) / (2 * s)
-        return x_new, f_new, bound, d
+            dd = _sqnorm(d).to(vd)
+            gd = _vdot(g, d).to(vd)
+            q = dd / (2 * s)
+            lin = f_new - fy - gd
+            slack = 16 * torch.finfo(vd).eps * (fy.abs() + f_new.abs())
+            ok = lin <= q + slack
+            grow = (q >= 4 * slack) & (lin + slack <= q / inc)
+            if g_new is not None:
+                lin_g = _vdot(g_new, d).to(vd) - gd
+                slack_g = 16 * torch.finfo(vd).eps * torch.sqrt(dd) * (gn + torch.sqrt(_sqnorm(g_new).to(vd)))
+                ok = ok & (lin_g <= 2 * q + slack_g)
+                grow = grow & (lin_g + slack_g <= 2 * q / inc)
+            bound = fy + gd + q
+        return x_new, d, f_new, g_new, ok, grow & ok, bound, dd
 
-    def _slack(self, fy: torch.Tensor) -> torch.Tensor:
-        return 16 * torch.finfo(fy.dtype).eps * fy.abs()
-
-    def _line_search(self, y: Any, g: Any, fy: torch.Tensor, s0: torch.Tensor, *args: Any):
+    def _line_search(self, y, g, fy, s0, args, lean):
         dec = self.decrease_factor
+        vd = fy.dtype
+        gn = torch.sqrt(_sqnorm(g).to(vd)) if not self.acceleration else None
         if not _is_compiling():
             s = float(s0)
             for trial in range(1, self.maxls + 1):
-                x_new, f_new, bound, d = self._step_at(y, g, fy, s, *args)
-                if bool(f_new <= bound + self._slack(fy)) or trial == self.maxls:
-                    return x_new, f_new, bound, d, s0.new_tensor(s), trial
+                x_new, d, f_new, g_new, ok, grow, bound, dd = self._trial(y, g, fy, gn, s, args, lean)
+                verdict = int(ok) + 2 * int(grow) if trial < self.maxls else 1 + 2 * int(grow)
+                if verdict & 1:
+                    break
                 s *= dec
+            s_next = s * self.increase_factor if verdict & 2 else s
+            step = s0.new_tensor(s)
+            return x_new, d, f_new, g_new, bound, dd, step, step.new_tensor(s_next), trial
         # Traced: a fixed number of masked trials, keeping the first accepted one.
         s = s0
         accepted = torch.zeros((), dtype=torch.bool, device=s0.device)
         trials = torch.zeros((), dtype=torch.int64, device=s0.device)
         best = None
         for trial in range(self.maxls):
-            cand = self._step_at(y, g, fy, s, *args)
-            ok = cand[1] <= cand[2] + self._slack(fy)
+            x_new, d, f_new, g_new, ok, grow, bound, dd = self._trial(y, g, fy, gn, s, args, lean)
             if trial == self.maxls - 1:
                 ok = torch.ones_like(ok)
             take = ok & ~accepted
+            cand = (x_new, d, f_new, g_new, bound, dd, s, torch.where(grow, s * self.increase_factor, s))
             if best is None:
-                best = (cand[0], cand[1], cand[2], cand[3], s)
+                best = cand
             else:
-                best = (
-                    _where(take, cand[0], best[0]),
-                    torch.where(take, cand[1], best[1]),
-                    torch.where(take, cand[2], best[2]),
-                    _where(take, cand[3], best[3]),
-                    torch.where(take, s, best[4]),
+                best = tuple(
+                    None if c is None else (_where(take, c, b) if i in (0, 1, 3) else torch.where(take, c, b))
+                    for i, (c, b) in enumerate(zip(cand, best))
                 )
             trials = trials + (~accepted).to(torch.int64)
             accepted = accepted | ok
             s = torch.where(accepted, s, s * dec)
         assert best is not None
-        return best[0], best[1], best[2], best[3], best[4], trials
+        return (*best, trials)
 
     def update(self, state: ProxGradState, *args: Any) -> ProxGradState:
         """One ISTA/FISTA iteration: a pure function of ``state`` (and ``args``)."""
+        lean = self._lean(state.y, state.differentiable)
+        ctx = torch.no_grad() if lean else contextlib.nullcontext()
+        with ctx:
+            return self._update(state, args, lean)
+
+    def _update(self, state: ProxGradState, args: tuple, lean: bool) -> ProxGradState:
         y = state.y
-        g, fy = grad_and_value(self.fun)(y, *args)
         vd = state.value.dtype
-        fy = fy.detach().reshape(()).to(vd)
+        if state.grad is not None:
+            g, fy = state.grad, state.fy
+        else:
+            g, fy = self._value_and_grad(y, args, lean)
+            fy = fy.detach().reshape(()).to(vd)
         if self.stepsize is None:
-            s0 = torch.clamp(state.stepsize * self.increase_factor, max=torch.finfo(vd).max)
-            x_new, f_new, bound, d, s, trials = self._line_search(y, g, fy, s0, *args)
+            s0 = state.next_stepsize if state.next_stepsize is not None else state.stepsize
+            x_new, d, f_new, g_new, bound, dd, s, s_next, trials = self._line_search(y, g, fy, s0, args, lean)
             if not isinstance(trials, torch.Tensor):
                 trials = state.trials.new_tensor(trials)
+            s_next = torch.clamp(s_next, max=torch.finfo(vd).max)
         else:
             k = state.iteration if _is_compiling() else int(state.iteration)
             s_cur = self._scheduled(k)
-            x_new, f_new, bound, d = self._step_at(y, g, fy, s_cur, *args)
+            x_new = self.prox(_axpy(-s_cur, g, y), s_cur)
+            d = _sub(x_new, y)
+            g_new = None
+            if not self.acceleration:
+                g_new, f_new = self._value_and_grad(x_new, args, lean)
+                f_new = f_new.detach().reshape(()).to(vd)
+            elif self.restart == "function":
+                f_new = self._value(x_new, args).detach().reshape(()).to(vd)
+            else:
+                f_new = torch.full_like(fy, _NAN)
             s = _scalar_like(s_cur, state.stepsize) if not isinstance(s_cur, torch.Tensor) else s_cur.to(vd)
+            s = s.reshape(())
+            with torch.no_grad():
+                dd = _sqnorm(d).to(vd)
+                bound = fy + _vdot(g, d).to(vd) + dd / (2 * s)
             trials = torch.ones_like(state.trials)
+            s_next = s
         with torch.no_grad():
-            error = torch.sqrt(_sqnorm(d).to(vd)) / s
-        value = f_new + self.prox.value(x_new).detach().to(vd)
+            error = torch.sqrt(dd) / s
+        if self.restart == "function" and self.acceleration:
+            value = f_new + self.prox.value(x_new).detach().to(vd)
+        else:
+            value = torch.full_like(fy, _NAN)
         if self.acceleration:
             x_old = state.params
             t = state.momentum
             if self.restart == "gradient":
-                restart = _vdot(_map(torch.neg, d), _sub(x_new, x_old)).to(vd) > 0
+                restart = _vdot(d, _sub(x_new, x_old)).to(vd) < 0
             elif self.restart == "function":
                 restart = value > state.value
             else:
@@ -380,9 +519,11 @@ class ProximalGradient:
             beta = torch.where(restart, torch.zeros_like(t), (t - 1) / t_next)
             y_next = _map(lambda xn, xo: xn + beta.to(xn.dtype) * (xn - xo), x_new, x_old)
             t_next = torch.where(restart, torch.ones_like(t), t_next)
+            g_next = f_next = None
         else:
             restart = torch.zeros((), dtype=torch.bool, device=state.momentum.device)
             y_next, t_next = x_new, state.momentum
+            g_next, f_next = g_new, f_new
         return ProxGradState(
             params=x_new,
             y=y_next,
@@ -395,6 +536,10 @@ class ProximalGradient:
             bound=bound,
             restarted=restart,
             trials=trials,
+            next_stepsize=s_next.reshape(()).to(vd),
+            grad=g_next,
+            fy=f_next,
+            differentiable=state.differentiable,
         )
 
     def run(self, params: Any, *args: Any, maxiter: int = 500, tol: float = 1e-6, history: bool = False):
@@ -410,7 +555,7 @@ class ProximalGradient:
         for _ in range(maxiter):
             state = self.update(state, *args)
             if hist is not None:
-                hist["value"].append(float(state.value))
+                hist["value"].append(self._final_value(state, args))
                 hist["smooth"].append(float(state.smooth))
                 hist["bound"].append(float(state.bound))
                 hist["error"].append(float(state.error))
@@ -424,12 +569,22 @@ class ProximalGradient:
             params=state.params,
             iterations=int(state.iteration),
             error=err,
-            value=float(state.value),
+            value=self._final_value(state, args),
             converged=err < tol,
             stepsize=float(state.stepsize),
             state=state,
             history=hist,
         )
+
+    def _final_value(self, state: ProxGradState, args: tuple) -> float:
+        v = float(state.value)
+        if v == v:
+            return v
+        with torch.no_grad():
+            f = float(state.smooth)
+            if f != f:
+                f = float(self._value(state.params, args))
+            return f + float(self.prox.value(state.params))
 
 
 def proximal_gradient(
