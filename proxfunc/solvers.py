@@ -27,7 +27,6 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +104,46 @@ def _first_leaf(params: Any, owner: str) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"{owner}: every leaf of params must be a floating tensor, got dtype {x.dtype}")
     return leaves[0]
+
+
+def _unflat(leaves: list, spec: Any) -> Any:
+    return leaves[0] if spec.is_leaf() else _tree.pytree.tree_unflatten(leaves, spec)
+
+
+def _ldot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``<a, b>`` over lists of tensors, accumulated in ``dtype``, as a 0-d tensor."""
+    parts = [torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return torch.zeros((), dtype=dtype)
+    return torch.stack(parts).sum()
+
+
+_EPS = {t: float(torch.finfo(t).eps) for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_MAX = {t: float(torch.finfo(t).max) for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+@dataclass
+class _Fast:
+    """The eager loop's state: flat leaves and Python numbers (see :class:`ProxGradState`)."""
+
+    x: list
+    y: list
+    g: list | None
+    fy: float | None
+    t: float
+    s: float
+    s_next: float
+    k: int
+    error: float
+    value: float
+    smooth: float
+    bound: float
+    restarted: bool
+    trials: int
+    vd: torch.dtype
+    differentiable: bool
 
 
 # --------------------------------------------------------------------------------- the solver
@@ -461,10 +500,11 @@ class ProximalGradient:
 
     def update(self, state: ProxGradState, *args: Any) -> ProxGradState:
         """One ISTA/FISTA iteration: a pure function of ``state`` (and ``args``)."""
-        lean = self._lean(state.y, state.differentiable)
-        ctx = torch.no_grad() if lean else contextlib.nullcontext()
-        with ctx:
-            return self._update(state, args, lean)
+        if self._lean(state.y, state.differentiable):
+            with torch.no_grad():
+                st, spec = self._to_fast(state)
+                return self._from_fast(self._fast_step(st, spec, args), spec)
+        return self._update(state, args, False)
 
     def _update(self, state: ProxGradState, args: tuple, lean: bool) -> ProxGradState:
         y = state.y
@@ -542,6 +582,170 @@ class ProximalGradient:
             differentiable=state.differentiable,
         )
 
+    # ------------------------------------------------------------ the eager loop (no autograd)
+    def _fast_vg(self, y: list, spec, args: tuple) -> tuple[list, torch.Tensor]:
+        if self.value_and_grad:
+            f, g = self.fun(_unflat(y, spec), *args)
+            return _tree.tree_leaves(g), f
+        with torch.enable_grad():
+            fresh = [x.detach().requires_grad_() for x in y]
+            f = self.fun(_unflat(fresh, spec), *args)
+            grads = torch.autograd.grad(f, fresh, allow_unused=True)
+        return [torch.zeros_like(x) if gi is None else gi for x, gi in zip(y, grads)], f.detach()
+
+    def _fast_prox(self, y: list, g: list, s: float, spec) -> list:
+        z = [torch.add(yi, gi, alpha=-s) for yi, gi in zip(y, g)]
+        return _tree.tree_leaves(self.prox(_unflat(z, spec), s))
+
+    def _fast_step(self, st: _Fast, spec, args: tuple) -> _Fast:
+        """One iteration on flat leaves with Python-float bookkeeping (a few host reads an
+        iteration, every scalar test in Python): the same iteration as :meth:`update`."""
+        vd = st.vd
+        y, x_old = st.y, st.x
+        if st.g is not None:
+            g, fy = st.g, st.fy
+        else:
+            g, fv = self._fast_vg(y, spec, args)
+            fy = float(fv)
+        accel, inc = self.acceleration, self.increase_factor
+        eps = _EPS[vd]
+        gn = math.sqrt(float(_ldot(g, g, vd))) if not accel and self.stepsize is None else 0.0
+        search = self.stepsize is None
+        s = st.s_next if search else float(self._scheduled(st.k))
+        trials, grow = 0, False
+        g_new = None
+        while True:
+            trials += 1
+            x_new = self._fast_prox(y, g, s, spec)
+            d = [a - b for a, b in zip(x_new, y)]
+            diff = [a - b for a, b in zip(x_new, x_old)] if accel else None
+            parts = [_ldot(d, d, vd), _ldot(g, d, vd)]
+            if diff is not None:
+                parts.append(_ldot(d, diff, vd))
+            if not accel:
+                g_new, f_t = self._fast_vg(x_new, spec, args)
+                parts += [f_t.reshape(()).to(vd), _ldot(g_new, d, vd), _ldot(g_new, g_new, vd)]
+            elif search or self.restart == "function":
+                parts.append(self._value(_unflat(x_new, spec), args).detach().reshape(()).to(vd))
+            vals = torch.stack(parts).tolist()
+            dd, gd = vals[0], vals[1]
+            rd = vals[2] if accel else 0.0
+            f_new = vals[-1] if accel and len(vals) == 4 else (vals[2] if not accel else _NAN)
+            q = dd / (2 * s)
+            bound = fy + gd + q if f_new == f_new else _NAN
+            if not search:
+                break
+            lin = f_new - fy - gd
+            slack = 16 * eps * (abs(fy) + abs(f_new))
+            ok = lin <= q + slack
+            grow = q >= 4 * slack and lin + slack <= q / inc
+            if not accel:
+                lin_g = vals[3] - gd
+                slack_g = 16 * eps * math.sqrt(dd) * (gn + math.sqrt(vals[4]))
+                ok = ok and lin_g <= 2 * q + slack_g
+                grow = grow and lin_g + slack_g <= 2 * q / inc
+            if ok or trials == self.maxls:
+                grow = grow and ok
+                break
+            s *= self.decrease_factor
+        s_next = min(s * inc, _MAX[vd]) if grow else s
+        error = math.sqrt(dd) / s
+        value = _NAN
+        t, restarted = st.t, False
+        if accel:
+            if self.restart == "function":
+                value = f_new + float(self.prox.value(_unflat(x_new, spec)))
+                restarted = value > st.value
+            elif self.restart == "gradient":
+                restarted = rd < 0
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            if restarted:
+                y_next, t_next = x_new, 1.0
+            else:
+                beta = (t - 1) / t_next
+                y_next = [torch.add(xn, df, alpha=beta) for xn, df in zip(x_new, diff)] if beta else x_new
+            g_next = fy_next = None
+        else:
+            y_next, t_next = x_new, t
+            g_next, fy_next = g_new, f_new
+        return _Fast(
+            x=x_new,
+            y=y_next,
+            g=g_next,
+            fy=fy_next,
+            t=t_next,
+            s=s,
+            s_next=s_next,
+            k=st.k + 1,
+            error=error,
+            value=value,
+            smooth=f_new,
+            bound=bound,
+            restarted=restarted,
+            trials=trials,
+            vd=vd,
+            differentiable=st.differentiable,
+        )
+
+    def _to_fast(self, state: ProxGradState) -> tuple[_Fast, Any]:
+        y, spec = _tree.pytree.tree_flatten(state.y)
+        nums = torch.stack(
+            [
+                state.momentum,
+                state.stepsize,
+                state.next_stepsize if state.next_stepsize is not None else state.stepsize,
+                state.error,
+                state.value,
+                state.smooth,
+                state.bound,
+                state.fy if state.fy is not None else state.value,
+            ]
+        ).tolist()
+        st = _Fast(
+            x=_tree.tree_leaves(state.params),
+            y=y,
+            g=None if state.grad is None else _tree.tree_leaves(state.grad),
+            fy=nums[7] if state.fy is not None else None,
+            t=nums[0],
+            s=nums[1],
+            s_next=nums[2],
+            k=int(state.iteration),
+            error=nums[3],
+            value=nums[4],
+            smooth=nums[5],
+            bound=nums[6],
+            restarted=bool(state.restarted),
+            trials=int(state.trials),
+            vd=state.value.dtype,
+            differentiable=state.differentiable,
+        )
+        return st, spec
+
+    def _from_fast(self, st: _Fast, spec) -> ProxGradState:
+        like = st.x[0]
+        vd = st.vd
+
+        def num(v, dtype=vd):
+            return torch.tensor(v, dtype=dtype, device=like.device)
+
+        return ProxGradState(
+            params=_unflat(st.x, spec),
+            y=_unflat(st.y, spec),
+            momentum=num(st.t),
+            stepsize=num(st.s),
+            iteration=num(st.k, torch.int64),
+            error=num(st.error),
+            value=num(st.value),
+            smooth=num(st.smooth),
+            bound=num(st.bound),
+            restarted=num(st.restarted, torch.bool),
+            trials=num(st.trials, torch.int64),
+            next_stepsize=num(st.s_next),
+            grad=None if st.g is None else _unflat(st.g, spec),
+            fy=None if st.fy is None else num(st.fy),
+            differentiable=st.differentiable,
+        )
+
     def run(self, params: Any, *args: Any, maxiter: int = 500, tol: float = 1e-6, history: bool = False):
         """Iterate from ``params`` until ``error < tol`` or ``maxiter``; return a :class:`ProxGradResult`."""
         if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
@@ -552,18 +756,39 @@ class ProximalGradient:
         hist: dict[str, list] | None = None
         if history:
             hist = {k: [] for k in ("value", "smooth", "bound", "error", "stepsize", "restarted", "trials")}
-        for _ in range(maxiter):
-            state = self.update(state, *args)
-            if hist is not None:
-                hist["value"].append(self._final_value(state, args))
-                hist["smooth"].append(float(state.smooth))
-                hist["bound"].append(float(state.bound))
-                hist["error"].append(float(state.error))
-                hist["stepsize"].append(float(state.stepsize))
-                hist["restarted"].append(bool(state.restarted))
-                hist["trials"].append(int(state.trials))
-            if float(state.error) < tol:
-                break
+        if self._lean(state.y, state.differentiable):
+            with torch.no_grad():
+                st, spec = self._to_fast(state)
+                for _ in range(maxiter):
+                    st = self._fast_step(st, spec, args)
+                    if hist is not None:
+                        v = st.value
+                        if v != v:
+                            f = st.smooth if st.smooth == st.smooth else float(self._value(_unflat(st.x, spec), args))
+                            v = f + float(self.prox.value(_unflat(st.x, spec)))
+                        hist["value"].append(v)
+                        hist["smooth"].append(st.smooth)
+                        hist["bound"].append(st.bound)
+                        hist["error"].append(st.error)
+                        hist["stepsize"].append(st.s)
+                        hist["restarted"].append(st.restarted)
+                        hist["trials"].append(st.trials)
+                    if st.error < tol:
+                        break
+                state = self._from_fast(st, spec)
+        else:
+            for _ in range(maxiter):
+                state = self.update(state, *args)
+                if hist is not None:
+                    hist["value"].append(self._final_value(state, args))
+                    hist["smooth"].append(float(state.smooth))
+                    hist["bound"].append(float(state.bound))
+                    hist["error"].append(float(state.error))
+                    hist["stepsize"].append(float(state.stepsize))
+                    hist["restarted"].append(bool(state.restarted))
+                    hist["trials"].append(int(state.trials))
+                if float(state.error) < tol:
+                    break
         err = float(state.error)
         return ProxGradResult(
             params=state.params,
