@@ -190,3 +190,20 @@ def test_argument_errors():
         pf.argmin(lsq, torch.zeros(3, dtype=torch.int64), args=(X, y))
     with pytest.raises(ValueError, match="restart"):
         pf.argmin(lsq, w0, args=(X, y), restart="sometimes")
+
+
+def test_weighted_lasso_jacobian_with_respect_to_every_weight(diabetes):
+    # reg = c (one weight per feature): on the support, d w_S / d c_j = -(X_S^T X_S / n)^{-1}
+    # e_j sign(w_j) for j in S; weights of features off the support have no effect.
+    X, y = diabetes
+    c = torch.linspace(0.005, 0.02, 10, dtype=D)
+    w = lasso(c, X, y)
+    J = jacrev(lasso)(c, X, y)
+    S = w != 0
+    assert S.any() and (~S).any()
+    n = X.shape[0]
+    expected = torch.zeros(10, 10, dtype=D)
+    inv = torch.linalg.inv(X[:, S].T @ X[:, S] / n)
+    idx = S.nonzero().flatten()
+    expected[idx[:, None], idx[None, :]] = -inv * torch.sign(w[S])[None, :]
+    torch.testing.assert_close(J, expected, atol=1e-9, rtol=1e-9)
