@@ -352,6 +352,7 @@ class ProximalGradient:
         self.increase_factor = float(increase_factor)
         self.maxls = maxls
         self.value_and_grad = value_and_grad
+        self._compiled: Callable | None = None  # run_compiled's loop, compiled on first use
 
     def __repr__(self) -> str:
         kind = "FISTA" if self.acceleration else "ISTA"
@@ -799,6 +800,130 @@ class ProximalGradient:
             stepsize=float(state.stepsize),
             state=state,
             history=hist,
+        )
+
+    def run_compiled(
+        self, params: Any, *args: Any, maxiter: int = 500, tol: float = 1e-6, backend: str = "inductor"
+    ) -> ProxGradResult:
+        """:meth:`run` as one compiled graph: the whole loop is a ``while_loop`` (torch's
+        higher-order op, the analogue of JAX's ``lax.while_loop``) under
+        ``torch.compile(fullgraph=True)``, so an iteration costs its kernels and no Python.
+
+        The first call compiles (seconds); later calls with the same solver, the same shapes
+        and dtypes reuse the compiled loop, so it pays off for many solves of small problems.
+        ``maxiter`` and ``tol`` are tensors in the graph (changing them does not recompile). The
+        line search is spread over the loop's iterations: one trial each, a rejected trial keeps
+        the point and shrinks the step (``state.iteration`` counts accepted trials,
+        ``state.trials`` all, at most ``maxiter * maxls``); a schedule is refused.
+        Nothing is differentiated (see :func:`proxfunc.argmin` for derivatives of the solution).
+        ``backend`` is ``torch.compile``'s (the first call's choice is kept by this solver).
+        """
+        name = "proximal_gradient"
+        if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+            raise ValueError(f"{name}: maxiter must be a non-negative int, got {maxiter!r}")
+        tol = float(check_hyper(name, "tol", tol))
+        if callable(self.stepsize):
+            raise ValueError(f"{name}: run_compiled takes a fixed stepsize or the line search, not a schedule")
+        try:
+            from torch._higher_order_ops.while_loop import while_loop
+        except ImportError as e:  # pragma: no cover - torch < 2.4
+            raise RuntimeError(f"{name}: run_compiled needs torch's while_loop (torch >= 2.4)") from e
+        with torch.no_grad():
+            params = _map(torch.Tensor.detach, params)
+            like = _first_leaf(params, name)
+            compiled = self._compiled
+            if compiled is None:  # one compiled loop per solver (torch.compile caches by shapes)
+                compiled = torch.compile(self._loop, fullgraph=True, backend=backend)
+                self._compiled = compiled
+            limits = (_scalar_like(maxiter, like, torch.int64), _scalar_like(tol, like, acc_dtype(like)))
+            state = compiled(params, args, limits, while_loop)
+        return ProxGradResult(
+            params=state.params,
+            iterations=int(state.iteration),
+            error=float(state.error),
+            value=self._final_value(state, args),
+            converged=float(state.error) < tol,
+            stepsize=float(state.stepsize),
+            state=state,
+        )
+
+    def _loop(self, params: Any, args: tuple, limits: tuple, while_loop: Callable) -> ProxGradState:
+        """The traced body of :meth:`run_compiled`."""
+        maxiter, tol = limits
+        state = self.init(params, *args)._replace(differentiable=False)
+        search = self.stepsize is None
+        if search and state.grad is None:  # the spread line search carries grad fun(y) (FISTA too)
+            g0, f0 = self._value_and_grad(state.y, args, False)
+            state = state._replace(grad=g0, fy=f0.detach().reshape(()).to(state.value.dtype))
+        leaves, spec = _tree.pytree.tree_flatten(state)
+        slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+        def rebuild(carry):
+            full = list(leaves)
+            for i, v in zip(slots, carry):
+                full[i] = v
+            return _tree.pytree.tree_unflatten(full, spec)
+
+        def cond(*carry):
+            st = rebuild(carry)
+            going = (st.iteration < maxiter) & ~(st.error < tol)
+            return going & (st.trials < maxiter * self.maxls) if search else going
+
+        def body(*carry):
+            st = rebuild(carry)
+            new = self._spread_update(st, args) if search else self._update(st, args, False)
+            out = _tree.pytree.tree_leaves(new)
+            return tuple(out[i].clone() for i in slots)  # while_loop refuses outputs aliasing others
+
+        carry = tuple(leaves[i].clone() for i in slots)
+        return rebuild(while_loop(cond, body, carry))
+
+    def _spread_update(self, st: ProxGradState, args: tuple) -> ProxGradState:
+        """The compiled loop's line search, spread over iterations: one trial each; a rejected
+        trial keeps the point and halves the step (``decrease_factor``), an accepted one is the
+        usual update. ``iteration`` counts accepted trials, ``trials`` all of them."""
+        vd = st.value.dtype
+        y, g, fy, s = st.y, st.grad, st.fy, st.next_stepsize
+        gn = torch.sqrt(_sqnorm(g).to(vd)) if not self.acceleration else None
+        x_new, d, f_new, g_new, ok, grow, bound, dd = self._trial(y, g, fy, gn, s, args, False)
+        error = torch.sqrt(dd) / s
+        if self.acceleration:
+            t = st.momentum
+            if self.restart == "gradient":
+                restart = _vdot(d, _sub(x_new, st.params)).to(vd) < 0
+            elif self.restart == "function":
+                value = f_new + self.prox.value(x_new).detach().to(vd)
+                restart = value > st.value
+            else:
+                restart = torch.zeros((), dtype=torch.bool, device=t.device)
+            t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+            beta = torch.where(restart, torch.zeros_like(t), (t - 1) / t_next)
+            y_next = _map(lambda xn, xo: xn + beta.to(xn.dtype) * (xn - xo), x_new, st.params)
+            t_next = torch.where(restart, torch.ones_like(t), t_next)
+            g_next, f_next = self._value_and_grad(y_next, args, False)
+            f_next = f_next.detach().reshape(()).to(vd)
+        else:
+            restart = torch.zeros((), dtype=torch.bool, device=st.momentum.device)
+            y_next, t_next, g_next, f_next = x_new, st.momentum, g_new, f_new
+        if not (self.acceleration and self.restart == "function"):
+            value = torch.full_like(st.value, _NAN)
+        s_next = torch.where(grow, torch.clamp(s * self.increase_factor, max=torch.finfo(vd).max), s)
+        return ProxGradState(
+            params=_where(ok, x_new, st.params),
+            y=_where(ok, y_next, st.y),
+            momentum=torch.where(ok, t_next, st.momentum),
+            stepsize=torch.where(ok, s, st.stepsize),
+            iteration=st.iteration + ok.to(torch.int64),
+            error=torch.where(ok, error, st.error),
+            value=torch.where(ok, value, st.value),
+            smooth=torch.where(ok, f_new, st.smooth),
+            bound=torch.where(ok, bound, st.bound),
+            restarted=torch.where(ok, restart, st.restarted),
+            trials=st.trials + 1,
+            next_stepsize=torch.where(ok, s_next, s * self.decrease_factor),
+            grad=_where(ok, g_next, g),
+            fy=torch.where(ok, f_next, fy),
+            differentiable=False,
         )
 
     def _final_value(self, state: ProxGradState, args: tuple) -> float:

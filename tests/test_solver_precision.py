@@ -17,6 +17,7 @@ from sklearn.linear_model import MultiTaskLasso
 
 import proxfunc as pf
 from proxfunc.solvers import ProximalGradient, proximal_gradient
+from tests.conftest import requires_compile
 
 D = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,3 +181,25 @@ def test_value_and_grad_option_matches_autograd(diabetes):
     assert a.iterations == b.iterations
     torch.testing.assert_close(a.params, b.params, atol=1e-14, rtol=0)
     assert a.value == pytest.approx(b.value, rel=1e-14)
+
+
+@requires_compile
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(acceleration=False), dict(restart="function"), dict(stepsize=100.0)], ids=repr
+)
+def test_run_compiled_reaches_the_same_solution(diabetes, kw):
+    # The whole loop as one while_loop graph (backend="eager": dynamo's trace, no code generation
+    # in the test); its spread line search (one trial an iteration) reaches the same solution.
+    X, y = diabetes
+    solver = ProximalGradient(lambda w, X_, y_: 0.5 * ((X_ @ w - y_) ** 2).mean(), pf.l1(0.01), **kw)
+    res = solver.run_compiled(torch.zeros(10, dtype=D), X, y, tol=1e-13, maxiter=3000, backend="eager")
+    assert res.converged, (res.iterations, res.error)
+    ref = _lasso_closed_form(X, y, 0.01, res.params)
+    torch.testing.assert_close(res.params, ref, atol=1e-10, rtol=0)
+    eager = solver.run(torch.zeros(10, dtype=D), X, y, tol=1e-13, maxiter=3000)
+    assert res.value == pytest.approx(eager.value, rel=1e-14)
+    if "stepsize" not in kw:  # trials: all line-search trials of the loop
+        assert int(res.state.trials) >= res.iterations
+    # a second call with other data reuses the loop
+    res2 = solver.run_compiled(torch.zeros(10, dtype=D), X, 2 * y, tol=1e-13, maxiter=3000, backend="eager")
+    torch.testing.assert_close(res2.params, _lasso_closed_form(X, 2 * y, 0.01, res2.params), atol=1e-10, rtol=0)
