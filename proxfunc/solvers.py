@@ -8,11 +8,15 @@ where ``fun`` is smooth (its gradient comes from :func:`torch.func.grad_and_valu
 the function a proxfunc operator names (``prox.value``). ``x`` is a tensor or any pytree of
 tensors (a dict of named tensors is the common case). jaxopt's ``ProximalGradient`` is the
 model: the same iteration, stopping rule and result, on PyTorch pytrees, plus adaptive restart
-and a line search that grows the step again.
+and a line search that grows the step again only where its tests certify the larger step, so
+it converges to the fixed point to rounding (the gradient-mapping norm reaches ``1e-14`` in
+float64 on well-conditioned problems).
 
 :class:`ProximalGradient` exposes the same solver as a pure ``init`` / ``update`` pair whose
 state is a tuple of tensors, so one iteration can be compiled with ``torch.compile`` and driven
-by the user's own loop.
+by the user's own loop; :meth:`ProximalGradient.run_compiled` compiles the whole loop as one
+``while_loop`` graph (small problems, many solves). :func:`proxfunc.argmin`
+(:mod:`proxfunc.implicit`) differentiates the solution by implicit differentiation.
 
 :class:`prox_sgd` and :class:`prox_adam` are functional optimizers for ``torch.func`` training
 loops: a gradient update followed by the prox, pure functions of ``(params, grads, state)``.
@@ -833,7 +837,7 @@ class ProximalGradient:
             like = _first_leaf(params, name)
             compiled = self._compiled
             if compiled is None:  # one compiled loop per solver (torch.compile caches by shapes)
-                compiled = torch.compile(self._loop, fullgraph=True, backend=backend)
+                compiled = torch.compile(self._loop, fullgraph=True, backend=backend, dynamic=False)
                 self._compiled = compiled
             limits = (_scalar_like(maxiter, like, torch.int64), _scalar_like(tol, like, acc_dtype(like)))
             state = compiled(params, args, limits, while_loop)
@@ -960,10 +964,12 @@ def proximal_gradient(
     Stops when the gradient-mapping norm ``||y - prox(y - t grad fun(y), t)|| / t < tol`` (``y``
     the point where the gradient was taken; ``y = x_k`` for ISTA) or after ``maxiter``
     iterations. ``stepsize=None`` is backtracking line search (sufficient decrease on the
-    smooth part; the step is grown again after each success); a float is a fixed step; a
-    callable ``k -> step`` a schedule. ``acceleration=False`` gives ISTA. ``restart`` and the
-    line-search ``options`` (``init_stepsize``, ``decrease_factor``, ``increase_factor``,
-    ``maxls``) are those of :class:`ProximalGradient`.
+    smooth part, and for ISTA a Lipschitz test on the gradient; the step grows again only when
+    the tests certify the larger step beyond rounding); a float is a fixed step; a callable
+    ``k -> step`` a schedule. ``acceleration=False`` gives ISTA. ``restart``, the line-search
+    ``options`` (``init_stepsize``, ``decrease_factor``, ``increase_factor``, ``maxls``) and
+    ``value_and_grad`` (``fun`` returns ``(value, grad)``: no autograd) are those of
+    :class:`ProximalGradient`.
 
     Returns a :class:`ProxGradResult` with ``.params``, ``.iterations``, ``.error``, ``.value``
     (and ``.history`` when ``history=True``).
