@@ -287,6 +287,11 @@ class Prox:
                 return f"tensor(shape={tuple(v.shape)})"
             if isinstance(v, float):
                 return f"{v:g}"
+            if isinstance(v, dict):  # a pytree hyperparameter: its values, formatted
+                return "{" + ", ".join(f"{k!r}: {fmt(x)}" for k, x in v.items()) + "}"
+            if isinstance(v, (list, tuple)) and any(isinstance(x, (torch.Tensor, float)) for x in v):
+                inner = ", ".join(fmt(x) for x in v)
+                return f"[{inner}]" if isinstance(v, list) else f"({inner})"
             return repr(v)
 
         args = ", ".join(f"{k}={fmt(v)}" for k, v in self._params())

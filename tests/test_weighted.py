@@ -19,6 +19,7 @@ from torch.func import grad, vmap
 
 import proxfunc as pf
 from proxfunc.compat import ProxOptimizer
+from tests.conftest import requires_compile
 
 D = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -230,3 +231,41 @@ def test_bad_weights_raise_naming_them():
     with pytest.raises(TypeError, match="l1: reg"):
         pf.l1({"w": "a"})
     assert x.equal(_rand(3, 4))  # nothing changed
+
+
+def test_repr_of_weights():
+    assert repr(pf.l1({"w": torch.ones(2, 3), "b": 0.5})) == "l1(reg={'w': tensor(shape=(2, 3)), 'b': 0.5})"
+    assert repr(pf.l21(torch.ones(4))) == "l21(reg=tensor(shape=(4,)), group_dim=0)"
+
+
+@pytest.mark.parametrize("impl", ["auto", "aten", "reference"])
+def test_every_implementation_and_the_in_place_layer_agree(impl):
+    # dispatch's fast paths take a Python-float threshold: weights take the reference, under any
+    # choice, and the in-place layer (compat.apply_) copies the reference's values in
+    x = _rand(6, 5).float()
+    w = _weights(6, 5).float()
+    gw = _weights(6, seed=9).float()
+    with pf.dispatch.implementation(impl):
+        for op in (pf.l1(w), pf.l21(gw), pf.linf1(gw)):
+            with pf.dispatch.implementation("reference"):
+                ref = op(x, 0.3)
+            torch.testing.assert_close(op(x, 0.3), ref, atol=0, rtol=0)
+            model = torch.nn.Linear(5, 6, bias=False)
+            with torch.no_grad():
+                model.weight.copy_(x)
+            pf.compat.apply_(pf.partition({"weight": op}), model, 0.3)
+            torch.testing.assert_close(model.weight.detach(), ref, atol=0, rtol=0)
+
+
+@requires_compile
+def test_weights_trace_with_fullgraph():
+    x = _rand(4, 3)
+    step = torch.tensor(0.5, dtype=D)
+    ops = [pf.l1(_weights(4, 3)), pf.elastic_net(_weights(3), 0.5), pf.l21(_weights(4)), pf.linf1(_weights(4))]
+    ops.append(pf.l1({"a": _weights(4, 3), "b": 0.2}))
+    for op in ops:
+        arg = {"a": x, "b": x} if isinstance(op.reg, dict) else x
+        f = torch.compile(lambda a, s, op=op: (op(a, s), op.value(a)), fullgraph=True, backend="eager")
+        out, val = f(arg, step)
+        torch.testing.assert_close(out, op(arg, step), atol=0, rtol=0)
+        torch.testing.assert_close(val, op.value(arg), atol=0, rtol=0)
