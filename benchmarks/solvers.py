@@ -19,7 +19,9 @@ solution reaches ``F <= F_sk + 1e-12 * |F_sk|`` (the same objective or better; `
 autograd ``fun`` (``0.5 * mean((X w - y)^2)``), FISTA and ISTA with ``value_and_grad`` (the
 gradient ``X^T (X w - y) / n`` written out, with a contiguous copy of ``X^T``; FISTA's line
 search evaluates ``fun`` at its trial point, so it pays for a gradient it does not use, ISTA
-uses it), and ``run_compiled`` (the whole loop as one ``while_loop``
+uses it), FISTA with ``quadratic=True`` (one evaluation of ``fun`` and its gradient an
+iteration: the gradient at the extrapolated point is combined from the last two), and
+``run_compiled`` (the whole loop as one ``while_loop``
 graph; its compile time is printed, not counted). Times are the best of ``--rounds`` runs,
 interleaved with scikit-learn's in the same process; ``ratio`` is the row's time over
 scikit-learn's time measured in the same run. ``its``: iterations (FISTA against ISTA).
@@ -96,6 +98,10 @@ def variants(Xt, Yt, alpha, multi, compile_on):
         ),
         "pf ISTA value_and_grad": lambda tol: pf.proximal_gradient(
             value_and_grad, start, prox, tol=tol, maxiter=100_000, value_and_grad=True, acceleration=False
+        ),
+        "pf FISTA quadratic": run(quadratic=True),
+        "pf FISTA quadratic v_and_g": lambda tol: pf.proximal_gradient(
+            value_and_grad, start, prox, tol=tol, maxiter=100_000, value_and_grad=True, quadratic=True
         ),
     }
     if compile_on:

@@ -136,6 +136,7 @@ class _Fast:
     y: list
     g: list | None
     fy: float | None
+    gx: list | None
     t: float
     s: float
     s_next: float
@@ -178,6 +179,7 @@ class ProxGradState(NamedTuple):
         differentiable: whether the iterations keep their autograd graph (some input of the
             problem requires grad: ``params``, a tensor in ``args``, a tensor captured by ``fun``,
             a tensor hyperparameter of ``prox``). A Python bool, fixed at :meth:`init`.
+        grad_params: FISTA with ``quadratic=True``: ``grad fun(params)`` (``None`` otherwise).
     """
 
     params: Any
@@ -195,6 +197,7 @@ class ProxGradState(NamedTuple):
     grad: Any = None
     fy: torch.Tensor | None = None
     differentiable: bool = False
+    grad_params: Any = None
 
 
 @dataclass
@@ -276,6 +279,12 @@ class ProximalGradient:
         maxls: maximum number of trial steps per line search. Under ``torch.compile`` the
             search always evaluates ``maxls`` trials (masked), so keep it small there.
         value_and_grad: ``fun`` returns ``(value, grad)`` (``grad`` a pytree like ``params``).
+        quadratic: ``fun`` is a quadratic (least squares: its gradient is affine). FISTA then
+            evaluates ``fun`` and its gradient once an iteration, at the trial point (which also
+            gives it ISTA's Lipschitz test), and takes the gradient and value at the
+            extrapolated point as their exact combinations from the last two iterates. Wrong
+            for any other ``fun``. Used by the eager loop (:meth:`run`, :meth:`update` eagerly);
+            the traced paths evaluate the gradient at the extrapolated point.
 
     Line search. With ``d = x+ - y`` for the trial ``x+ = prox(y - s grad, s)``, a trial step
     ``s`` is accepted when the sufficient-decrease test on the smooth part holds,
@@ -321,6 +330,7 @@ class ProximalGradient:
         increase_factor: float | None = None,
         maxls: int = 30,
         value_and_grad: bool = False,
+        quadratic: bool = False,
     ):
         name = "proximal_gradient"
         if not callable(fun):
@@ -337,6 +347,8 @@ class ProximalGradient:
             raise TypeError(f"{name}: acceleration must be a bool")
         if not isinstance(value_and_grad, bool):
             raise TypeError(f"{name}: value_and_grad must be a bool")
+        if not isinstance(quadratic, bool):
+            raise TypeError(f"{name}: quadratic must be a bool")
         check_hyper(name, "init_stepsize", init_stepsize, strict=True)
         if not 0.0 < float(decrease_factor) < 1.0:
             raise ValueError(f"{name}: decrease_factor must be in (0, 1), got {decrease_factor}")
@@ -356,6 +368,7 @@ class ProximalGradient:
         self.increase_factor = float(increase_factor)
         self.maxls = maxls
         self.value_and_grad = value_and_grad
+        self.quadratic = quadratic
         self._compiled: Callable | None = None  # run_compiled's loop, compiled on first use
 
     def __repr__(self) -> str:
@@ -603,8 +616,8 @@ class ProximalGradient:
         return _tree.tree_leaves(self.prox(_unflat(z, spec), s))
 
     def _fast_step(self, st: _Fast, spec, args: tuple) -> _Fast:
-        """One iteration on flat leaves with Python-float bookkeeping (a few host reads an
-        iteration, every scalar test in Python): the same iteration as :meth:`update`."""
+        """One iteration on flat leaves with Python-float bookkeeping (one host read per trial,
+        every scalar test in Python): the same iteration as :meth:`update`."""
         vd = st.vd
         y, x_old = st.y, st.x
         if st.g is not None:
@@ -613,29 +626,37 @@ class ProximalGradient:
             g, fv = self._fast_vg(y, spec, args)
             fy = float(fv)
         accel, inc = self.acceleration, self.increase_factor
+        quad = accel and self.quadratic
+        gx = (st.gx if st.gx is not None else g) if quad else None  # grad fun(x_k)
         eps = _EPS[vd]
-        gn = math.sqrt(float(_ldot(g, g, vd))) if not accel and self.stepsize is None else 0.0
         search = self.stepsize is None
+        with_grad = not accel or quad  # the trial evaluates grad fun(x+): the next gradient
+        gn = math.sqrt(float(_ldot(g, g, vd))) if with_grad and search else 0.0
         s = st.s_next if search else float(self._scheduled(st.k))
         trials, grow = 0, False
-        g_new = None
+        g_new = diff = None
         while True:
             trials += 1
             x_new = self._fast_prox(y, g, s, spec)
             d = [a - b for a, b in zip(x_new, y)]
-            diff = [a - b for a, b in zip(x_new, x_old)] if accel else None
-            parts = [_ldot(d, d, vd), _ldot(g, d, vd)]
-            if diff is not None:
+            names, parts = ["dd", "gd"], [_ldot(d, d, vd), _ldot(g, d, vd)]
+            if accel:
+                diff = [a - b for a, b in zip(x_new, x_old)]
+                names.append("rd")
                 parts.append(_ldot(d, diff, vd))
-            if not accel:
+            if with_grad:
                 g_new, f_t = self._fast_vg(x_new, spec, args)
+                names += ["f", "g_new.d", "g_new.g_new"]
                 parts += [f_t.reshape(()).to(vd), _ldot(g_new, d, vd), _ldot(g_new, g_new, vd)]
+                if quad:
+                    names += ["g_new.diff", "gx.diff"]
+                    parts += [_ldot(g_new, diff, vd), _ldot(gx, diff, vd)]
             elif search or self.restart == "function":
+                names.append("f")
                 parts.append(self._value(_unflat(x_new, spec), args).detach().reshape(()).to(vd))
-            vals = torch.stack(parts).tolist()
-            dd, gd = vals[0], vals[1]
-            rd = vals[2] if accel else 0.0
-            f_new = vals[-1] if accel and len(vals) == 4 else (vals[2] if not accel else _NAN)
+            v = dict(zip(names, torch.stack(parts).tolist()))
+            dd, gd = v["dd"], v["gd"]
+            f_new = v.get("f", _NAN)
             q = dd / (2 * s)
             bound = fy + gd + q if f_new == f_new else _NAN
             if not search:
@@ -644,9 +665,9 @@ class ProximalGradient:
             slack = 16 * eps * (abs(fy) + abs(f_new))
             ok = lin <= q + slack
             grow = q >= 4 * slack and lin + slack <= q / inc
-            if not accel:
-                lin_g = vals[3] - gd
-                slack_g = 16 * eps * math.sqrt(dd) * (gn + math.sqrt(vals[4]))
+            if with_grad:
+                lin_g = v["g_new.d"] - gd
+                slack_g = 16 * eps * math.sqrt(dd) * (gn + math.sqrt(v["g_new.g_new"]))
                 ok = ok and lin_g <= 2 * q + slack_g
                 grow = grow and lin_g + slack_g <= 2 * q / inc
             if ok or trials == self.maxls:
@@ -657,19 +678,27 @@ class ProximalGradient:
         error = math.sqrt(dd) / s
         value = _NAN
         t, restarted = st.t, False
+        gx_next = None
         if accel:
             if self.restart == "function":
                 value = f_new + float(self.prox.value(_unflat(x_new, spec)))
                 restarted = value > st.value
             elif self.restart == "gradient":
-                restarted = rd < 0
+                restarted = v["rd"] < 0
             t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            beta = 0.0 if restarted else (t - 1) / t_next
             if restarted:
-                y_next, t_next = x_new, 1.0
-            else:
-                beta = (t - 1) / t_next
-                y_next = [torch.add(xn, df, alpha=beta) for xn, df in zip(x_new, diff)] if beta else x_new
+                t_next = 1.0
+            y_next = [torch.add(xn, df, alpha=beta) for xn, df in zip(x_new, diff)] if beta else x_new
             g_next = fy_next = None
+            if quad:  # fun quadratic: its gradient and value at y_{k+1} from those at x_{k+1}, x_k
+                gx_next = g_new
+                if beta:
+                    g_next = [torch.add(a, torch.sub(a, b), alpha=beta) for a, b in zip(g_new, gx)]
+                    curv = v["g_new.diff"] - v["gx.diff"]  # <H diff, diff>
+                    fy_next = f_new + beta * v["g_new.diff"] + 0.5 * beta * beta * curv
+                else:
+                    g_next, fy_next = g_new, f_new
         else:
             y_next, t_next = x_new, t
             g_next, fy_next = g_new, f_new
@@ -678,6 +707,7 @@ class ProximalGradient:
             y=y_next,
             g=g_next,
             fy=fy_next,
+            gx=gx_next,
             t=t_next,
             s=s,
             s_next=s_next,
@@ -711,6 +741,7 @@ class ProximalGradient:
             y=y,
             g=None if state.grad is None else _tree.tree_leaves(state.grad),
             fy=nums[7] if state.fy is not None else None,
+            gx=None if state.grad_params is None else _tree.tree_leaves(state.grad_params),
             t=nums[0],
             s=nums[1],
             s_next=nums[2],
@@ -749,6 +780,7 @@ class ProximalGradient:
             grad=None if st.g is None else _unflat(st.g, spec),
             fy=None if st.fy is None else num(st.fy),
             differentiable=st.differentiable,
+            grad_params=None if st.gx is None else _unflat(st.gx, spec),
         )
 
     def run(self, params: Any, *args: Any, maxiter: int = 500, tol: float = 1e-6, history: bool = False):

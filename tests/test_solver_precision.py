@@ -203,3 +203,35 @@ def test_run_compiled_reaches_the_same_solution(diabetes, kw):
     # a second call with other data reuses the loop
     res2 = solver.run_compiled(torch.zeros(10, dtype=D), X, 2 * y, tol=1e-13, maxiter=3000, backend="eager")
     torch.testing.assert_close(res2.params, _lasso_closed_form(X, 2 * y, 0.01, res2.params), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("value_and_grad", [False, True])
+def test_quadratic_fista_takes_the_same_iterates_with_one_evaluation(diabetes, value_and_grad):
+    # quadratic=True: FISTA's gradient and value at the extrapolated point come from those at the
+    # last two iterates (exact for a quadratic), so an iteration evaluates fun once.
+    X, y = diabetes
+    n = X.shape[0]
+    calls = []
+
+    def fun(w):
+        calls.append(1)
+        r = X @ w - y
+        return (0.5 * (r @ r) / n, X.T @ r / n) if value_and_grad else 0.5 * (r @ r) / n
+
+    kw = dict(tol=1e-14, maxiter=5000, value_and_grad=value_and_grad)
+    plain = proximal_gradient(fun, torch.zeros(10, dtype=D), pf.l1(0.01), **kw)
+    n_plain = len(calls)
+    calls.clear()
+    quad = proximal_gradient(fun, torch.zeros(10, dtype=D), pf.l1(0.01), quadratic=True, **kw)
+    assert quad.converged
+    assert abs(quad.iterations - plain.iterations) <= 2
+    assert len(calls) <= quad.iterations + 40 < n_plain  # about one evaluation an iteration (+ trials)
+    torch.testing.assert_close(quad.params, _lasso_closed_form(X, y, 0.01, quad.params), atol=1e-10, rtol=0)
+    # init/update gives the same iterates as run
+    solver = ProximalGradient(fun, pf.l1(0.01), quadratic=True, value_and_grad=value_and_grad)
+    state = solver.init(torch.zeros(10, dtype=D))
+    for _ in range(30):
+        state = solver.update(state)
+    res = solver.run(torch.zeros(10, dtype=D), maxiter=30, tol=0.0)
+    torch.testing.assert_close(state.params, res.params, atol=0, rtol=0)
+    assert state.grad_params is not None
