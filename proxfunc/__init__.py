@@ -13,6 +13,7 @@ from . import autosize, dispatch
 from ._base import Prox
 from .calculus import add_linear, add_quadratic, chain, conjugate, identity, moreau_env, partition, precompose, scale
 from .groups import l21, linf1
+from .implicit import argmin
 from .index_groups import index_l21, index_linf1, sparse_group_lasso
 from .matrix import nuclear, nuclear_ball, rank_k, spectral
 from .nonconvex import group_l0, group_top_k, l0, mcp, scad, top_k
@@ -54,6 +55,7 @@ __all__ = [
     "ProximalGradient",
     "ProxGradState",
     "ProxGradResult",
+    "argmin",
     "prox_sgd",
     "prox_adam",
     # catalog: smooth terms and order statistics

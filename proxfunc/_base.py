@@ -25,10 +25,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from torch.utils import _pytree as pytree
 
 from . import _dist, _tree
 
-__all__ = ["Prox", "Hyper", "is_concrete", "check_hyper", "check_step"]
+__all__ = ["Prox", "Hyper", "is_concrete", "check_hyper", "check_hyper_tree", "is_scalar_hyper", "check_step"]
 
 Hyper = float | torch.Tensor
 
@@ -123,6 +124,28 @@ def check_hyper(
     f = float(value)
     _check_number(where, f, min_value, strict, allow_inf)
     return f
+
+
+def check_hyper_tree(owner: str, name: str, value: Any, **kw: Any) -> Any:
+    """Validate a hyperparameter that may vary over the entries of ``params``.
+
+    A Python number or a floating tensor of any shape (it must broadcast against each leaf it
+    applies to; checked at the call), or a pytree (dict, list, tuple) of those with the
+    structure of ``params`` (one value per leaf). Each value is checked as by
+    :func:`check_hyper` (``kw``: its bounds); the validated value or tree is returned.
+    """
+    if isinstance(value, (dict, list, tuple)):
+        leaves, spec = pytree.tree_flatten(value)
+        if not leaves:
+            raise ValueError(f"{owner}: {name} is an empty pytree")
+        out = [None if v is None else check_hyper(owner, name, v, scalar=False, **kw) for v in leaves]
+        return pytree.tree_unflatten(out, spec)
+    return check_hyper(owner, name, value, scalar=False, **kw)
+
+
+def is_scalar_hyper(value: Any) -> bool:
+    """A Python number or a 0-d tensor: one value for every entry."""
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.dim() == 0)
 
 
 def _check_number(where: str, f: float, min_value: float | None, strict: bool, allow_inf: bool) -> None:
@@ -375,6 +398,11 @@ class Prox:
                 return f"tensor(shape={tuple(v.shape)})"
             if isinstance(v, float):
                 return f"{v:g}"
+            if isinstance(v, dict):  # a pytree hyperparameter: its values, formatted
+                return "{" + ", ".join(f"{k!r}: {fmt(x)}" for k, x in v.items()) + "}"
+            if isinstance(v, (list, tuple)) and any(isinstance(x, (torch.Tensor, float)) for x in v):
+                inner = ", ".join(fmt(x) for x in v)
+                return f"[{inner}]" if isinstance(v, list) else f"({inner})"
             return repr(v)
 
         args = ", ".join(f"{k}={fmt(v)}" for k, v in self._params())

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch.utils import _pytree as pytree
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._tree import acc_dtype, cast, common_acc_dtype, total
+from ._tree import Tree, acc_dtype, cast, common_acc_dtype, total
 from .dispatch import _eager
 
 __all__ = [
@@ -19,6 +22,8 @@ __all__ = [
     "indicator",
     "feasible_tol",
     "zeros_like_value",
+    "leaf_hypers",
+    "weighted_sum",
 ]
 
 
@@ -168,3 +173,41 @@ def zeros_like_value(leaves: list[torch.Tensor]) -> torch.Tensor:
     if not leaves:
         return torch.zeros(())
     return torch.zeros((), dtype=common_acc_dtype(leaves), device=leaves[0].device)
+
+
+def leaf_hypers(value: Any, leaves: list[torch.Tensor], tree: Tree, owner: str, name: str) -> list[Any]:
+    """The value of a hyperparameter (see :func:`proxfunc._base.check_hyper_tree`) for each leaf.
+
+    A number or tensor applies to every leaf; a tensor must broadcast to the leaf's shape. A
+    pytree gives one value per leaf and must have the structure of ``params``. ``ValueError``
+    naming ``name`` (and the leaf) otherwise.
+    """
+    if isinstance(value, (dict, list, tuple)):
+        vals, spec = pytree.tree_flatten(value)
+        if spec != tree.spec:
+            raise ValueError(f"{owner}: {name} must be a number, a tensor or a pytree with the structure of params")
+        per = [vals[i] for i in tree.slots]
+    else:
+        per = [value] * len(leaves)
+    for i, (v, x) in enumerate(zip(per, leaves)):
+        if v is None:
+            raise ValueError(f"{owner}: {name} has no value for the leaf {tree.paths[i]}")
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            try:
+                ok = torch.broadcast_shapes(v.shape, x.shape) == x.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{owner}: {name} of shape {tuple(v.shape)} does not broadcast to the leaf "
+                    f"{tree.paths[i]} of shape {tuple(x.shape)}"
+                )
+    return per
+
+
+def weighted_sum(h: Hyper, terms: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(h * terms)``: ``h * total`` for a number or 0-d ``h`` (``total`` = ``terms.sum()``
+    when given), else the entrywise weighted sum in ``terms``' dtype."""
+    if isinstance(h, torch.Tensor) and h.dim() > 0:
+        return (h.to(device=terms.device, dtype=terms.dtype) * terms).sum()
+    return h * (terms.sum() if total is None else total)

@@ -33,8 +33,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _tree, dispatch
-from ._base import _PLAIN_TENSORS, Hyper, Prox, check_hyper
-from ._util import block_scale, block_scale_, safe_norm, zeros_like_value
+from ._base import _PLAIN_TENSORS, Hyper, Prox, check_hyper, is_scalar_hyper
+from ._util import block_scale, block_scale_, safe_norm, weighted_sum, zeros_like_value
 from .kernels import threshold
 from .kernels.cpu import linf1 as linf1_cpu
 from .kernels.cuda import linf1 as linf1_cuda
@@ -63,7 +63,19 @@ class GroupProx(Prox):
 
     def __init__(self, reg: Hyper = 1.0, group_dim: Any = 0):
         name = self._name()
-        self._set(reg=check_hyper(name, "reg", reg), group_dim=_check_group_dim(name, group_dim))
+        reg = check_hyper(name, "reg", reg, scalar=False)
+        if isinstance(reg, torch.Tensor) and reg.dim() > 1:
+            raise ValueError(
+                f"{name}: reg must be a number or a vector of one weight per group, got shape {tuple(reg.shape)}"
+            )
+        self._set(reg=reg, group_dim=_check_group_dim(name, group_dim))
+
+    def _reg(self, count: int) -> Hyper:
+        """``reg``, checked against the number of groups when it is a vector of weights."""
+        reg = self.reg
+        if isinstance(reg, torch.Tensor) and reg.dim() == 1 and reg.shape[0] not in (1, count):
+            raise ValueError(f"{self._name()}: reg has {reg.shape[0]} weights but params has {count} groups")
+        return reg
 
     def groups(self, leaves: list[torch.Tensor], tree: _tree.Tree) -> tuple[list[int], int]:
         """The group dim of each leaf and the number of groups (validated)."""
@@ -82,8 +94,8 @@ class GroupProx(Prox):
     def _value(self, leaves, tree):
         if not leaves:
             return zeros_like_value(leaves)
-        dims, _ = self.groups(leaves, tree)
-        return self.reg * self._norms(leaves, dims).sum()
+        dims, count = self.groups(leaves, tree)
+        return weighted_sum(self._reg(count), self._norms(leaves, dims))
 
     def _parts(self, args: list[Any]) -> tuple[Parts, list[_tree.Tree | None]]:
         """Each argument's floating tensors and their group dims, with the checks of a call,
@@ -129,14 +141,19 @@ class l21(GroupProx):  # noqa: N801
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        dims, _ = self.groups(leaves, tree)
-        impl, t = dispatch.select(leaves, self.reg * step)
+        dims, count = self.groups(leaves, tree)
+        impl, t = dispatch.select(leaves, self._reg(count) * step)
         if impl == dispatch.REFERENCE:
-            scale = block_scale(self._norms(leaves, dims), t)
+            norms = self._norms(leaves, dims)
+            if isinstance(t, torch.Tensor):
+                t = t.to(device=norms.device, dtype=norms.dtype)
+            scale = block_scale(norms, t)
             return [_scaled(x, scale, d) for x, d in zip(leaves, dims)]
         return _l21_aten([(leaves, dims)], t, False)[0]
 
     def _prox_batch(self, args, step, in_place):
+        if not is_scalar_hyper(self.reg):
+            return None
         parts, trees = self._parts(args)
         leaves = [x for xs, _ in parts for x in xs]
         impl, t = dispatch.select(leaves, self.reg * step, in_place=in_place)
@@ -209,11 +226,19 @@ class linf1(GroupProx):
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
-        dims, _ = self.groups(leaves, tree)
+        dims, count = self.groups(leaves, tree)
+        if not is_scalar_hyper(self._reg(count)):  # a weight per group: the reference
+            t = self.reg * step
+            parts = [(_tree.cast(x, _tree.acc_dtype(x)), d) for x, d in zip(leaves, dims)]
+            t = t.to(device=parts[0][0].device, dtype=parts[0][0].dtype).expand(count)
+            tau = threshold(parts, t, traceable=True, absolute=True).clamp_min(0)
+            return [_clamp_sym(x, tau, d) for x, d in zip(leaves, dims)]
         impl, t = self._select(leaves, dims, step, False)
         return _linf1(leaves, dims, impl, t, None)
 
     def _prox_batch(self, args, step, in_place):
+        if not is_scalar_hyper(self.reg):
+            return None
         parts, trees = self._parts(args)
         plan = []
         for leaves, dims in parts:  # each argument its own kernel call (or ATen's threshold)

@@ -16,8 +16,8 @@ from functools import partial
 import torch
 
 from . import _tree, dispatch
-from ._base import Hyper, Prox, check_hyper
-from ._util import block_scale, hyper_tensor, scaled_norm, zeros_like_value
+from ._base import Hyper, Prox, check_hyper, check_hyper_tree, is_scalar_hyper
+from ._util import block_scale, hyper_tensor, leaf_hypers, scaled_norm, weighted_sum, zeros_like_value
 from .kernels import threshold
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
@@ -39,7 +39,7 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
     acc = _tree.acc_dtype(x)
     xa = _tree.cast(x, acc)
     if isinstance(t, torch.Tensor):
-        t = t.to(acc)
+        t = t.to(device=x.device, dtype=acc)
     return _tree.cast(torch.relu(xa - t) - torch.relu(-xa - t), x.dtype)
 
 
@@ -83,15 +83,44 @@ def _low_softshrink(x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 class Elementwise(Prox):
-    """A separable ``f(z) = sum_j g(z_j)``: the prox acts on each entry on its own."""
+    """A separable ``f(z) = sum_j g(z_j)``: the prox acts on each entry on its own.
+
+    Hyperparameters listed in ``_entry_hypers`` may vary over the entries (weighted
+    penalties): each is a number, a tensor broadcasting to every leaf, or a pytree with the
+    structure of ``params`` (one number or tensor per leaf). ``_prox_leaf`` and
+    ``_value_leaf`` then see, for each leaf, an operator holding that leaf's values.
+    """
 
     separable = True
+    #: Hyperparameters that may be a tensor or a pytree (validated by ``check_hyper_tree``).
+    _entry_hypers: tuple[str, ...] = ()
+
+    def _per_leaf(self, leaves, tree) -> list[Elementwise] | None:
+        """One operator per leaf holding its hyperparameter values; ``None`` when every
+        hyperparameter is one number for all entries (the common case)."""
+        if all(is_scalar_hyper(getattr(self, k)) for k in self._entry_hypers):
+            return None
+        per = {k: leaf_hypers(getattr(self, k), leaves, tree, self._name(), k) for k in self._entry_hypers}
+        ops = []
+        for i in range(len(leaves)):
+            op = object.__new__(type(self))
+            op._set(**{k: getattr(self, k) for k in self._hyper_names})
+            op._set(**{k: v[i] for k, v in per.items()})
+            ops.append(op)
+        return ops
 
     def _prox(self, leaves, step, tree):
+        ops = self._per_leaf(leaves, tree)
+        if ops is not None:
+            return [op._prox_leaf(x, step) for op, x in zip(ops, leaves)]
         return [self._prox_leaf(x, step) for x in leaves]
 
     def _value(self, leaves, tree):
-        parts = [self._value_leaf(x) for x in leaves]
+        ops = self._per_leaf(leaves, tree)
+        if ops is not None:
+            parts = [op._value_leaf(x) for op, x in zip(ops, leaves)]
+        else:
+            parts = [self._value_leaf(x) for x in leaves]
         return _tree.total(parts, leaves) if parts else zeros_like_value(leaves)
 
     def _prox_leaf(self, x: torch.Tensor, step: Hyper) -> torch.Tensor:
@@ -117,12 +146,15 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
     """
 
     _hyper_names = ("reg",)
+    _entry_hypers = ("reg",)
     _public_name = "l1"
 
     def __init__(self, reg: Hyper = 1.0):
-        self._set(reg=check_hyper("l1", "reg", reg))
+        self._set(reg=check_hyper_tree("l1", "reg", reg))
 
     def _prox(self, leaves, step, tree):
+        if not is_scalar_hyper(self.reg):  # weights per entry or per leaf
+            return super()._prox(leaves, step, tree)
         t = self.reg * step
         impl, tf = dispatch.select(leaves, t)
         if impl == dispatch.REFERENCE:
@@ -130,13 +162,20 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         return _soft_threshold_aten(leaves, tf, None)
 
     def _prox_batch(self, args, step, in_place):
+        if not is_scalar_hyper(self.reg):
+            return None
         if not in_place:
             return super()._prox_batch(args, step, in_place)
         leaves = self._leaves_of(args)
         impl, tf = dispatch.select(leaves, self.reg * step, in_place=True)
         return None if impl == dispatch.REFERENCE else partial(_soft_threshold_aten, leaves, tf, leaves)
 
+    def _prox_leaf(self, x, step):
+        return soft_threshold(x, self.reg * step)
+
     def _value_leaf(self, x):
+        if not is_scalar_hyper(self.reg):
+            return weighted_sum(self.reg, _tree.cast(x, _tree.acc_dtype(x)).abs())
         return self.reg * _tree.reduce_except(x, None, "abssum")[0]
 
 
@@ -151,10 +190,13 @@ class elastic_net(Elementwise):  # noqa: N801
     """
 
     _hyper_names = ("reg", "gamma")
+    _entry_hypers = ("reg", "gamma")
     _public_name = "elastic_net"
 
     def __init__(self, reg: Hyper = 1.0, gamma: Hyper = 1.0):
-        self._set(reg=check_hyper("elastic_net", "reg", reg), gamma=check_hyper("elastic_net", "gamma", gamma))
+        self._set(
+            reg=check_hyper_tree("elastic_net", "reg", reg), gamma=check_hyper_tree("elastic_net", "gamma", gamma)
+        )
 
     def _prox_leaf(self, x, step):
         t = self.reg * step
@@ -163,6 +205,10 @@ class elastic_net(Elementwise):  # noqa: N801
         return (y / shrink).to(x.dtype)
 
     def _value_leaf(self, x):
+        if not (is_scalar_hyper(self.reg) and is_scalar_hyper(self.gamma)):
+            xa = _tree.cast(x, _tree.acc_dtype(x))
+            g = self.gamma.to(xa) if isinstance(self.gamma, torch.Tensor) else self.gamma
+            return weighted_sum(self.reg, xa.abs() + 0.5 * g * xa * xa)
         a = _tree.reduce_except(x, None, "abssum")[0]
         q = _tree.reduce_except(x, None, "sumsq")[0]
         return self.reg * (a + 0.5 * self.gamma * q)

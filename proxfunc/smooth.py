@@ -16,8 +16,8 @@ import math
 import torch
 
 from . import _tree, dispatch
-from ._base import Hyper, Prox, check_hyper
-from ._util import hyper_tensor, zeros_like_value
+from ._base import Hyper, Prox, check_hyper, check_hyper_tree
+from ._util import hyper_tensor, weighted_sum, zeros_like_value
 from .kernels import threshold
 from .norms import Elementwise
 from .sets import _hyper_as, _vec, check_k, flat, knapsack_lambda, unflat
@@ -34,16 +34,20 @@ class ridge(Elementwise):  # noqa: N801
     """
 
     _hyper_names = ("reg",)
+    _entry_hypers = ("reg",)
     _public_name = "ridge"
 
     def __init__(self, reg: Hyper = 1.0):
-        self._set(reg=check_hyper("ridge", "reg", reg))
+        self._set(reg=check_hyper_tree("ridge", "reg", reg))
 
     def _prox_leaf(self, x, step):
         acc = _tree.acc_dtype(x)
-        return (x.to(acc) / (1.0 + self.reg * step)).to(x.dtype)
+        return (x.to(acc) / (1.0 + _hyper_as(self.reg, x.to(acc)) * step)).to(x.dtype)
 
     def _value_leaf(self, x):
+        if isinstance(self.reg, torch.Tensor) and self.reg.dim() > 0:
+            xa = x.to(_tree.acc_dtype(x))
+            return 0.5 * weighted_sum(self.reg, xa * xa)
         return 0.5 * self.reg * _tree.reduce_except(x, None, "sumsq")[0]
 
 
@@ -120,14 +124,17 @@ class huber(Elementwise):  # noqa: N801
     """
 
     _hyper_names = ("reg", "delta")
+    _entry_hypers = ("reg", "delta")
     _public_name = "huber"
 
     def __init__(self, reg: Hyper = 1.0, delta: Hyper = 1.0):
-        self._set(reg=check_hyper("huber", "reg", reg), delta=check_hyper("huber", "delta", delta, strict=True))
+        self._set(
+            reg=check_hyper_tree("huber", "reg", reg), delta=check_hyper_tree("huber", "delta", delta, strict=True)
+        )
 
     def _prox_leaf(self, x, step):
         xa = x.to(_tree.acc_dtype(x))
-        rt = self.reg * step
+        rt = _hyper_as(self.reg, xa) * step
         d = _hyper_as(self.delta, xa)
         quad = xa / (1.0 + rt)
         lin = xa - rt * d * torch.sign(xa)
@@ -137,7 +144,7 @@ class huber(Elementwise):  # noqa: N801
         xa = x.to(_tree.acc_dtype(x)).abs()
         d = _hyper_as(self.delta, xa)
         h = torch.where(xa <= d, 0.5 * xa * xa, d * (xa - 0.5 * d))
-        return self.reg * h.sum()
+        return weighted_sum(self.reg, h)
 
 
 class neg_entropy(Elementwise):  # noqa: N801

@@ -198,6 +198,8 @@ CTORS = {
     "l2_ball": (lambda **k: pf.l2_ball(**k), ["radius"]),
     "linf_ball": (lambda **k: pf.linf_ball(**k), ["radius"]),
 }
+#: Operators whose hyperparameters may be a vector of weights (tests/test_weighted.py).
+WEIGHTED = {"l1", "elastic_net", "l21", "linf1"}
 BAD_HYPER = [
     (-0.1, ValueError),
     (float("nan"), ValueError),
@@ -216,6 +218,10 @@ BAD_HYPER = [
 @pytest.mark.parametrize("name", list(CTORS))
 def test_bad_hyperparameter_raises_naming_it(name, value, exc):
     make, args = CTORS[name]
+    if name in WEIGHTED and isinstance(value, torch.Tensor) and value.dim() == 1:
+        for arg in args:  # weights per entry (l1, elastic_net) or per group (l21, linf1) are valid
+            make(**{arg: value})
+        value = torch.tensor([0.1, -0.2])  # but not a negative one
     for arg in args:
         with pytest.raises(exc, match=rf"{name}.*{arg}"):
             make(**{arg: value})
