@@ -2,12 +2,20 @@
 
 For a closed set ``C`` the operator is ``op(x, step) = argmin_{z in C} ||z - x||^2`` (``step`` is
 validated and ignored) and ``op.value(z)`` is ``0`` on ``C`` and ``inf`` elsewhere (with a
-relative tolerance of a few ulps per entry). Unless a docstring says otherwise the set is taken
-over the **whole object**: all leaves of the pytree, flattened in pytree order and concatenated,
-form one vector ``z`` (vector hyperparameters such as ``a`` are flattened the same way and must
-have ``numel(z)`` entries). :class:`psd` acts on every matrix (the last two dims of every leaf).
+relative tolerance of a few ulps per entry, relative to the magnitudes of ``z`` and of the set's
+own data). The projections onto sets cut out by equations (:class:`hyperplane`,
+:class:`halfspace`, :class:`affine`, :class:`box_hyperplane`) end with one refinement step: the
+residual of the rounded output is measured and projected out again, so the output satisfies the
+equations to the scale of the output and the set, not of the input ``x`` (a closed-form step
+``x - lam * a`` loses about ``eps * |x|`` to cancellation when ``|x|`` is far larger than the
+set). ``value`` therefore accepts every output of its own operator, for inputs of any magnitude.
 
-Two sets here are not convex (:class:`l2_sphere`, :class:`l1_sphere`, :class:`k_sparse`); their
+Unless a docstring says otherwise the set is taken over the **whole object**: all leaves of the
+pytree, flattened in pytree order and concatenated, form one vector ``z`` (vector hyperparameters
+such as ``a`` are flattened the same way and must have ``numel(z)`` entries). :class:`psd` acts
+on every matrix (the last two dims of every leaf).
+
+Three sets here are not convex (:class:`l2_sphere`, :class:`l1_sphere`, :class:`k_sparse`); their
 operator returns a nearest point (a global minimiser), with the tie-breaking rule documented.
 
 References: N. Parikh and S. Boyd, *Proximal Algorithms*, 2014, sections 6.2 and 6.3; Helgason,
@@ -102,8 +110,10 @@ def check_k(owner: str, k) -> int:
 class hyperplane(Projection):  # noqa: N801
     """Projection onto the hyperplane ``{z : <a, z> = b}``, ``a != 0``.
 
-        op(x) = x - (<a, x> - b) / ||a||^2 * a.
+        op(x) = x - (<a, x> - b) / ||a||^2 * a,
 
+    followed by one refinement step (the same formula applied to the rounded output), so that
+    ``<a, op(x)> = b`` holds to a few ulps of ``|a| . |op(x)| + |b|`` however large ``x`` is.
     ``a`` is a tensor with as many entries as ``params`` (all leaves flattened in order).
     Parikh & Boyd (2014) section 6.2.1.
     """
@@ -123,7 +133,10 @@ class hyperplane(Projection):  # noqa: N801
             return []
         v = flat(leaves)
         a, gap = self._gap(v)
-        return unflat(v - (gap / torch.dot(a, a)) * a, leaves)
+        aa = torch.dot(a, a)
+        z = v - (gap / aa) * a
+        _, gap2 = self._gap(z)  # refinement: the residual left by cancellation in v - lam * a
+        return unflat(z - (gap2 / aa) * a, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -136,9 +149,10 @@ class hyperplane(Projection):  # noqa: N801
 class halfspace(hyperplane):  # noqa: N801
     """Projection onto the halfspace ``{z : <a, z> <= b}``, ``a != 0``.
 
-        op(x) = x - max(<a, x> - b, 0) / ||a||^2 * a   (points inside come back unchanged).
+        op(x) = x - max(<a, x> - b, 0) / ||a||^2 * a   (points inside come back unchanged),
 
-    Parikh & Boyd (2014) section 6.2.1.
+    with the refinement step of :class:`hyperplane` on points outside (the rounded output is
+    moved again by ``max(<a, z> - b, 0) / ||a||^2 * a``). Parikh & Boyd (2014) section 6.2.1.
     """
 
     _public_name = "halfspace"
@@ -151,8 +165,11 @@ class halfspace(hyperplane):  # noqa: N801
             return []
         v = flat(leaves)
         a, gap = self._gap(v)
-        out = torch.where(gap > 0, v - (gap.clamp_min(0) / torch.dot(a, a)) * a, v)
-        return unflat(out, leaves)
+        aa = torch.dot(a, a)
+        z = v - (gap.clamp_min(0) / aa) * a
+        _, gap2 = self._gap(z)  # refinement, as for the hyperplane
+        z = z - (gap2.clamp_min(0) / aa) * a
+        return unflat(torch.where(gap > 0, z, v), leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -166,11 +183,13 @@ class affine(Projection):  # noqa: N801
 
         op(x) = x - A^+ (A x - b),
 
-    with the pseudo-inverse ``A^+`` factorised **once, at construction** (a thin SVD of ``A``,
-    singular values below ``max(m, n) * eps * s_max`` treated as zero, so rank-deficient ``A``
-    is fine). ``A`` is ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m``
-    entries and must lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set
-    would be empty). Parikh & Boyd (2014) section 6.2.1.
+    followed by one refinement step (``z - A^+ (A z - b)`` on the rounded output ``z``, so the
+    residual is relative to ``|A| |z| + |b|``, not to ``|x|``), with the pseudo-inverse ``A^+``
+    factorised **once, at construction** (a thin SVD of ``A``, singular values below
+    ``max(m, n) * eps * s_max`` treated as zero, so rank-deficient ``A`` is fine). ``A`` is
+    ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m`` entries and must
+    lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set would be empty).
+    Parikh & Boyd (2014) section 6.2.1.
     """
 
     _hyper_names = ("A", "b")
@@ -207,12 +226,19 @@ class affine(Projection):  # noqa: N801
             raise ValueError(f"affine: A has {self.A.shape[1]} columns but params has {n} entries")
         A = self.A.to(device=v.device, dtype=v.dtype)
         b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype)
-        r = A @ v - b
         if self.A.requires_grad:  # hyperparameter learning in A: differentiate the pseudo-inverse
-            return unflat(v - torch.linalg.pinv(A) @ r, leaves)
-        V = self._cache_V.to(device=v.device, dtype=v.dtype)
-        W = self._cache_W.to(device=v.device, dtype=v.dtype)
-        return unflat(v - V @ (W @ r), leaves)
+            P = torch.linalg.pinv(A)
+
+            def step_(u):
+                return u - P @ (A @ u - b)
+        else:
+            V = self._cache_V.to(device=v.device, dtype=v.dtype)
+            W = self._cache_W.to(device=v.device, dtype=v.dtype)
+
+            def step_(u):
+                return u - V @ (W @ (A @ u - b))
+
+        return unflat(step_(step_(v)), leaves)  # the second step refines the rounded first
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -581,7 +607,14 @@ class box_hyperplane(Projection):  # noqa: N801
                     f"box_hyperplane: b={float(b.detach())} is outside [<a, lower>, <a, upper>] = [{smin}, {smax}]"
                 )
         lam = knapsack_lambda(v, a, lo, hi, b)
-        return unflat(torch.clamp(v - lam * a, lo, hi), leaves)
+        z = torch.clamp(v - lam * a, lo, hi)
+        # refinement: the residual of <a, z> = b left by cancellation in v - lam * a goes back
+        # onto the free entries (those strictly inside the box), then the box again
+        free = (z > lo) & (z < hi)
+        af2 = torch.where(free, a * a, torch.zeros_like(a)).sum()
+        r = (a * z).sum() - b
+        dz = torch.where(free, a, torch.zeros_like(a)) * (r / torch.where(af2 > 0, af2, torch.ones_like(af2)))
+        return unflat(torch.clamp(z - dz, lo, hi), leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
