@@ -21,6 +21,7 @@ from .projections import box, l1_ball, l2_ball, linf_ball, nonneg, simplex
 from .sets import affine, box_hyperplane, halfspace, hyperplane, k_sparse, l1_sphere, l2_sphere, psd, soc
 from .smooth import huber, max_entry, neg_entropy, quadratic, ridge, sum_largest
 from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
+from .tv import fused_lasso, tv1d
 
 __version__ = "0.1.0.dev0"
 
@@ -96,4 +97,7 @@ __all__ = [
     "add_quadratic",
     "conjugate",
     "moreau_env",
+    # catalog: total variation
+    "tv1d",
+    "fused_lasso",
 ]

@@ -142,3 +142,10 @@ CASES += [
     Case("conjugate", lambda: pf.conjugate(pf.l2(0.8))),
     Case("moreau_env", lambda: pf.moreau_env(pf.l1(0.5), 0.7)),
 ]
+
+# ---------------------------------------------------------------- catalog (issue 18)
+CASES += [
+    Case("tv1d", lambda: pf.tv1d(0.4), smooth_grad=False),
+    Case("tv1d_dim0", lambda: pf.tv1d(0.3, dim=0), mats, smooth_grad=False),
+    Case("fused_lasso", lambda: pf.fused_lasso(0.4, 0.1), smooth_grad=False),
+]
