@@ -249,8 +249,9 @@ def tv1d_rows(x: torch.Tensor, lam: Any) -> torch.Tensor:
     Example:
         >>> import torch
         >>> from proxfunc.tv import tv1d_rows
-        >>> tv1d_rows(torch.tensor([[0.0, 3.0, 0.0, 0.0]]), 1.0)
-        tensor([[0.3333, 2.0000, 0.3333, 0.3333]])
+        >>> tv1d_rows(torch.tensor([[0.0, 3.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]]), torch.tensor([0.5, 1.0]))
+        tensor([[0.5000, 2.0000, 0.2500, 0.2500],
+                [1.0000, 1.0000, 0.5000, 0.5000]])
     """
     if x.dim() != 2:
         raise ValueError(f"tv1d_rows: x must be (rows, n), got shape {tuple(x.shape)}")
@@ -275,6 +276,8 @@ def _rows_of(owner: str, x: torch.Tensor, dim: int, path: str) -> tuple[torch.Te
         raise ValueError(f"{owner}: dim={dim} is out of range for params{path} of shape {tuple(x.shape)}")
     moved = x.movedim(dim, -1)
     shape = moved.shape
+    if x.numel() == 0:
+        return None, None
     rows = moved.reshape(-1, shape[-1])
     return rows, lambda r: r.reshape(shape).movedim(-1, dim)
 
@@ -312,8 +315,8 @@ class tv1d(Prox):  # noqa: N801
 
     Example:
         >>> import torch, proxfunc as pf
-        >>> pf.tv1d(1.0)(torch.tensor([0.0, 3.0, 0.0, 0.0]))
-        tensor([0.3333, 2.0000, 0.3333, 0.3333])
+        >>> pf.tv1d(0.5)(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+        tensor([0.5000, 2.0000, 0.2500, 0.2500])
     """
 
     _hyper_names = ("reg", "dim")
@@ -333,7 +336,7 @@ class tv1d(Prox):  # noqa: N801
                 out.append(_dist.dtensor_class().from_local(z, mesh, rep, run_check=False))
                 continue
             rows, back = _rows_of(self._name(), x, self.dim, p)
-            if rows.shape[-1] < 2 or rows.numel() == 0:
+            if rows is None or rows.shape[-1] < 2:  # empty, or one entry per row: TV is 0
                 out.append(x.clone())
                 continue
             acc = _tree.acc_dtype(x)
@@ -359,8 +362,8 @@ class fused_lasso(tv1d):  # noqa: N801
 
     Example:
         >>> import torch, proxfunc as pf
-        >>> pf.fused_lasso(1.0, 0.5)(torch.tensor([0.0, 3.0, 0.0, 0.0]))
-        tensor([0.0000, 1.5000, 0.0000, 0.0000])
+        >>> pf.fused_lasso(0.5, 0.25)(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+        tensor([0.2500, 1.7500, 0.0000, 0.0000])
     """
 
     _hyper_names = ("reg_tv", "reg_l1", "dim")
