@@ -511,9 +511,11 @@ class conjugate(Prox):  # noqa: N801
     domain is tested with the same relative tolerances as the sets' own ``value`` (``+inf``
     outside). For others it raises ``NotImplementedError`` (the prox still works).
 
-    Where ``f*`` is the indicator of a norm ball (``l1``, ``l2``, ``linf``, ``nuclear``: the balls
-    of ``linf``, ``l2``, ``l1`` and, per matrix, the spectral norm, of radius ``reg``) the prox is
-    that ball's projection, computed directly: the same point as the Moreau identity, without its
+    Where ``f*`` is the indicator of a norm ball (``l1``, ``l2``, ``linf``, ``l21``, ``nuclear``,
+    ``spectral``: the balls of ``linf``, ``l2``, ``l1``, every group's ``l2``, every matrix's
+    spectral norm and the joint nuclear norm, of radius ``reg``), of the polar cone of ``nonneg``,
+    or Huber's ``|y|^2 / (2 reg)`` on ``|y| <= reg delta`` (and ``scale`` of any of these), the
+    prox is computed directly: the same point as the Moreau identity, without its
     cancellation (``x - t * f.prox(x/t, 1/t)`` carries an absolute error of about
     ``eps * |x|``, which exceeds a tight membership test when ``|x|`` is far larger than ``reg``).
     Membership in a norm ball (and the other ``<=`` tests of the domains above) has a relative
@@ -533,7 +535,7 @@ class conjugate(Prox):  # noqa: N801
         self._set(op=_as_op("conjugate", "op", op))
 
     def _prox(self, leaves, step, tree):
-        exact = _dual_ball_prox(self.op, leaves, tree)
+        exact = _dual_prox(self.op, leaves, step, tree)
         if exact is not None:
             return exact
         inv = 1.0 / step
@@ -651,7 +653,8 @@ def _conj_table() -> dict[type, Any]:
         tol = max(8 * set_tol(leaves, v.numel()), torch.finfo(v.dtype).eps ** 0.5)
         ok = safe_norm((null * null).sum()) <= tol * safe_norm((y * y).sum())
         ws = torch.where(keep, w, torch.ones_like(w))
-        val = 0.5 * torch.where(keep, cy * cy / ws, zero).sum() - _hyper_as(op.c, y)
+        val = 0.5 * torch.where(keep, cy * cy / ws, zero).sum()
+        val = val if op.c is None else val - _hyper_as(op.c, y)
         return torch.where(ok, val, torch.full_like(val, float("inf")))
 
     def c_negent(op, leaves, tree):
@@ -864,21 +867,29 @@ def _conj_table() -> dict[type, Any]:
     }
 
 
-def _dual_ball_prox(op: Prox, leaves: list[torch.Tensor], tree: Any) -> list[torch.Tensor] | None:
-    """The prox of ``f*`` as the projection onto the dual-norm ball, where ``f`` is a norm with a
-    scalar ``reg`` (``None`` otherwise: the Moreau identity is used)."""
-    from . import matrix, norms, projections
+def _dual_prox(op: Prox, leaves: list[torch.Tensor], step: Hyper, tree: Any) -> list[torch.Tensor] | None:
+    """The prox of ``f*`` computed directly where ``f*`` is an indicator (of a dual-norm ball or
+    a polar cone) or Huber's conjugate, for scalar hyperparameters; ``None`` otherwise (the Moreau
+    identity is used). The same point as ``x - t f.prox(x/t, 1/t)``, without its cancellation."""
+    from . import groups, matrix, norms, projections, smooth
 
-    reg = getattr(op, "reg", None)
-    if not (isinstance(reg, float) or (isinstance(reg, torch.Tensor) and reg.dim() == 0)):
-        return None
     kind = type(op)
+    if kind is projections.nonneg:  # polar cone: y <= 0
+        return [torch.clamp_max(x, 0) for x in leaves]
+    if kind is scale and _scalar(op.a):  # (a f)*(y) = a f*(y / a): prox_{t (a f)*}(x) = a prox_{(t/a) f*}(x / a)
+        inner = _dual_prox(op.op, [(x.to(acc_dtype(x)) / op.a).to(x.dtype) for x in leaves], step / op.a, tree)
+        return None if inner is None else [(q.to(acc_dtype(q)) * op.a).to(q.dtype) for q in inner]
+    reg = getattr(op, "reg", None)
+    if not _scalar(reg):
+        return None
     if kind is norms.l1:
         return _apply(projections.box(-reg, reg), leaves, 1.0, tree)
     if kind is norms.l2:
         return _apply(projections.l2_ball(reg), leaves, 1.0, tree)
     if kind is norms.linf:
         return _apply(projections.l1_ball(reg), leaves, 1.0, tree)
+    if kind is matrix.spectral:
+        return _apply(matrix.nuclear_ball(reg), leaves, 1.0, tree)
     if kind is matrix.nuclear:  # every matrix's spectral norm <= reg: clip its singular values
         matrix._check_mats("conjugate", leaves, tree)
         out = []
@@ -886,7 +897,23 @@ def _dual_ball_prox(op: Prox, leaves: list[torch.Tensor], tree: Any) -> list[tor
             U, s, Vh = matrix._svd(x)
             out.append(matrix._spectral(x, U, s, Vh, torch.clamp_max(s, reg), s < reg))
         return out
+    if kind is groups.l21 and leaves:  # every group's l2 norm <= reg: y = x * min(n, reg) / n
+        dims, _ = op.groups(leaves, tree)
+        n = op._norms(leaves, dims)
+        f = torch.where(n > reg, reg / torch.where(n > reg, n, torch.ones_like(n)), torch.ones_like(n))
+        return [groups._scaled(x, f, d) for x, d in zip(leaves, dims)]
+    if kind is smooth.huber and _scalar(op.delta):  # |y|^2 / (2 reg) on |y| <= reg delta
+        out = []
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            bound = op.reg * op.delta
+            out.append(torch.clamp(xa * (op.reg / (op.reg + step)), -bound, bound).to(x.dtype))
+        return out
     return None
+
+
+def _scalar(h: Any) -> bool:
+    return isinstance(h, float) or (isinstance(h, torch.Tensor) and h.dim() == 0)
 
 
 def _line(op, leaves):

@@ -52,8 +52,8 @@ class quadratic(Prox):  # noqa: N801
 
     ``A`` is a symmetric positive semidefinite ``(n, n)`` tensor (``n`` = number of entries of
     ``params``; ``ValueError`` naming ``A`` otherwise; singular ``A`` is allowed), ``b`` an
-    optional tensor with ``n`` entries and ``c`` a constant (a float or 0-d tensor, default 0:
-    it changes ``value`` only). The conjugate is ``f*(y) = 1/2 (y - b)^T A^+ (y - b) - c`` for
+    optional tensor with ``n`` entries and ``c`` an optional constant (a float or 0-d tensor;
+    ``None`` is 0; it changes ``value`` only). The conjugate is ``f*(y) = 1/2 (y - b)^T A^+ (y - b) - c`` for
     ``y - b`` in the range of ``A`` and ``+inf`` elsewhere (see :func:`proxfunc.conjugate`).
     ``A = Q diag(w) Q^T`` is factorised **once, at construction**, so every step costs
     two matrix-vector products: ``op(x, t) = Q diag(1 / (1 + t w)) Q^T (x - t b)``.
@@ -63,7 +63,7 @@ class quadratic(Prox):  # noqa: N801
     _hyper_names = ("A", "b", "c")
     _public_name = "quadratic"
 
-    def __init__(self, A: torch.Tensor, b: torch.Tensor | None = None, c: Hyper = 0.0):
+    def __init__(self, A: torch.Tensor, b: torch.Tensor | None = None, c: Hyper | None = None):
         A = _vec("quadratic", "A", A)
         if A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"quadratic: A must be a square matrix, got shape {tuple(A.shape)}")
@@ -81,7 +81,13 @@ class quadratic(Prox):  # noqa: N801
             neg_tol = max(1e-10, 8 * max(A.shape[0], 1) * torch.finfo(A.dtype).eps) * (1 + scale)
             if w.numel() and float(w.min()) < -neg_tol:
                 raise ValueError(f"quadratic: A must be positive semidefinite, smallest eigenvalue {float(w.min()):g}")
-        self._set(A=A, b=b, c=check_hyper("quadratic", "c", c, min_value=None), _cache_w=w.clamp_min(0), _cache_Q=Q)
+        self._set(
+            A=A,
+            b=b,
+            c=None if c is None else check_hyper("quadratic", "c", c, min_value=None),
+            _cache_w=w.clamp_min(0),
+            _cache_Q=Q,
+        )
 
     def _check_n(self, v):
         if v.numel() != self.A.shape[0]:
@@ -108,7 +114,7 @@ class quadratic(Prox):  # noqa: N801
         val = 0.5 * v @ (self.A.to(v) @ v)
         if self.b is not None:
             val = val + self.b.reshape(-1).to(v) @ v
-        return val + _hyper_as(self.c, val)
+        return val if self.c is None else val + _hyper_as(self.c, val)
 
 
 class huber(Elementwise):  # noqa: N801
