@@ -76,3 +76,98 @@ def test_value_accepts_own_prox(case, dtype):
                 if not ok:
                     bad.append(f"seed={seed} scale={s:g} step={step:g}: value={float(v)}")
     assert not bad, f"{case.name} {dtype}:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------- the defects of issue 18, one by one
+D = torch.float64
+
+
+def test_conjugate_accepts_dual_points_built_by_hand():
+    x = torch.tensor([1000.3, -2.0, 0.1], dtype=D)
+    op, t = pf.l1(0.8), 0.1
+    y = (x - op(x, t)) / t  # |x| / t = 1e4 |y|: y carries an absolute error of about eps * 1e4
+    assert float(pf.conjugate(op).value(y)) == 0.0
+    assert torch.isinf(pf.conjugate(op).value(y * (1 + 1e-6)))  # still a tight test
+    X = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=D) * 10
+    nuc = pf.nuclear(0.5)
+    Y = (X - nuc(X, t)) / t
+    assert float(pf.conjugate(nuc).value(Y)) == 0.0
+    assert torch.isinf(pf.conjugate(nuc).value(Y * 1.01))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pf.l1(0.8),
+        lambda: pf.l2(0.8),
+        lambda: pf.linf(0.8),
+        lambda: pf.l21(0.5),
+        lambda: pf.huber(0.8, 0.5),
+        lambda: pf.nonneg(),
+        lambda: pf.scale(pf.l1(0.5), 2.0),
+        lambda: pf.scale(pf.huber(0.5, 0.3), 3.0),
+    ],
+)
+def test_conjugate_direct_prox_is_the_moreau_identity(make):
+    op = make()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g, dtype=D) * 2
+    for t in (0.1, 1.0, 7.0):
+        moreau = x - t * op(x / t, 1 / t)
+        torch.testing.assert_close(pf.conjugate(op)(x, t), moreau, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: pf.nuclear(0.5), lambda: pf.spectral(0.5)])
+def test_conjugate_direct_prox_of_matrix_norms(make):
+    op = make()
+    x = (torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(6), dtype=D) * 2,)
+    for t in (0.1, 1.0):
+        moreau = x[0] - t * op((x[0] / t,), 1 / t)[0]
+        torch.testing.assert_close(pf.conjugate(op)(x, t)[0], moreau, rtol=1e-10, atol=1e-10)
+
+
+def test_quadratic_conjugate_with_singular_psd_A():
+    g = torch.Generator().manual_seed(7)
+    B = torch.randn(6, 2, generator=g, dtype=D)
+    A = B @ B.T  # rank 2
+    b = torch.randn(6, generator=g, dtype=D)
+    f = pf.quadratic(A, b, c=0.4)
+    fs = pf.conjugate(f)
+    for _ in range(5):
+        # in the range: the supremum is attained at z = A^+ (y - b): f*(y) = <y, z> - f(z)
+        y = b + A @ torch.randn(6, generator=g, dtype=D)
+        z = torch.linalg.pinv(A) @ (y - b)
+        want = y @ z - f.value(z)
+        torch.testing.assert_close(fs.value(y), want, rtol=1e-9, atol=1e-9)
+        assert float(fs.value(y)) >= -float(f.value(torch.zeros(6, dtype=D))) - 1e-12
+        # off the range: +inf (the supremum along the null space is unbounded)
+        assert torch.isinf(fs.value(y + 1e-3 * torch.randn(6, generator=g, dtype=D)))
+    A0 = torch.diag(torch.tensor([2.0, 0.0, 0.0], dtype=D))  # exactly singular
+    f0 = pf.conjugate(pf.quadratic(A0))
+    assert float(f0.value(torch.tensor([2.0, 0.0, 0.0], dtype=D))) == 1.0
+    assert torch.isinf(f0.value(torch.tensor([2.0, 1.0, 0.0], dtype=D)))
+    assert float(pf.quadratic(A0, c=-3.0).value(torch.ones(3, dtype=D))) == -2.0
+    with pytest.raises(ValueError, match="c"):
+        pf.quadratic(A0, c=float("nan"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("s", [1e3, 1e6])
+def test_refined_projections_stay_exact(dtype, s):
+    """The refinement changes the rounded output only: it stays the float64 projection's rounding."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(30, generator=g, dtype=D) * s).to(dtype)
+    eps = torch.finfo(dtype).eps
+    for op in (pf.hyperplane(_A, 0.3), pf.halfspace(_A, -0.3), pf.affine(_M, _M @ torch.ones(30, dtype=D))):
+        z = op(x)
+        op64 = type(op)(*(getattr(op, k).double() if isinstance(getattr(op, k), torch.Tensor) else getattr(op, k)
+                          for k in op._hyper_names))  # fmt: skip
+        ref = op64(x.double())
+        assert (z.double() - ref).abs().max() <= 64 * eps * x.double().abs().max()
+        assert float(op.value(z)) == 0.0
+    w = _W.to(dtype)
+    bh = pf.box_hyperplane(-0.5, 0.7, 1.0, a=w)
+    z = bh(x)
+    assert float(bh.value(z)) == 0.0
+    ref = pf.box_hyperplane(-0.5, 0.7, 1.0, a=w.double())(x.double())
+    assert (z.double() - ref).abs().max() <= 64 * eps * x.double().abs().max()
