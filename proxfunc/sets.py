@@ -31,7 +31,7 @@ from ._base import Hyper, check_hyper, is_concrete
 from ._dist import flattenable
 from ._util import feasible_tol, indicator, safe_norm, traceable, zeros_like_value
 from .kernels import threshold
-from .projections import Projection
+from .projections import Projection, l1_ball, simplex
 
 __all__ = [
     "hyperplane",
@@ -43,6 +43,8 @@ __all__ = [
     "l1_sphere",
     "box_hyperplane",
     "k_sparse",
+    "sparse_simplex",
+    "sparse_l1_ball",
 ]
 
 
@@ -667,3 +669,83 @@ class k_sparse(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         return indicator((v != 0).sum() <= self.k, v.dtype)
+
+
+class sparse_simplex(Projection):  # noqa: N801
+    """Projection onto the k-sparse simplex ``{z : z >= 0, sum z = radius, nnz(z) <= k}`` (not convex).
+
+        op(x) = P_simplex(radius)(x restricted to S),  S = the k largest entries of x (by value),
+
+    zero off ``S``: a global minimiser (Kyrillidis, Becker, Cevher & Koch, *Sparse projections
+    onto the simplex*, ICML 2013, the greedy selection is optimal for the simplex). Ties in
+    ``x`` are broken towards the entry that comes first (as :class:`k_sparse`). Whole object;
+    ``k >= 1`` an int (``ValueError`` if larger than the number of entries), ``radius > 0``.
+    The simplex projection is :class:`proxfunc.simplex`'s (entries off ``S`` are replaced by a
+    value below its threshold, so they come out as exact zeros).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.sparse_simplex(2)(torch.tensor([0.5, 0.1, 0.4, 0.3]))
+        tensor([0.5500, 0.0000, 0.4500, 0.0000])
+    """
+
+    _hyper_names = ("k", "radius")
+    _public_name = "sparse_simplex"
+
+    def __init__(self, k: int, radius: Hyper = 1.0):
+        k = check_k(self._public_name, k)
+        if k < 1:
+            raise ValueError(f"{self._public_name}: k must be >= 1, got {k}")
+        self._set(k=k, radius=check_hyper(self._public_name, "radius", radius, strict=True))
+
+    def _mask(self, v, score):
+        if self.k > v.numel():
+            raise ValueError(f"{self._name()}: k={self.k} is larger than the number of entries {v.numel()}")
+        return keep_largest(score.unsqueeze(0), self.k).squeeze(0)
+
+    def _prox(self, leaves, step, tree):
+        if not leaves:
+            return []
+        v = flat(leaves)
+        mask = self._mask(v, v)
+        r = _hyper_as(self.radius, v)
+        top = torch.where(mask, v, torch.full_like(v, -torch.inf)).max()
+        fill = top - r - (top.abs() + r + 1)  # below the simplex threshold (>= top - r): exact zeros
+        z = simplex(self.radius)(torch.where(mask, v, fill), 1.0)
+        return unflat(torch.where(mask, z, torch.zeros_like(z)), leaves)
+
+    def _value(self, leaves, tree):
+        v = flat(leaves)
+        ok = (v != 0).sum() <= self.k
+        return indicator(ok, v.dtype) + simplex(self.radius)._value([v], tree)
+
+
+class sparse_l1_ball(sparse_simplex):  # noqa: N801
+    """Projection onto the k-sparse l1 ball ``{z : ||z||_1 <= radius, nnz(z) <= k}`` (not convex).
+
+        op(x) = P_{l1 ball}(radius)(x restricted to S),  S = the k entries of largest |x|,
+
+    zero off ``S``: a global minimiser (Kyrillidis et al. 2013: on ``S`` the l1 projection
+    soft-thresholds, and the largest magnitudes keep the most mass; checked against all supports
+    in the tests). Ties as :class:`k_sparse`; ``k >= 1``, ``radius > 0``; whole object.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.sparse_l1_ball(2, 1.0)(torch.tensor([2.0, -0.1, -1.5, 0.3]))
+        tensor([ 0.7500,  0.0000, -0.2500,  0.0000])
+    """
+
+    _public_name = "sparse_l1_ball"
+
+    def _prox(self, leaves, step, tree):
+        if not leaves:
+            return []
+        v = flat(leaves)
+        mask = self._mask(v, v.abs())
+        z = l1_ball(self.radius)(torch.where(mask, v, torch.zeros_like(v)), 1.0)
+        return unflat(torch.where(mask, z, torch.zeros_like(z)), leaves)
+
+    def _value(self, leaves, tree):
+        v = flat(leaves)
+        ok = (v != 0).sum() <= self.k
+        return indicator(ok, v.dtype) + l1_ball(self.radius)._value([v], tree)
