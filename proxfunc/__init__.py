@@ -15,8 +15,8 @@ from .calculus import add_linear, add_quadratic, chain, conjugate, identity, mor
 from .combine import birkhoff, intersection, sum_of, tv2d
 from .groups import l21, linf1
 from .index_groups import index_l21, index_linf1, sparse_group_lasso
-from .matrix import nuclear, nuclear_ball, rank_k, spectral
-from .nonconvex import group_l0, group_top_k, l0, mcp, scad, top_k
+from .matrix import nuclear, nuclear_ball, rank_k, spectral, weighted_nuclear
+from .nonconvex import group_l0, group_top_k, l0, log_sum, mcp, scad, top_k
 from .norms import elastic_net, l1, l2, linf, log_barrier
 from .projections import box, l1_ball, l2_ball, linf_ball, nonneg, simplex
 from .sets import (
@@ -98,6 +98,7 @@ __all__ = [
     "nuclear_ball",
     "spectral",
     "rank_k",
+    "weighted_nuclear",
     # catalog: non-convex (pruning)
     "l0",
     "group_l0",
@@ -105,6 +106,7 @@ __all__ = [
     "group_top_k",
     "scad",
     "mcp",
+    "log_sum",
     # catalog: calculus rules
     "scale",
     "precompose",
