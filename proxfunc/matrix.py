@@ -305,10 +305,11 @@ class weighted_nuclear(Prox):  # noqa: N801
 
         f(Z) = sum_b sum_i w_i sigma_i(Z_b)     (sigma_1 >= sigma_2 >= ... of every matrix),
 
-    ``weights`` a 1-D tensor of ``min(m, n)`` entries, ``>= 0`` and **non-decreasing**
-    (``w_1 <= w_2 <= ...``: small singular values are penalised more, as in weighted nuclear norm
-    minimisation; ``ValueError`` naming ``weights`` otherwise). Then ``sigma_i - t w_i`` keeps
-    the order of the singular values and
+    ``weights`` a non-empty 1-D tensor, ``>= 0`` and **non-decreasing** (``w_1 <= w_2 <= ...``:
+    small singular values are penalised more, as in weighted nuclear norm minimisation;
+    ``ValueError`` naming ``weights`` otherwise). A matrix with ``min(m, n)`` singular values uses
+    the first ``min(m, n)`` weights; if there are fewer weights, the last one applies to the rest.
+    Then ``sigma_i - t w_i`` keeps the order of the singular values and
 
         op(X, t) = U diag(max(sigma_i - t w_i, 0)) V^T
 
@@ -341,12 +342,13 @@ class weighted_nuclear(Prox):  # noqa: N801
         self._set(weights=weights)
 
     def _w(self, s):
-        if self.weights.numel() != s.shape[-1]:
-            raise ValueError(
-                f"{self._name()}: weights has {self.weights.numel()} entries but the matrices have {s.shape[-1]} "
-                "singular values (min(m, n))"
-            )
-        return self.weights.to(device=s.device, dtype=s.dtype)
+        k, r = s.shape[-1], self.weights.numel()
+        if r == 0:
+            raise ValueError(f"{self._name()}: weights must have at least one entry")
+        w = self.weights.to(device=s.device, dtype=s.dtype)
+        if r >= k:
+            return w[:k]
+        return torch.cat([w, w[-1:].expand(k - r)])  # beyond the given weights: the last one
 
     def _prox(self, leaves, step, tree):
         _check_mats(self._name(), leaves, tree)

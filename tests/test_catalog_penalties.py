@@ -108,5 +108,12 @@ def test_weighted_nuclear_errors():
         pf.weighted_nuclear(torch.tensor([-1.0, 1.0]))
     with pytest.raises(TypeError, match="weights"):
         pf.weighted_nuclear([1.0, 2.0])
-    with pytest.raises(ValueError, match="singular values"):
-        pf.weighted_nuclear(torch.tensor([1.0, 2.0]))(torch.zeros(3, 3), 1.0)
+    with pytest.raises(ValueError, match="1-D"):
+        pf.weighted_nuclear(torch.tensor(1.0))
+    # fewer weights than singular values: the last weight applies to the rest; more: the first ones
+    X = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=D)
+    short = pf.weighted_nuclear(torch.tensor([0.1, 0.5], dtype=D))(X, 1.0)
+    full = pf.weighted_nuclear(torch.tensor([0.1, 0.5, 0.5, 0.5], dtype=D))(X, 1.0)
+    long = pf.weighted_nuclear(torch.tensor([0.1, 0.5, 0.5, 0.5, 9.0], dtype=D))(X, 1.0)
+    torch.testing.assert_close(short, full)
+    torch.testing.assert_close(long, full)
