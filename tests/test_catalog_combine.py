@@ -242,3 +242,26 @@ def test_sparse_sets_errors_and_ties():
     z = pf.sparse_simplex(1)(torch.tensor([1.0, 1.0, 1.0], dtype=D))
     assert torch.equal(z, torch.tensor([1.0, 0.0, 0.0], dtype=D))  # ties: the first entry
     assert torch.isinf(pf.sparse_simplex(1).value(torch.tensor([0.5, 0.5], dtype=D)))
+
+
+# ----------------------------------------------------------------------------- transforms
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: pf.sum_of(pf.l1(0.3), pf.ridge(0.5), iters=12, tol=1e-300), (3, 6)),
+        (lambda: pf.intersection(pf.nonneg(), pf.l2_ball(1.0), iters=12, tol=1e-300), (3, 6)),
+        (lambda: pf.birkhoff(iters=12, tol=1e-300), (3, 4, 4)),
+        (lambda: pf.tv2d(0.3, iters=12, tol=1e-300), (3, 4, 5)),
+    ],
+)
+def test_iterative_operators_under_vmap_grad_and_compile(make, shape):
+    """With a tolerance never met, eager and traced runs take the same ``iters`` iterations."""
+    op = make()
+    X = rnd(*shape, seed=80, scale=2)
+    eager = op(X, 0.7)
+    per = torch.stack([op(x, 0.7) for x in X])
+    torch.testing.assert_close(torch.vmap(lambda a: op(a, 0.7))(X), per, rtol=1e-10, atol=1e-10)
+    g = torch.func.grad(lambda a: (op(a, 0.7) ** 2).sum())(X)
+    assert torch.isfinite(g).all()
+    fn = torch.compile(lambda a: op(a, 0.7), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(X), eager, rtol=1e-10, atol=1e-10)
