@@ -1,5 +1,6 @@
-"""Proxes without a closed form, by iteration: sums of proxes, intersections of sets, the Birkhoff
-polytope (Dykstra-type algorithms) and 2-D total variation (fast gradient projection, FGP).
+"""Proxes without a closed form, by iteration: sums of proxes and intersections of sets (Dykstra-type
+algorithms), the Birkhoff polytope (dual block coordinate ascent) and 2-D total variation (fast
+gradient projection, FGP).
 
 :class:`sum_of` computes ``prox_{t (f + g)}(x)`` from the proxes of ``f`` and ``g`` alone, by the
 Dykstra-like proximal algorithm (Bauschke & Combettes 2008; Combettes & Pesquet 2011):
@@ -97,11 +98,12 @@ class sum_of(Prox):  # noqa: N801
 
     computed from ``f_i.prox`` only (module docstring: the iteration, its stopping rule and
     accuracy), for closed convex ``f_i`` on the same params. ``iters`` (default 500) bounds the
-    iterations, ``tol`` (default ``1e-10``; use about ``1e-6`` in float32) is the relative
+    iterations, ``tol`` (default ``1e-10``, raised to ``16 eps`` of the dtype) is the relative
     stopping tolerance. ``value(z) = sum_i f_i(z)``, where every indicator among the ``f_i`` (a
     projection) counts ``z`` as a member when its projection moves ``z`` by at most
-    ``feas_tol * (||z|| + 1)`` (default ``sqrt(tol)``): the prox's output, a limit of averages,
-    lies in each set only up to the iteration's accuracy. Use a closed form where one exists
+    ``feas_tol * (||z|| + 1)`` (default ``sqrt(tol)``): the output of the last prox of a cycle
+    lies in its set, the others only up to the iteration's accuracy. Warm starts:
+    :meth:`solve`. Use a closed form where one exists
     (``elastic_net``, ``fused_lasso``, ``sparse_group_lasso``).
 
     Example:
