@@ -12,16 +12,30 @@ In-place use on modules, the seed's API and an optimizer wrapper live in
 from . import autosize, dispatch
 from ._base import Prox
 from .calculus import add_linear, add_quadratic, chain, conjugate, identity, moreau_env, partition, precompose, scale
+from .combine import birkhoff, intersection, sum_of, tv2d
 from .groups import l21, linf1
 from .implicit import argmin
 from .index_groups import index_l21, index_linf1, sparse_group_lasso
-from .matrix import nuclear, nuclear_ball, rank_k, spectral
-from .nonconvex import group_l0, group_top_k, l0, mcp, scad, top_k
+from .matrix import nuclear, nuclear_ball, rank_k, spectral, weighted_nuclear
+from .nonconvex import group_l0, group_top_k, l0, log_sum, mcp, scad, top_k
 from .norms import elastic_net, l1, l2, linf, log_barrier
 from .projections import box, l1_ball, l2_ball, linf_ball, nonneg, simplex
-from .sets import affine, box_hyperplane, halfspace, hyperplane, k_sparse, l1_sphere, l2_sphere, psd, soc
+from .sets import (
+    affine,
+    box_hyperplane,
+    halfspace,
+    hyperplane,
+    k_sparse,
+    l1_sphere,
+    l2_sphere,
+    psd,
+    soc,
+    sparse_l1_ball,
+    sparse_simplex,
+)
 from .smooth import huber, max_entry, neg_entropy, quadratic, ridge, sum_largest
 from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
+from .tv import fused_lasso, tv1d
 
 __version__ = "0.1.0.dev0"
 
@@ -75,6 +89,8 @@ __all__ = [
     "l1_sphere",
     "box_hyperplane",
     "k_sparse",
+    "sparse_simplex",
+    "sparse_l1_ball",
     # catalog: index groups
     "index_l21",
     "index_linf1",
@@ -84,6 +100,7 @@ __all__ = [
     "nuclear_ball",
     "spectral",
     "rank_k",
+    "weighted_nuclear",
     # catalog: non-convex (pruning)
     "l0",
     "group_l0",
@@ -91,6 +108,7 @@ __all__ = [
     "group_top_k",
     "scad",
     "mcp",
+    "log_sum",
     # catalog: calculus rules
     "scale",
     "precompose",
@@ -98,4 +116,12 @@ __all__ = [
     "add_quadratic",
     "conjugate",
     "moreau_env",
+    # catalog: total variation
+    "tv1d",
+    "fused_lasso",
+    "tv2d",
+    # catalog: by iteration (no closed form)
+    "sum_of",
+    "intersection",
+    "birkhoff",
 ]

@@ -13,7 +13,7 @@ import torch
 
 from ._base import Hyper, Prox, _is_compiling, check_hyper, check_step, is_concrete
 from ._tree import acc_dtype, flatten, parameter_keys, total
-from ._util import feasible_tol, indicator, zeros_like_value
+from ._util import feasible_tol, indicator, safe_norm, zeros_like_value
 
 __all__ = [
     "identity",
@@ -519,8 +519,9 @@ class conjugate(Prox):  # noqa: N801
 
     Exact for every closed convex ``f``. ``value`` uses the closed form of ``f*`` for the operators
     whose conjugate is known (norms <-> dual-norm balls, elastic net, log barrier, ridge, Huber,
-    quadratic with ``A`` positive definite, negative entropy, max entry, sum of k largest, nuclear
-    <-> spectral, box and simplex (support functions), nonneg / PSD / SOC cones (polar cones),
+    quadratic (``1/2 (y-b)^T A^+ (y-b) - c`` on the range of a positive semidefinite ``A``,
+    ``+inf`` off it), negative entropy, max entry, sum of k largest, nuclear <-> spectral, box and
+    simplex (support functions), nonneg / PSD / SOC cones (polar cones),
     l21, linf1, scale, conjugate, and the support functions of the affine sets: hyperplane
     ``{<a, z> = b}`` -> ``b s`` if ``y = s a``, halfspace -> the same with ``s >= 0``, affine
     ``{A z = b}`` -> ``<lam, b>`` if ``y = A^T lam`` (``lam`` least squares), box ∩ hyperplane ->
@@ -530,6 +531,21 @@ class conjugate(Prox):  # noqa: N801
     reg_group`` for every group, the infimal convolution of the two dual balls); membership in a
     domain is tested with the same relative tolerances as the sets' own ``value`` (``+inf``
     outside). For others it raises ``NotImplementedError`` (the prox still works).
+
+    Where ``f*`` is the indicator of a norm ball (``l1``, ``l2``, ``linf``, ``l21``, ``nuclear``,
+    ``spectral``: the balls of ``linf``, ``l2``, ``l1``, every group's ``l2``, every matrix's
+    spectral norm and the joint nuclear norm, of radius ``reg``), of the polar cone of ``nonneg``,
+    or Huber's ``|y|^2 / (2 reg)`` on ``|y| <= reg delta`` (and ``scale`` of any of these), the
+    prox is computed directly: the same point as the Moreau identity, without its
+    cancellation (``x - t * f.prox(x/t, 1/t)`` carries an absolute error of about
+    ``eps * |x|``, which exceeds a tight membership test when ``|x|`` is far larger than ``reg``).
+    Membership in a norm ball (and the other ``<=`` tests of the domains above) has a relative
+    tolerance of ``max(8 * (8 + 2n) * eps, sqrt(eps))`` (``eps`` of the accumulation dtype), so a
+    dual point built by hand as ``y = (x - f.prox(x, t)) / t``, whose absolute error is about
+    ``eps * |x| / t``, is accepted while ``|x| / t`` stays below about ``|y| / sqrt(eps)``
+    (``6.7e7 |y|`` in float64, ``2.9e3 |y|`` in float32); beyond that the rounding of ``y`` itself
+    exceeds the tolerance, and ``conjugate(f)(x / t, 1 / t)`` gives the same ``y`` exactly feasible
+    for the norm balls.
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
     """
 
@@ -540,6 +556,9 @@ class conjugate(Prox):  # noqa: N801
         self._set(op=_as_op("conjugate", "op", op))
 
     def _prox(self, leaves, step, tree):
+        exact = _dual_prox(self.op, leaves, step, tree)
+        if exact is not None:
+            return exact
         ball = _DUAL_BALL.get(type(self.op))
         if ball is not None:  # a norm's conjugate is its dual ball: projected directly, no cancellation
             return _apply(ball(self.op), leaves, step, tree)
@@ -608,8 +627,10 @@ def _ind(ok: torch.Tensor, dtype) -> torch.Tensor:
 def _le(a: torch.Tensor, r: Any, leaves: list[torch.Tensor]) -> torch.Tensor:
     from .sets import set_tol
 
-    # generous (8x): the argument is often a difference x - prox(x), rounded relative to x
+    # generous (8x, and at least sqrt(eps)): the argument is often a difference x - prox(x),
+    # rounded relative to x, which may be far larger than a and r (see conjugate's docstring)
     tol = 8 * (set_tol(leaves, sum(x.numel() for x in leaves)) if leaves else feasible_tol(a, 1))
+    tol = max(tol, torch.finfo(a.dtype).eps ** 0.5)
     return a <= r + tol * (a.abs() + abs(r))
 
 
@@ -637,16 +658,34 @@ def _conj_table() -> dict[type, Any]:
         ok = _le(v.abs().max() if v.numel() else v.new_zeros(()), op.reg * op.delta, leaves)
         return torch.where(ok, (v * v).sum() / (2 * op.reg), torch.full((), float("inf"), dtype=v.dtype))
 
-    def c_quadratic(op, leaves, tree):
+    def c_quadratic(op, leaves, tree):  # 1/2 y^T A^+ y - c for y = v - b in range(A), else inf
         v = _flatv(leaves)
+        if v.numel() != op.A.shape[0]:
+            raise ValueError(f"quadratic: A is {tuple(op.A.shape)} but params has {v.numel()} entries")
         y = v - (op.b.reshape(-1).to(v) if op.b is not None else 0)
-        return 0.5 * y @ torch.linalg.solve(op.A.to(v), y)
+        if op.A.requires_grad:  # differentiable in A
+            A = op.A.to(v)
+            w, Q = torch.linalg.eigh(0.5 * (A + A.T))
+        else:
+            w, Q = op._cache_w.to(v), op._cache_Q.to(v)
+        n = max(v.numel(), 1)
+        wmax = w.abs().max() if w.numel() else v.new_zeros(())
+        keep = w > n * torch.finfo(torch.float64).eps * wmax  # A's range (the pseudo-inverse's cut-off)
+        cy = Q.T @ y
+        zero = torch.zeros_like(cy)
+        null = torch.where(keep, zero, cy)
+        tol = max(8 * set_tol(leaves, v.numel()), torch.finfo(v.dtype).eps ** 0.5)
+        ok = safe_norm((null * null).sum()) <= tol * safe_norm((y * y).sum())
+        ws = torch.where(keep, w, torch.ones_like(w))
+        val = 0.5 * torch.where(keep, cy * cy / ws, zero).sum()
+        val = val if op.c is None else val - _hyper_as(op.c, y)
+        return torch.where(ok, val, torch.full_like(val, float("inf")))
 
     def c_negent(op, leaves, tree):
         v = _flatv(leaves)
         return op.reg * torch.exp(v / op.reg - 1).sum()
 
-    from .sets import set_tol
+    from .sets import _hyper_as, set_tol
 
     def c_max(op, leaves, tree):  # indicator of reg * simplex
         v = _flatv(leaves)
@@ -850,6 +889,55 @@ def _conj_table() -> dict[type, Any]:
         conjugate: c_conj,
         identity: c_identity,
     }
+
+
+def _dual_prox(op: Prox, leaves: list[torch.Tensor], step: Hyper, tree: Any) -> list[torch.Tensor] | None:
+    """The prox of ``f*`` computed directly where ``f*`` is an indicator (of a dual-norm ball or
+    a polar cone) or Huber's conjugate, for scalar hyperparameters; ``None`` otherwise (the Moreau
+    identity is used). The same point as ``x - t f.prox(x/t, 1/t)``, without its cancellation."""
+    from . import groups, matrix, norms, projections, smooth
+
+    kind = type(op)
+    if kind is projections.nonneg:  # polar cone: y <= 0
+        return [torch.clamp_max(x, 0) for x in leaves]
+    if kind is scale and _scalar(op.a):  # (a f)*(y) = a f*(y / a): prox_{t (a f)*}(x) = a prox_{(t/a) f*}(x / a)
+        inner = _dual_prox(op.op, [(x.to(acc_dtype(x)) / op.a).to(x.dtype) for x in leaves], step / op.a, tree)
+        return None if inner is None else [(q.to(acc_dtype(q)) * op.a).to(q.dtype) for q in inner]
+    reg = getattr(op, "reg", None)
+    if not _scalar(reg):
+        return None
+    if kind is norms.l1:
+        return _apply(projections.box(-reg, reg), leaves, 1.0, tree)
+    if kind is norms.l2:
+        return _apply(projections.l2_ball(reg), leaves, 1.0, tree)
+    if kind is norms.linf:
+        return _apply(projections.l1_ball(reg), leaves, 1.0, tree)
+    if kind is matrix.spectral:
+        return _apply(matrix.nuclear_ball(reg), leaves, 1.0, tree)
+    if kind is matrix.nuclear:  # every matrix's spectral norm <= reg: clip its singular values
+        matrix._check_mats("conjugate", leaves, tree)
+        out = []
+        for x in leaves:
+            U, s, Vh = matrix._svd(x)
+            out.append(matrix._spectral(x, U, s, Vh, torch.clamp_max(s, reg), s < reg))
+        return out
+    if kind is groups.l21 and leaves:  # every group's l2 norm <= reg: y = x * min(n, reg) / n
+        dims, _ = op.groups(leaves, tree)
+        n = op._norms(leaves, dims)
+        f = torch.where(n > reg, reg / torch.where(n > reg, n, torch.ones_like(n)), torch.ones_like(n))
+        return [groups._scaled(x, f, d) for x, d in zip(leaves, dims)]
+    if kind is smooth.huber and _scalar(op.delta):  # |y|^2 / (2 reg) on |y| <= reg delta
+        out = []
+        for x in leaves:
+            xa = x.to(acc_dtype(x))
+            bound = op.reg * op.delta
+            out.append(torch.clamp(xa * (op.reg / (op.reg + step)), -bound, bound).to(x.dtype))
+        return out
+    return None
+
+
+def _scalar(h: Any) -> bool:
+    return isinstance(h, float) or (isinstance(h, torch.Tensor) and h.dim() == 0)
 
 
 def _line(op, leaves):

@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 
 from . import _tree, dispatch
-from ._base import Hyper, Prox, check_hyper
+from ._base import Hyper, Prox, check_hyper, is_concrete
 from ._util import indicator, zeros_like_value
 from .kernels import threshold
 from .projections import Projection
 from .sets import check_k, set_tol
 
-__all__ = ["nuclear", "nuclear_ball", "spectral", "rank_k"]
+__all__ = ["nuclear", "nuclear_ball", "spectral", "rank_k", "weighted_nuclear"]
 
 
 def _check_mats(owner: str, leaves, tree) -> None:
@@ -304,3 +304,73 @@ class rank_k(Projection):  # noqa: N801
                 tol = set_tol([x], x.shape[-1] * x.shape[-2]) * s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
                 ok = ok.to(s.device) & (s[..., self.k :] <= tol).all()
         return indicator(ok, dtype)
+
+
+class weighted_nuclear(Prox):  # noqa: N801
+    """Prox of the weighted nuclear norm, one weight per singular value, batched over matrices.
+
+        f(Z) = sum_b sum_i w_i sigma_i(Z_b)     (sigma_1 >= sigma_2 >= ... of every matrix),
+
+    ``weights`` a non-empty 1-D tensor, ``>= 0`` and **non-decreasing** (``w_1 <= w_2 <= ...``:
+    small singular values are penalised more, as in weighted nuclear norm minimisation;
+    ``ValueError`` naming ``weights`` otherwise). A matrix with ``min(m, n)`` singular values uses
+    the first ``min(m, n)`` weights; if there are fewer weights, the last one applies to the rest.
+    Then ``sigma_i - t w_i`` keeps the order of the singular values and
+
+        op(X, t) = U diag(max(sigma_i - t w_i, 0)) V^T
+
+    is a global minimiser (Gu, Zhang, Zuo & Feng, *Weighted nuclear norm minimization with
+    application to image denoising*, CVPR 2014, and Gu et al., IJCV 2017). The function is not
+    convex unless all weights are equal (then it is :class:`nuclear`).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.weighted_nuclear(torch.tensor([0.5, 2.0]))(torch.diag(torch.tensor([3.0, 1.0])), 1.0)
+        tensor([[2.5000, 0.0000],
+                [0.0000, 0.0000]])
+    """
+
+    _hyper_names = ("weights",)
+    _public_name = "weighted_nuclear"
+
+    def __init__(self, weights: torch.Tensor):
+        name = self._public_name
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise TypeError(f"{name}: weights must be a floating tensor, got {type(weights).__name__}")
+        if weights.dim() != 1:
+            raise ValueError(f"{name}: weights must be 1-D (one per singular value), got shape {tuple(weights.shape)}")
+        if is_concrete(weights):
+            w = weights.detach()
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ValueError(f"{name}: weights must be finite and >= 0")
+            if w.numel() > 1 and bool((w[1:] < w[:-1]).any()):
+                raise ValueError(f"{name}: weights must be non-decreasing (w_1 <= w_2 <= ...)")
+        self._set(weights=weights)
+
+    def _w(self, s):
+        k, r = s.shape[-1], self.weights.numel()
+        if r == 0:
+            raise ValueError(f"{self._name()}: weights must have at least one entry")
+        w = self.weights.to(device=s.device, dtype=s.dtype)
+        if r >= k:
+            return w[:k]
+        return torch.cat([w, w[-1:].expand(k - r)])  # beyond the given weights: the last one
+
+    def _prox(self, leaves, step, tree):
+        _check_mats(self._name(), leaves, tree)
+        out = []
+        for x in leaves:
+            U, s, Vh = _svd(x)
+            tw = self._w(s) * step
+            out.append(_spectral(x, U, s, Vh, torch.clamp_min(s - tw, 0), s > tw))
+        return out
+
+    def _value(self, leaves, tree):
+        _check_mats(self._name(), leaves, tree)
+        if not leaves:
+            return zeros_like_value(leaves)
+        parts = []
+        for x in leaves:
+            s = _svals(x)
+            parts.append((s * self._w(s)).sum())
+        return _tree.total(parts, leaves)

@@ -2,12 +2,20 @@
 
 For a closed set ``C`` the operator is ``op(x, step) = argmin_{z in C} ||z - x||^2`` (``step`` is
 validated and ignored) and ``op.value(z)`` is ``0`` on ``C`` and ``inf`` elsewhere (with a
-relative tolerance of a few ulps per entry). Unless a docstring says otherwise the set is taken
-over the **whole object**: all leaves of the pytree, flattened in pytree order and concatenated,
-form one vector ``z`` (vector hyperparameters such as ``a`` are flattened the same way and must
-have ``numel(z)`` entries). :class:`psd` acts on every matrix (the last two dims of every leaf).
+relative tolerance of a few ulps per entry, relative to the magnitudes of ``z`` and of the set's
+own data). The projections onto sets cut out by equations (:class:`hyperplane`,
+:class:`halfspace`, :class:`affine`, :class:`box_hyperplane`) end with one refinement step: the
+residual of the rounded output is measured and projected out again, so the output satisfies the
+equations to the scale of the output and the set, not of the input ``x`` (a closed-form step
+``x - lam * a`` loses about ``eps * |x|`` to cancellation when ``|x|`` is far larger than the
+set). ``value`` therefore accepts every output of its own operator, for inputs of any magnitude.
 
-Two sets here are not convex (:class:`l2_sphere`, :class:`l1_sphere`, :class:`k_sparse`); their
+Unless a docstring says otherwise the set is taken over the **whole object**: all leaves of the
+pytree, flattened in pytree order and concatenated, form one vector ``z`` (vector hyperparameters
+such as ``a`` are flattened the same way and must have ``numel(z)`` entries). :class:`psd` acts
+on every matrix (the last two dims of every leaf).
+
+Three sets here are not convex (:class:`l2_sphere`, :class:`l1_sphere`, :class:`k_sparse`); their
 operator returns a nearest point (a global minimiser), with the tie-breaking rule documented.
 
 References: N. Parikh and S. Boyd, *Proximal Algorithms*, 2014, sections 6.2 and 6.3; Helgason,
@@ -25,7 +33,7 @@ from ._base import Hyper, check_hyper, is_concrete
 from ._dist import flattenable
 from ._util import feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
-from .projections import Projection
+from .projections import Projection, l1_ball, simplex
 
 __all__ = [
     "hyperplane",
@@ -37,6 +45,8 @@ __all__ = [
     "l1_sphere",
     "box_hyperplane",
     "k_sparse",
+    "sparse_simplex",
+    "sparse_l1_ball",
 ]
 
 
@@ -118,8 +128,10 @@ def check_k(owner: str, k) -> int:
 class hyperplane(Projection):  # noqa: N801
     """Projection onto the hyperplane ``{z : <a, z> = b}``, ``a != 0``.
 
-        op(x) = x - (<a, x> - b) / ||a||^2 * a.
+        op(x) = x - (<a, x> - b) / ||a||^2 * a,
 
+    followed by one refinement step (the same formula applied to the rounded output), so that
+    ``<a, op(x)> = b`` holds to a few ulps of ``|a| . |op(x)| + |b|`` however large ``x`` is.
     ``a`` is a tensor with as many entries as ``params`` (all leaves flattened in order).
     Parikh & Boyd (2014) section 6.2.1.
     """
@@ -143,7 +155,10 @@ class hyperplane(Projection):  # noqa: N801
         s = _pow2_scale(v)
         v = v / s
         a, gap = self._gap(v, s)
-        return unflat((v - (gap / torch.dot(a, a)) * a) * s, leaves)
+        aa = torch.dot(a, a)
+        z = v - (gap / aa) * a
+        _, gap2 = self._gap(z, s)  # refinement: the residual left by cancellation in v - lam * a
+        return unflat((z - (gap2 / aa) * a) * s, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -156,9 +171,10 @@ class hyperplane(Projection):  # noqa: N801
 class halfspace(hyperplane):  # noqa: N801
     """Projection onto the halfspace ``{z : <a, z> <= b}``, ``a != 0``.
 
-        op(x) = x - max(<a, x> - b, 0) / ||a||^2 * a   (points inside come back unchanged).
+        op(x) = x - max(<a, x> - b, 0) / ||a||^2 * a   (points inside come back unchanged),
 
-    Parikh & Boyd (2014) section 6.2.1.
+    with the refinement step of :class:`hyperplane` on points outside (the rounded output is
+    moved again by ``max(<a, z> - b, 0) / ||a||^2 * a``). Parikh & Boyd (2014) section 6.2.1.
     """
 
     _public_name = "halfspace"
@@ -173,8 +189,11 @@ class halfspace(hyperplane):  # noqa: N801
         s = _pow2_scale(v)
         v = v / s
         a, gap = self._gap(v, s)
-        out = torch.where(gap > 0, v - (gap.clamp_min(0) / torch.dot(a, a)) * a, v)
-        return unflat(out * s, leaves)
+        aa = torch.dot(a, a)
+        z = v - (gap.clamp_min(0) / aa) * a
+        _, gap2 = self._gap(z, s)  # refinement, as for the hyperplane
+        z = z - (gap2.clamp_min(0) / aa) * a
+        return unflat(torch.where(gap > 0, z, v) * s, leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -188,11 +207,13 @@ class affine(Projection):  # noqa: N801
 
         op(x) = x - A^+ (A x - b),
 
-    with the pseudo-inverse ``A^+`` factorised **once, at construction** (a thin SVD of ``A``,
-    singular values below ``max(m, n) * eps * s_max`` treated as zero, so rank-deficient ``A``
-    is fine). ``A`` is ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m``
-    entries and must lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set
-    would be empty). Parikh & Boyd (2014) section 6.2.1.
+    followed by one refinement step (``z - A^+ (A z - b)`` on the rounded output ``z``, so the
+    residual is relative to ``|A| |z| + |b|``, not to ``|x|``), with the pseudo-inverse ``A^+``
+    factorised **once, at construction** (a thin SVD of ``A``, singular values below
+    ``max(m, n) * eps * s_max`` treated as zero, so rank-deficient ``A`` is fine). ``A`` is
+    ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m`` entries and must
+    lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set would be empty).
+    Parikh & Boyd (2014) section 6.2.1.
     """
 
     _hyper_names = ("A", "b")
@@ -231,12 +252,19 @@ class affine(Projection):  # noqa: N801
         sc = _pow2_scale(v)
         v = v / sc
         b = self.b.reshape(-1).to(device=v.device, dtype=v.dtype) / sc
-        r = A @ v - b
         if self.A.requires_grad:  # hyperparameter learning in A: differentiate the pseudo-inverse
-            return unflat((v - torch.linalg.pinv(A) @ r) * sc, leaves)
-        V = self._cache_V.to(device=v.device, dtype=v.dtype)
-        W = self._cache_W.to(device=v.device, dtype=v.dtype)
-        return unflat((v - V @ (W @ r)) * sc, leaves)
+            P = torch.linalg.pinv(A)
+
+            def step_(u):
+                return u - P @ (A @ u - b)
+        else:
+            V = self._cache_V.to(device=v.device, dtype=v.dtype)
+            W = self._cache_W.to(device=v.device, dtype=v.dtype)
+
+            def step_(u):
+                return u - V @ (W @ (A @ u - b))
+
+        return unflat(step_(step_(v)) * sc, leaves)  # the second step refines the rounded first
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -616,7 +644,14 @@ class box_hyperplane(Projection):  # noqa: N801
                     f"box_hyperplane: b={float(b.detach())} is outside [<a, lower>, <a, upper>] = [{smin}, {smax}]"
                 )
         lam = knapsack_lambda(v, a, lo, hi, b)
-        return unflat(torch.clamp(v - lam * a, lo, hi), leaves)
+        z = torch.clamp(v - lam * a, lo, hi)
+        # refinement: the residual of <a, z> = b left by cancellation in v - lam * a goes back
+        # onto the free entries (those strictly inside the box), then the box again
+        free = (z > lo) & (z < hi)
+        af2 = torch.where(free, a * a, torch.zeros_like(a)).sum()
+        r = (a * z).sum() - b
+        dz = torch.where(free, a, torch.zeros_like(a)) * (r / torch.where(af2 > 0, af2, torch.ones_like(af2)))
+        return unflat(torch.clamp(z - dz, lo, hi), leaves)
 
     def _value(self, leaves, tree):
         v = flat(leaves)
@@ -669,3 +704,83 @@ class k_sparse(Projection):  # noqa: N801
     def _value(self, leaves, tree):
         v = flat(leaves)
         return indicator((v != 0).sum() <= self.k, v.dtype)
+
+
+class sparse_simplex(Projection):  # noqa: N801
+    """Projection onto the k-sparse simplex ``{z : z >= 0, sum z = radius, nnz(z) <= k}`` (not convex).
+
+        op(x) = P_simplex(radius)(x restricted to S),  S = the k largest entries of x (by value),
+
+    zero off ``S``: a global minimiser (Kyrillidis, Becker, Cevher & Koch, *Sparse projections
+    onto the simplex*, ICML 2013, the greedy selection is optimal for the simplex). Ties in
+    ``x`` are broken towards the entry that comes first (as :class:`k_sparse`). Whole object;
+    ``k >= 1`` an int (``ValueError`` if larger than the number of entries), ``radius > 0``.
+    The simplex projection is :class:`proxfunc.simplex`'s (entries off ``S`` are replaced by a
+    value below its threshold, so they come out as exact zeros).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.sparse_simplex(2)(torch.tensor([0.5, 0.1, 0.4, 0.3]))
+        tensor([0.5500, 0.0000, 0.4500, 0.0000])
+    """
+
+    _hyper_names = ("k", "radius")
+    _public_name = "sparse_simplex"
+
+    def __init__(self, k: int, radius: Hyper = 1.0):
+        k = check_k(self._public_name, k)
+        if k < 1:
+            raise ValueError(f"{self._public_name}: k must be >= 1, got {k}")
+        self._set(k=k, radius=check_hyper(self._public_name, "radius", radius, strict=True))
+
+    def _mask(self, v, score):
+        if self.k > v.numel():
+            raise ValueError(f"{self._name()}: k={self.k} is larger than the number of entries {v.numel()}")
+        return keep_largest(score.unsqueeze(0), self.k).squeeze(0)
+
+    def _prox(self, leaves, step, tree):
+        if not leaves:
+            return []
+        v = flat(leaves)
+        mask = self._mask(v, v)
+        r = _hyper_as(self.radius, v)
+        top = torch.where(mask, v, torch.full_like(v, -torch.inf)).max()
+        fill = top - r - (top.abs() + r + 1)  # below the simplex threshold (>= top - r): exact zeros
+        z = simplex(self.radius)(torch.where(mask, v, fill), 1.0)
+        return unflat(torch.where(mask, z, torch.zeros_like(z)), leaves)
+
+    def _value(self, leaves, tree):
+        v = flat(leaves)
+        ok = (v != 0).sum() <= self.k
+        return indicator(ok, v.dtype) + simplex(self.radius)._value([v], tree)
+
+
+class sparse_l1_ball(sparse_simplex):  # noqa: N801
+    """Projection onto the k-sparse l1 ball ``{z : ||z||_1 <= radius, nnz(z) <= k}`` (not convex).
+
+        op(x) = P_{l1 ball}(radius)(x restricted to S),  S = the k entries of largest |x|,
+
+    zero off ``S``: a global minimiser (Kyrillidis et al. 2013: on ``S`` the l1 projection
+    soft-thresholds, and the largest magnitudes keep the most mass; checked against all supports
+    in the tests). Ties as :class:`k_sparse`; ``k >= 1``, ``radius > 0``; whole object.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.sparse_l1_ball(2, 1.0)(torch.tensor([2.0, -0.1, -1.5, 0.3]))
+        tensor([ 0.7500,  0.0000, -0.2500,  0.0000])
+    """
+
+    _public_name = "sparse_l1_ball"
+
+    def _prox(self, leaves, step, tree):
+        if not leaves:
+            return []
+        v = flat(leaves)
+        mask = self._mask(v, v.abs())
+        z = l1_ball(self.radius)(torch.where(mask, v, torch.zeros_like(v)), 1.0)
+        return unflat(torch.where(mask, z, torch.zeros_like(z)), leaves)
+
+    def _value(self, leaves, tree):
+        v = flat(leaves)
+        ok = (v != 0).sum() <= self.k
+        return indicator(ok, v.dtype) + l1_ball(self.radius)._value([v], tree)

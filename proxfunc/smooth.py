@@ -52,21 +52,24 @@ class ridge(Elementwise):  # noqa: N801
 
 
 class quadratic(Prox):  # noqa: N801
-    """Prox of a convex quadratic ``f(z) = 1/2 z^T A z + b^T z`` on the whole object.
+    """Prox of a convex quadratic ``f(z) = 1/2 z^T A z + b^T z + c`` on the whole object.
 
         op(x, t) = (I + t A)^{-1} (x - t b).
 
     ``A`` is a symmetric positive semidefinite ``(n, n)`` tensor (``n`` = number of entries of
-    ``params``; ``ValueError`` naming ``A`` otherwise), ``b`` an optional tensor with ``n``
-    entries. ``A = Q diag(w) Q^T`` is factorised **once, at construction**, so every step costs
+    ``params``; ``ValueError`` naming ``A`` otherwise; singular ``A`` is allowed), ``b`` an
+    optional tensor with ``n`` entries and ``c`` an optional constant (a float or 0-d tensor;
+    ``None`` is 0; it changes ``value`` only). The conjugate is ``f*(y) = 1/2 (y - b)^T A^+ (y - b) - c`` for
+    ``y - b`` in the range of ``A`` and ``+inf`` elsewhere (see :func:`proxfunc.conjugate`).
+    ``A = Q diag(w) Q^T`` is factorised **once, at construction**, so every step costs
     two matrix-vector products: ``op(x, t) = Q diag(1 / (1 + t w)) Q^T (x - t b)``.
     Parikh & Boyd (2014) section 6.1.1.
     """
 
-    _hyper_names = ("A", "b")
+    _hyper_names = ("A", "b", "c")
     _public_name = "quadratic"
 
-    def __init__(self, A: torch.Tensor, b: torch.Tensor | None = None):
+    def __init__(self, A: torch.Tensor, b: torch.Tensor | None = None, c: Hyper | None = None):
         A = _vec("quadratic", "A", A)
         if A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"quadratic: A must be a square matrix, got shape {tuple(A.shape)}")
@@ -80,9 +83,17 @@ class quadratic(Prox):  # noqa: N801
             if float((Ad - Ad.T).abs().max() if Ad.numel() else 0.0) > 1e-10 * (1 + scale):
                 raise ValueError("quadratic: A must be symmetric")
             w, Q = torch.linalg.eigh(0.5 * (Ad + Ad.T))
-            if w.numel() and float(w.min()) < -1e-10 * (1 + scale):
+            # a PSD matrix rounded to A's dtype may have eigenvalues down to about -n eps |A|
+            neg_tol = max(1e-10, 8 * max(A.shape[0], 1) * torch.finfo(A.dtype).eps) * (1 + scale)
+            if w.numel() and float(w.min()) < -neg_tol:
                 raise ValueError(f"quadratic: A must be positive semidefinite, smallest eigenvalue {float(w.min()):g}")
-        self._set(A=A, b=b, _cache_w=w.clamp_min(0), _cache_Q=Q)
+        self._set(
+            A=A,
+            b=b,
+            c=None if c is None else check_hyper("quadratic", "c", c, min_value=None),
+            _cache_w=w.clamp_min(0),
+            _cache_Q=Q,
+        )
 
     def _check_n(self, v):
         if v.numel() != self.A.shape[0]:
@@ -109,7 +120,7 @@ class quadratic(Prox):  # noqa: N801
         val = 0.5 * v @ (self.A.to(v) @ v)
         if self.b is not None:
             val = val + self.b.reshape(-1).to(v) @ v
-        return val
+        return val if self.c is None else val + _hyper_as(self.c, val)
 
 
 class huber(Elementwise):  # noqa: N801

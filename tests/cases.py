@@ -142,3 +142,22 @@ CASES += [
     Case("conjugate", lambda: pf.conjugate(pf.l2(0.8))),
     Case("moreau_env", lambda: pf.moreau_env(pf.l1(0.5), 0.7)),
 ]
+
+# ---------------------------------------------------------------- catalog (issue 18)
+CASES += [
+    Case("tv1d", lambda: pf.tv1d(0.4), smooth_grad=False),
+    Case("tv1d_dim0", lambda: pf.tv1d(0.3, dim=0), mats, smooth_grad=False),
+    Case("fused_lasso", lambda: pf.fused_lasso(0.4, 0.1), smooth_grad=False),
+    Case("log_sum", lambda: pf.log_sum(0.3, eps=0.5), convex=False, smooth_grad=False),
+    Case(
+        "weighted_nuclear",
+        lambda: pf.weighted_nuclear(torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)),
+        mats,
+        convex=False,
+    ),  # fmt: skip
+    Case("sparse_simplex", lambda: pf.sparse_simplex(3, 2.0), convex=False, projection=True, smooth_grad=False),
+    Case("sparse_l1_ball", lambda: pf.sparse_l1_ball(3, 1.5), convex=False, projection=True, smooth_grad=False),
+]
+# The iterative operators (sum_of, intersection, birkhoff, tv2d) have float tolerances that are not
+# differentiable hyperparameters and an eager early stop that a trace does not take: they are
+# tested in tests/test_catalog_combine.py and tests/test_catalog_value.py.
