@@ -256,6 +256,9 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor")
 
 
+_PROBED: dict[int, int | None] = {}  # _linear_like of every module of the model being traced
+
+
 def _linear_like(m: nn.Module) -> int | None:
     """The weight dimension that holds the output features of a module computing ``x @ W.T + b``
     (``0``, ``nn.Linear``) or ``x @ W + b`` (``1``, Hugging Face's ``Conv1D``), else ``None``.
@@ -268,6 +271,8 @@ def _linear_like(m: nn.Module) -> int | None:
     cls = _original_class(m)
     if issubclass(cls, nn.Linear):
         return 0
+    if id(m) in _PROBED:
+        return _PROBED[id(m)]
     if cls.__module__.startswith(("torch.", "proxfunc.")) or any(True for _ in m.children()):
         return None
     params = dict(m.named_parameters(recurse=False))
@@ -1123,7 +1128,14 @@ def find_neurons(model: nn.Module, *, groups: Sequence[Neurons] = ()) -> Plan:
     reasons: dict[str, str] = {}
     inner, prefix = _unwrapped(model)
     tied = _tied(inner, prefix)
-    _analyze(inner, prefix, plan, reasons, tied)
+    # probe every module before tracing: a module called while fx traces would be traced
+    probed = {id(m): _linear_like(m) for m in inner.modules()}
+    _PROBED.update(probed)
+    try:
+        _analyze(inner, prefix, plan, reasons, tied)
+    finally:
+        for k in probed:
+            _PROBED.pop(k, None)
     if groups:
         manual = [_manual_group(model, d, tied) for d in groups]
         taken = {n for g in manual for n in g.params}
