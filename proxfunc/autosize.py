@@ -923,7 +923,11 @@ def _group_of(s: _Space, root: nn.Module, prefix: str) -> NeuronGroup:
         incoming.append(p)
         dims.append(d)
     outgoing, out_dims, notes = [], [], []
-    for m, w, d, flat in s.reads:
+    reads = []
+    for m, w, d, flat in s.reads:  # through flatten after global pooling: one column per channel
+        size = root.get_submodule(m[len(prefix) :]).weight.shape[d]
+        reads.append((m, w, d, flat and size != s.n))
+    for m, w, d, flat in reads:
         if flat:
             notes.append(f"outgoing weights of {m} not grouped: flatten between")
         else:
@@ -954,7 +958,7 @@ def _group_of(s: _Space, root: nn.Module, prefix: str) -> NeuronGroup:
         outgoing_dims=tuple(out_dims),
         steps=tuple(s.steps),
         norms=tuple(s.norms),
-        flatten=any(r[3] for r in s.reads),
+        flatten=any(r[3] for r in reads),
         note="; ".join(notes),
         weights_in=tuple(weights_in),
         reads=tuple((m, w, d) for m, w, d, _ in s.reads),
