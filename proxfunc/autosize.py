@@ -621,6 +621,7 @@ class _Graph:
         self.spaces: dict[int, _Space] = {}
         self.env: dict[fx.Node, _Val | None] = {}
         self.ffn: list[str] = []
+        self.kept: dict[str, str] = {}  # opaque modules holding parameters
 
     # union-find
     def new(self, **kw: Any) -> int:
@@ -806,6 +807,8 @@ class _Graph:
         else:
             why = f"its output goes through {name} ({cls}), which is not known to act on each channel alone"
         self.opaque(node, why, f"the output of {name} ({cls})")
+        if any(True for _ in m.parameters(recurse=False)) and not _is_channel_norm(m):
+            self.kept[name] = f"{cls} is kept whole: auto-sizing does not know how its channels map to its parameters"
 
     def _per_channel(self, node: fx.Node, x: _Val, name: str, m: nn.Module, cls: str, layouts: tuple) -> None:
         s = self.space(x.sid)
@@ -827,9 +830,7 @@ class _Graph:
         method = node.op == "call_method"
         desc = f".{target}()" if method else _fn_name(target)
         first = self.val(args[0]) if args else None
-        if (method and target in _META_METHODS) or (
-            target is getattr and len(args) > 1 and args[1] in _META_ATTRS
-        ):
+        if (method and target in _META_METHODS) or (target is getattr and len(args) > 1 and args[1] in _META_ATTRS):
             self.env[node] = None
             return
         if target is getattr or target is operator.getitem:
@@ -860,9 +861,13 @@ class _Graph:
             if isinstance(other, (int, float)) or (isinstance(other, fx.Node) and self.val(other) is None):
                 self.step(node, v, f"{join} {other!r}" if isinstance(other, (int, float)) else f"{join} (number)")
                 return
-        elif first is not None and args and (
-            (method and target in _ACT_METHODS)
-            or (not method and (target in _ACT_FUNCTIONS or target in _DROPOUT_FUNCTIONS))
+        elif (
+            first is not None
+            and args
+            and (
+                (method and target in _ACT_METHODS)
+                or (not method and (target in _ACT_FUNCTIONS or target in _DROPOUT_FUNCTIONS))
+            )
         ):
             others = [n for n in node.all_input_nodes if n is not args[0] and self.env.get(n) is not None]
             if not others or target in ("to", "type_as"):
@@ -889,7 +894,7 @@ class _Graph:
         )
 
     def groups(self) -> tuple[list[NeuronGroup], dict[str, str], set[str]]:
-        groups, reasons, outputs = [], {}, set()
+        groups, reasons, outputs = [], dict(self.kept), set()
         roots = sorted({self.find(s) for s in self.spaces}, key=lambda r: self.spaces[r].order)
         for r in roots:
             s = self.spaces[r]
@@ -1172,7 +1177,7 @@ def find_neurons(model: nn.Module, *, groups: Sequence[Neurons] = ()) -> Plan:
                     msg = plan.untraced[untraced]
                     reason = f"inside {untraced or 'the model'}, which torch.fx could not trace ({msg})"
                 else:
-                    reason = f"{type(m).__name__} is not a layer auto-sizing knows, or it is not called by forward"
+                    reason = f"{type(m).__name__} is not called by the traced forward"
         plan.skipped[name] = reason
     return plan
 
@@ -1564,9 +1569,7 @@ def shrink(
     get = weights.__getitem__
     masks = {g.name + str(i): _masks(g, get) for i, g in enumerate(plan.groups)}
     # what every consumer of a group with constant neurons reads, on example_inputs
-    wanted = {
-        r[0] for i, g in enumerate(plan.groups) for r in g.reads if bool((masks[g.name + str(i)][0]).any())
-    }
+    wanted = {r[0] for i, g in enumerate(plan.groups) for r in g.reads if bool((masks[g.name + str(i)][0]).any())}
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         _get(new, name).register_forward_pre_hook(lambda mod, args, _n=name: seen.__setitem__(_n, args[0].detach()))

@@ -32,7 +32,14 @@ def bert():
 
 def gpt2():
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, use_cache=False, bos_token_id=0, eos_token_id=0
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(cfg)
 
@@ -125,6 +132,8 @@ def test_hf_mlp_groups_found_and_shrunk_exactly(name):
             m = small.get_submodule(p)
             width = m.weight.shape[1] if name == "gpt2" else m.weight.shape[0]
             assert width == hidden - 5
+        c = small.get_submodule(consumer)
+        assert (c.weight.shape[0] if name == "gpt2" else c.weight.shape[1]) == hidden - 5
     assert sum(p.numel() for p in small.parameters()) < before
     other = torch.randint(0, VOCAB, (3, 9))
     torch.testing.assert_close(_out(small, other), _out(model, other), rtol=1e-5, atol=1e-5)
@@ -196,3 +205,14 @@ def test_gpt2_tied_embedding_prox_and_shrink():
     small = autosize.shrink(model.eval(), torch.randint(0, VOCAB, (2, 5)))
     assert small.lm_head.weight is small.transformer.wte.weight
     assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
+
+
+def test_report_on_meta_hf_model():
+    """A model on the meta device (no values): groups and sizes, no counts."""
+    with torch.device("meta"):
+        model = gpt2()
+    plan = autosize.find_neurons(model)
+    assert [g.producers for g in plan.groups] == [("transformer.h.0.mlp.c_fc",), ("transformer.h.1.mlp.c_fc",)]
+    rep = autosize.report(model)
+    assert [(r.total, r.alive) for r in rep.rows] == [(64, None), (64, None)]
+    assert "?/128" in str(rep)
