@@ -216,3 +216,20 @@ def test_report_on_meta_hf_model():
     rep = autosize.report(model)
     assert [(r.total, r.alive) for r in rep.rows] == [(64, None), (64, None)]
     assert "?/128" in str(rep)
+
+
+def test_example_hf_autosize_runs(capsys):
+    """``examples/hf_autosize.py`` end to end, briefly: train, report, shrink, compare."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "hf_autosize.py"
+    spec = importlib.util.spec_from_file_location("hf_autosize", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--arch", "llama", "--steps", "12", "--reg", "30", "--d", "32", "--hidden", "64"])
+    assert out["groups"] == 2 and out["total"] == 128
+    assert out["alive"] < out["total"] and out["params"][1] < out["params"][0]
+    assert out["max_diff"] < 1e-4
+    printed = capsys.readouterr().out
+    assert "gated" in printed and "latency" in printed and "parameters" in printed
