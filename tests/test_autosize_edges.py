@@ -212,3 +212,71 @@ def test_nothing_silent_unknown_layers_and_tracing_failures():
         prox, skipped = autosize.neuron_prox(Untraceable(), pf.l21(0.1))
     assert any("could not trace 1 part(s) of Untraceable" in str(x.message) for x in w)
     assert prox.rules  # the body's group is still found
+
+
+class ResMLP(nn.Module):
+    """A residual stream of Linears: ``h = h + block(h)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)) for _ in range(2))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.w1 = nn.Linear(8, 12, bias=False)
+        self.w3 = nn.Linear(8, 12, bias=False)
+        self.w2 = nn.Linear(12, 8, bias=False)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(self.w2(F.silu(self.w1(h)) * self.w3(h)))
+
+
+def test_linear_residual_stream_and_gated_mlp():
+    torch.manual_seed(5)
+    model = ResMLP()
+    plan = autosize.find_neurons(model)
+    stream = next(g for g in plan.groups if g.kind == "residual")
+    assert stream.producers == ("inp", "blocks.0.2", "blocks.1.2")
+    assert stream.consumers == ("blocks.0.0", "blocks.1.0", "head")
+    assert [g.name for g in plan.groups if g.kind == "linear"] == ["blocks.0.0", "blocks.1.0"]
+    assert plan.skipped == {"head": "output layer: its outputs leave the model"}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in ("inp", "blocks.0.2", "blocks.1.2"):  # stream channel 1: written by nobody
+            params[f"{name}.weight"][1] = 0
+            params[f"{name}.bias"][1] = 0
+        for name in ("blocks.0.0", "blocks.1.0", "head"):  # stream channel 6: read by nobody
+            params[f"{name}.weight"][:, 6] = 0
+    small = autosize.shrink(model, torch.randn(4, 3))
+    assert small.inp.out_features == small.head.in_features == 6
+    assert [b[2].out_features for b in small.blocks] == [6, 6]
+    x = torch.randn(9, 3)
+    torch.testing.assert_close(small(x), model(x))
+
+    model = SwiGLU()
+    plan = autosize.find_neurons(model)
+    gated = next(g for g in plan.groups if g.kind == "gated")
+    assert (gated.producers, gated.consumers) == (("w1", "w3"), ("w2",))
+    assert (gated.incoming, gated.outgoing, gated.outgoing_dims) == (("w1.weight", "w3.weight"), ("w2.weight",), (1,))
+    # w2.weight is the incoming weight of the next group (w2 -> head): a tensor is in one rule only
+    assert plan.rule_names(outgoing=True)[1] == (("w1.weight", "w3.weight"), (0, 0))
+    with torch.no_grad():
+        model.w3.weight[[0, 5]] = 0  # silu(.) * 0: dead through the product...
+        model.w1.weight[[0, 5]] = 0  # ...and removable once both rows are zero
+        model.w2.weight[:, 7] = 0
+    small = autosize.shrink(model, torch.randn(4, 3))
+    assert small.w1.out_features == small.w3.out_features == small.w2.in_features == 9
+    torch.testing.assert_close(small(x), model(x))
