@@ -242,10 +242,9 @@ def _is_hf_activation(m: nn.Module) -> bool:
 
 def _is_channel_norm(m: nn.Module) -> bool:
     """A normalisation across channels (``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and the like)."""
-    if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)) or type(m).__name__ == "RMSNorm":
+    if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)):
         return True
-    name = type(m).__name__
-    return name.endswith(("LayerNorm", "RMSNorm", "GroupNorm"))
+    return type(m).__name__.endswith(("LayerNorm", "RMSNorm", "GroupNorm"))  # e.g. LlamaRMSNorm
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -705,6 +704,11 @@ class _Graph:
                 self.env[node] = _Val(self.new(source=f"the input '{node.target}' of {self.where}"), "any")
             elif node.op == "get_attr":
                 self.env[node] = _Val(self.new(source=f"the tensor {self.prefix}{node.target}"), "any")
+                owner = str(node.target).rpartition(".")[0]
+                self.kept.setdefault(
+                    self.prefix + owner if owner else self.prefix[:-1],
+                    f"its tensor {node.target} is used directly by forward, not through a layer call",
+                )
             elif node.op == "output":
                 for v in self.vals(node):
                     self.block(v.sid, f"output layer: its outputs leave {self.where}", output=True)
@@ -898,7 +902,9 @@ class _Graph:
         roots = sorted({self.find(s) for s in self.spaces}, key=lambda r: self.spaces[r].order)
         for r in roots:
             s = self.spaces[r]
-            if not s.producers:
+            if not s.producers:  # per-channel modules on channels no layer writes (e.g. the input)
+                for m in s.norms:
+                    reasons.setdefault(m, s.blocked or f"its channels come from {s.source or 'no layer'}")
                 continue
             why = s.blocked
             if why is None and not s.reads:
