@@ -1424,9 +1424,10 @@ def _padded(conv: nn.Module) -> bool:
 
 
 def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    # with gradients enabled: nn.TransformerEncoderLayer then runs its modules one by one (its
-    # fused inference path would skip the hooks that record what each consumer reads)
-    with torch.enable_grad():
+    # nn.TransformerEncoderLayer's fused inference path would skip the hooks that record what
+    # each consumer reads: with gradients enabled it runs its modules one by one
+    fused = any(isinstance(m, _TRANSFORMER_LAYERS) for m in model.modules())
+    with torch.set_grad_enabled(fused):
         out = model(*inputs)
     return [t.detach() for t in _tree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
