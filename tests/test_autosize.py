@@ -96,6 +96,8 @@ def test_shrink_random_mlp_exact(case):
     new_widths = [int((~((orig[k] == 0).all(1) | (orig[k + 1] == 0).all(0))).sum()) for k in range(len(widths))]
     for k, w in enumerate(widths):  # the drawn dead sets are removed (at least)
         assert new_widths[k] <= w - len(dead_in[k] | dead_out[k])
+    # a layer keeps one neuron at least (the documented rule, for Linear and convolutions alike)
+    new_widths = [max(1, w) for w in new_widths]
     lin = [m for m in small if isinstance(m, nn.Linear)]
     assert [m.out_features for m in lin[:-1]] == new_widths
     sizes = [d_in, *new_widths, d_out]
@@ -204,7 +206,7 @@ def test_find_neurons_user_modules():
 
     plan = autosize.find_neurons(Residual())
     assert [g.producer for g in plan.groups] == ["b"]
-    assert plan.skipped["a"] == "its output is combined with another value in add"
+    assert plan.skipped["a"] == "its output is combined with the input 'x' of the model in add"
 
     plan = autosize.find_neurons(Shared())
     assert plan.groups == []
