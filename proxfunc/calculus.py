@@ -29,7 +29,13 @@ __all__ = [
 
 
 class identity(Prox):  # noqa: N801
-    """The prox of ``f = 0``: ``op(x, t) = x``. The same tensors come back (nothing is copied)."""
+    """The prox of ``f = 0``: ``op(x, t) = x``. The same tensors come back (nothing is copied).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.identity()(torch.tensor([1.0, -2.0]), 0.1)
+        tensor([ 1., -2.])
+    """
 
     _public_name = "identity"
     separable = True
@@ -58,6 +64,12 @@ class chain(Prox):  # noqa: N801
     * any operator followed by a projection onto a set it maps into itself.
 
     In general it is a splitting heuristic, not the prox of the sum.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> op = pf.chain(pf.l1(0.5), pf.nonneg())
+        >>> op(torch.tensor([-2.0, 0.3, 1.0]), 1.0)
+        tensor([0.0000, 0.0000, 0.5000])
     """
 
     _hyper_names = ("ops",)
@@ -120,6 +132,12 @@ class partition(Prox):  # noqa: N801
         })
 
     Parikh & Boyd (2014) section 2.1 (separable sum).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> params = {'w': torch.tensor([3.0, -0.2]), 'b': torch.tensor([0.1])}
+        >>> pf.partition({'w': pf.l1(0.5)})(params, 1.0)   # 'b' passes through
+        {'w': tensor([2.5000, -0.0000]), 'b': tensor([0.1000])}
     """
 
     _hyper_names = ("rules", "strict")
@@ -378,6 +396,11 @@ class scale(Prox):  # noqa: N801
     """Prox of ``g = a * f`` for ``a > 0``: ``op(x, t) = f.prox(x, a*t)``; ``value = a * f.value``.
 
     Parikh & Boyd (2014) section 2.2 (postcomposition).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.scale(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "a")
@@ -402,6 +425,11 @@ class precompose(Prox):  # noqa: N801
 
     ``b`` is a number (added to every entry) or a pytree with the structure of ``params``.
     ``value(z) = f.value(alpha*z + b)``. Parikh & Boyd (2014) section 2.2 (precomposition).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.precompose(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "alpha", "b")
@@ -436,6 +464,11 @@ class add_linear(Prox):  # noqa: N801
 
     ``v`` is a number (every entry) or a pytree with the structure of ``params``.
     Parikh & Boyd (2014) section 2.2 (affine addition).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.add_linear(pf.l1(1.0), torch.tensor([1.0, 1.0]))(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([ 1., -1.])
     """
 
     _hyper_names = ("op", "v")
@@ -461,6 +494,11 @@ class add_quadratic(Prox):  # noqa: N801
 
     ``v`` is a number or a pytree with the structure of ``params`` (default 0).
     Parikh & Boyd (2014) section 2.2 (regularization).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.add_quadratic(pf.l1(1.0), 1.0)(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "rho", "v")
@@ -510,6 +548,11 @@ class conjugate(Prox):  # noqa: N801
     domain is tested with the same relative tolerances as the sets' own ``value`` (``+inf``
     outside). For others it raises ``NotImplementedError`` (the prox still works).
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.conjugate(pf.l1(1.0))(torch.tensor([3.0, -0.5]), 1.0)   # projection onto the linf ball
+        tensor([ 1.0000, -0.5000])
     """
 
     _hyper_names = ("op",)
@@ -541,6 +584,14 @@ class moreau_env(Prox):  # noqa: N801
     * ``op(x, t) = x + t/(mu + t) * (f.prox(x, mu + t) - x)``, the prox of ``t*M``.
 
     Parikh & Boyd (2014) sections 1.2, 3.1 and 2.2 (prox of the envelope).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> env = pf.moreau_env(pf.l1(1.0), mu=1.0)
+        >>> env.value(torch.tensor([3.0, 0.5]))   # Huber
+        tensor(2.6250)
+        >>> env.grad(torch.tensor([3.0, 0.5]))
+        tensor([1.0000, 0.5000])
     """
 
     _hyper_names = ("op", "mu")

@@ -147,6 +147,11 @@ class elastic_net(Elementwise):  # noqa: N801
         op(x, t) = soft_threshold(x, reg*t) / (1 + reg*gamma*t).
 
     Parikh & Boyd (2014), section 6.5.3 (Zou & Hastie 2005). ``gamma >= 0``; ``gamma = 0`` is l1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.elastic_net(0.5, gamma=1.0)(torch.tensor([-2.0, 0.3, 1.0]), 1.0)
+        tensor([-1.0000,  0.0000,  0.3333])
     """
 
     _hyper_names = ("reg", "gamma")
@@ -177,6 +182,11 @@ class log_barrier(Elementwise):  # noqa: N801
     evaluated as ``2*reg*t / (sqrt(x^2 + 4*reg*t) - x)`` for ``x < 0`` so that large negative
     entries keep full relative accuracy. Parikh & Boyd (2014), section 6.1.2 (the seed's
     ``logbarrier``).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.log_barrier(1.0)(torch.tensor([-1.0, 0.0, 2.0]), 1.0)
+        tensor([0.6180, 1.0000, 2.4142])
     """
 
     _hyper_names = ("reg",)
@@ -212,6 +222,12 @@ class l2(Prox):
 
     The seed's ``l2(weight, bias)`` is ``pf.l2(reg)((weight, bias), lr)`` (with the seed's bias
     bug fixed: the bias is scaled by the same factor). Parikh & Boyd (2014), section 6.5.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> x = torch.tensor([3.0, 4.0])
+        >>> pf.l2(1.0)(x, 1.0)   # one norm over all leaves: x * (1 - 1/5)
+        tensor([2.4000, 3.2000])
     """
 
     _hyper_names = ("reg",)
@@ -244,6 +260,11 @@ class linf(Prox):
     threshold of the projection onto the l1 ball of radius ``reg*t`` (``tau = max|x|``, the
     identity, when ``reg*t = 0``). Parikh & Boyd (2014), sections 2.5 and 6.5.2; the l1-ball
     threshold is found without sorting (see :mod:`proxfunc.kernels.threshold`).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.linf(1.0)(torch.tensor([3.0, -1.0, 0.5]), 1.0)
+        tensor([ 2.0000, -1.0000,  0.5000])
     """
 
     _hyper_names = ("reg",)

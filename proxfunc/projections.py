@@ -40,6 +40,11 @@ class box(Projection):  # noqa: N801
     ``lower``/``upper`` are floats (``-inf``/``inf`` allowed) or tensors that broadcast
     against every leaf (per-entry bounds). ``lower <= upper`` is required.
     Parikh & Boyd (2014) section 6.2.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.box(-1.0, 1.0)(torch.tensor([-2.0, 0.5, 3.0]))
+        tensor([-1.0000,  0.5000,  1.0000])
     """
 
     _hyper_names = ("lower", "upper")
@@ -84,7 +89,13 @@ class box(Projection):  # noqa: N801
 
 
 class nonneg(Projection):  # noqa: N801
-    """Projection onto the non-negative orthant ``{z >= 0}``: ``max(x, 0)``. Section 6.2.1."""
+    """Projection onto the non-negative orthant ``{z >= 0}``: ``max(x, 0)``. Section 6.2.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.nonneg()(torch.tensor([-2.0, 0.5]))
+        tensor([0.0000, 0.5000])
+    """
 
     _public_name = "nonneg"
     separable = True
@@ -174,6 +185,11 @@ class simplex(Projection):  # noqa: N801
 
     ``theta`` is found exactly without sorting (Michelot 1986; Condat 2016), over all leaves
     together. Held, Wolfe & Crowder (1974); Duchi et al. (2008).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.simplex()(torch.tensor([0.5, 1.0, -1.0]))
+        tensor([0.2500, 0.7500, 0.0000])
     """
 
     _hyper_names = ("radius",)
@@ -214,6 +230,11 @@ class l1_ball(Projection):  # noqa: N801
 
     Computed as ``x - clamp(x, -tau, tau)`` with ``tau = 0`` inside, so interior points are
     never moved. Sort-free exact threshold (Michelot; Condat 2016); Duchi et al. (2008).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l1_ball(1.0)(torch.tensor([3.0, -1.0, 0.5]))
+        tensor([1., -0., 0.])
     """
 
     _hyper_names = ("radius",)
@@ -251,6 +272,11 @@ class l2_ball(Projection):  # noqa: N801
         op(x) = x * min(1, radius / ||x||_2)   (the norm over all leaves together).
 
     Points inside are returned unchanged. Parikh & Boyd (2014) section 6.2.3 (via 6.5.1).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l2_ball(1.0)(torch.tensor([3.0, 4.0]))
+        tensor([0.6000, 0.8000])
     """
 
     _hyper_names = ("radius",)
@@ -276,7 +302,13 @@ class l2_ball(Projection):  # noqa: N801
 
 
 class linf_ball(Projection):  # noqa: N801
-    """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``."""
+    """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.linf_ball(1.0)(torch.tensor([3.0, -0.5]))
+        tensor([ 1.0000, -0.5000])
+    """
 
     _hyper_names = ("radius",)
     _public_name = "linf_ball"

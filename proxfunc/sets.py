@@ -106,6 +106,11 @@ class hyperplane(Projection):  # noqa: N801
 
     ``a`` is a tensor with as many entries as ``params`` (all leaves flattened in order).
     Parikh & Boyd (2014) section 6.2.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.hyperplane(torch.tensor([1.0, 1.0]), 1.0)(torch.tensor([2.0, 0.0]))
+        tensor([ 1.5000, -0.5000])
     """
 
     _hyper_names = ("a", "b")
@@ -139,6 +144,11 @@ class halfspace(hyperplane):  # noqa: N801
         op(x) = x - max(<a, x> - b, 0) / ||a||^2 * a   (points inside come back unchanged).
 
     Parikh & Boyd (2014) section 6.2.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.halfspace(torch.tensor([1.0, 1.0]), 1.0)(torch.tensor([2.0, 1.0]))
+        tensor([1., 0.])
     """
 
     _public_name = "halfspace"
@@ -171,6 +181,12 @@ class affine(Projection):  # noqa: N801
     is fine). ``A`` is ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m``
     entries and must lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set
     would be empty). Parikh & Boyd (2014) section 6.2.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> A, b = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1.0])
+        >>> pf.affine(A, b)(torch.tensor([2.0, 0.0, 5.0]))
+        tensor([ 1.5000, -0.5000,  5.0000])
     """
 
     _hyper_names = ("A", "b")
@@ -236,6 +252,12 @@ class soc(Projection):  # noqa: N801
         op(x) = (s + ||y||) / (2||y||) * (y, ||y||)  otherwise.
 
     Parikh & Boyd (2014) section 6.3.2.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> y, s = torch.tensor([3.0, 4.0]), torch.tensor(1.0)
+        >>> pf.soc()((y, s))
+        (tensor([1.8000, 2.4000]), tensor(3.))
     """
 
     _public_name = "soc"
@@ -336,6 +358,12 @@ class psd(Projection):  # noqa: N801
     (the skew part is orthogonal to every symmetric matrix). ``value`` is ``0`` when every matrix
     is symmetric and PSD up to a relative tolerance. Leaves that are not square matrices raise
     ``ValueError`` naming the leaf. Parikh & Boyd (2014) section 6.3.3; Higham (1988).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.psd()(torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
+        tensor([[1., 0.],
+                [0., 0.]])
     """
 
     _public_name = "psd"
@@ -383,6 +411,11 @@ class l2_sphere(Projection):  # noqa: N801
 
     At ``x = 0`` every point of the sphere is nearest; the tie is broken by returning
     ``radius * e_1`` (the first entry of the first leaf). Parikh & Boyd (2014) section 6.2.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l2_sphere(1.0)(torch.tensor([0.0, 2.0]))
+        tensor([0., 1.])
     """
 
     _hyper_names = ("radius",)
@@ -421,6 +454,11 @@ class l1_sphere(Projection):  # noqa: N801
     inequalities), with equality exactly at ``x + c s``: a global minimiser, unique unless ``x``
     has zeros, where the tie (either sign) is broken towards ``+``. The l1-ball threshold is the
     sort-free one of :mod:`proxfunc.kernels.threshold`.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l1_sphere(1.0)(torch.tensor([0.25, -0.25]))
+        tensor([ 0.5000, -0.5000])
     """
 
     _hyper_names = ("radius",)
@@ -542,6 +580,11 @@ class box_hyperplane(Projection):  # noqa: N801
     values are concrete; ``ValueError`` naming ``b``). ``lam`` is found by bisection on the
     breakpoints' bracket followed by an exact closed-form finish (see :func:`knapsack_lambda`).
     Parikh & Boyd (2014) section 6.2.4; Helgason et al. (1980); Kiwiel (2008).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.box_hyperplane(0.0, 1.0, 1.0)(torch.tensor([0.9, 0.8, -0.5]))   # capped simplex
+        tensor([0.5500, 0.4500, 0.0000])
     """
 
     _hyper_names = ("lower", "upper", "b", "a")
@@ -614,6 +657,11 @@ class k_sparse(Projection):  # noqa: N801
     ``k`` is an int ``>= 0``; a ``k`` larger than the number of entries raises ``ValueError``.
     Parikh & Boyd (2014) section 6.2 (projection onto a non-convex set); Blumensath & Davies
     (2009), iterative hard thresholding.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.k_sparse(1)(torch.tensor([3.0, -4.0, 1.0]))
+        tensor([ 0., -4.,  0.])
     """
 
     _hyper_names = ("k",)
