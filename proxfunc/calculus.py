@@ -65,6 +65,9 @@ class chain(Prox):  # noqa: N801
 
     In general it is a splitting heuristic, not the prox of the sum.
 
+    Args:
+        *ops: the operators, applied in this order with the same step.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> op = pf.chain(pf.l1(0.5), pf.nonneg())
@@ -124,7 +127,7 @@ class partition(Prox):  # noqa: N801
     exactly one name, raises ``ValueError``; a name claimed by two rules always does (the
     blocks of a separable sum must be disjoint). ``value`` is the sum of the rules' values.
 
-    Example (the auto-sizing rule of the seed, neuron i = row i of the weight and bias)::
+    A name claimed by two rules raises (neuron i = row i of the weight and bias)::
 
         prox = pf.partition({
             ("linear1.weight", "linear1.bias"): pf.linf1(0.005),
@@ -132,6 +135,10 @@ class partition(Prox):  # noqa: N801
         })
 
     Parikh & Boyd (2014) section 2.1 (separable sum).
+
+    Args:
+        rules: a mapping (or pairs) from a glob pattern or a tuple of names to an operator.
+        strict: refuse rules that match nothing (default ``True``).
 
     Example:
         >>> import torch, proxfunc as pf
@@ -397,6 +404,10 @@ class scale(Prox):  # noqa: N801
 
     Parikh & Boyd (2014) section 2.2 (postcomposition).
 
+    Args:
+        op: the operator of ``f``.
+        a: the factor, ``> 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.scale(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
@@ -425,6 +436,11 @@ class precompose(Prox):  # noqa: N801
 
     ``b`` is a number (added to every entry) or a pytree with the structure of ``params``.
     ``value(z) = f.value(alpha*z + b)``. Parikh & Boyd (2014) section 2.2 (precomposition).
+
+    Args:
+        op: the operator of ``f``.
+        alpha: the scale of the argument, ``!= 0``.
+        b: the shift, a number or a pytree like ``params``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -465,6 +481,10 @@ class add_linear(Prox):  # noqa: N801
     ``v`` is a number (every entry) or a pytree with the structure of ``params``.
     Parikh & Boyd (2014) section 2.2 (affine addition).
 
+    Args:
+        op: the operator of ``f``.
+        v: the linear term, a number or a pytree like ``params``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.add_linear(pf.l1(1.0), torch.tensor([1.0, 1.0]))(torch.tensor([3.0, -1.0]), 1.0)
@@ -494,6 +514,11 @@ class add_quadratic(Prox):  # noqa: N801
 
     ``v`` is a number or a pytree with the structure of ``params`` (default 0).
     Parikh & Boyd (2014) section 2.2 (regularization).
+
+    Args:
+        op: the operator of ``f``.
+        rho: the weight of the quadratic, ``>= 0``.
+        v: its centre, a number or a pytree like ``params``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -549,6 +574,9 @@ class conjugate(Prox):  # noqa: N801
     outside). For others it raises ``NotImplementedError`` (the prox still works).
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
 
+    Args:
+        op: the operator of ``f``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.conjugate(pf.l1(1.0))(torch.tensor([3.0, -0.5]), 1.0)   # projection onto the linf ball
@@ -584,6 +612,10 @@ class moreau_env(Prox):  # noqa: N801
     * ``op(x, t) = x + t/(mu + t) * (f.prox(x, mu + t) - x)``, the prox of ``t*M``.
 
     Parikh & Boyd (2014) sections 1.2, 3.1 and 2.2 (prox of the envelope).
+
+    Args:
+        op: the operator of ``f``.
+        mu: the smoothing parameter, ``> 0``.
 
     Example:
         >>> import torch, proxfunc as pf

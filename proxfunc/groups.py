@@ -110,6 +110,12 @@ class l21(GroupProx):  # noqa: N801
     The seed's ``l21(weight, bias)`` is ``pf.l21(reg)((weight, bias), lr)``.
     Parikh & Boyd (2014) section 6.5.4; Murray & Chiang (2015).
 
+    Args:
+        reg: weight of the penalty, ``>= 0``; a group dies when its l2 norm is ``<= reg * step``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a
+            pytree of ints with the structure of ``params`` (negative dims count from the end). Group ``i`` is
+            slice ``i`` along it of every leaf; all leaves must have the same number of groups.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> W, b = torch.tensor([[3.0, 4.0], [0.3, 0.4]]), torch.zeros(2)
@@ -199,6 +205,12 @@ class linf1(GroupProx):
     The thresholds of all groups are found together without sorting (Michelot's fixed point,
     exact; see :mod:`proxfunc.kernels.threshold`). Murray & Chiang (2015) introduced linf1
     for auto-sizing; Parikh & Boyd (2014) sections 2.5, 6.5.2 and 6.5.4; Duchi et al. (2008).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``; a group dies when its l1 norm is ``<= reg * step``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a
+            pytree of ints with the structure of ``params`` (negative dims count from the end). Group ``i`` is
+            slice ``i`` along it of every leaf; all leaves must have the same number of groups.
 
     Example:
         >>> import torch, proxfunc as pf

@@ -41,6 +41,10 @@ class box(Projection):  # noqa: N801
     against every leaf (per-entry bounds). ``lower <= upper`` is required.
     Parikh & Boyd (2014) section 6.2.1.
 
+    Args:
+        lower: lower bound, a float (``-inf`` allowed) or a tensor broadcasting against every leaf.
+        upper: upper bound, likewise; ``lower <= upper``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.box(-1.0, 1.0)(torch.tensor([-2.0, 0.5, 3.0]))
@@ -186,6 +190,9 @@ class simplex(Projection):  # noqa: N801
     ``theta`` is found exactly without sorting (Michelot 1986; Condat 2016), over all leaves
     together. Held, Wolfe & Crowder (1974); Duchi et al. (2008).
 
+    Args:
+        radius: the sum of the result, ``> 0``, over all leaves together.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.simplex()(torch.tensor([0.5, 1.0, -1.0]))
@@ -231,6 +238,9 @@ class l1_ball(Projection):  # noqa: N801
     Computed as ``x - clamp(x, -tau, tau)`` with ``tau = 0`` inside, so interior points are
     never moved. Sort-free exact threshold (Michelot; Condat 2016); Duchi et al. (2008).
 
+    Args:
+        radius: radius of the ball, ``>= 0``, over all leaves together.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.l1_ball(1.0)(torch.tensor([3.0, -1.0, 0.5]))
@@ -273,6 +283,9 @@ class l2_ball(Projection):  # noqa: N801
 
     Points inside are returned unchanged. Parikh & Boyd (2014) section 6.2.3 (via 6.5.1).
 
+    Args:
+        radius: radius of the ball, ``>= 0``, over all leaves together.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.l2_ball(1.0)(torch.tensor([3.0, 4.0]))
@@ -303,6 +316,9 @@ class l2_ball(Projection):  # noqa: N801
 
 class linf_ball(Projection):  # noqa: N801
     """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``.
+
+    Args:
+        radius: radius of the ball, ``>= 0``.
 
     Example:
         >>> import torch, proxfunc as pf
