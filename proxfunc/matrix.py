@@ -161,6 +161,9 @@ class nuclear(Prox):  # noqa: N801
 
     Parikh & Boyd (2014) section 6.7.3; Cai, Candès & Shen (2010).
 
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.nuclear(1.0)(torch.diag(torch.tensor([3.0, 0.5])), 1.0)   # singular values 3, 0.5 -> 2, 0
@@ -198,6 +201,9 @@ class nuclear_ball(Projection):  # noqa: N801
 
     ``tau`` the l1-ball threshold of all singular values of all matrices together
     (``sum max(s - tau, 0) = radius``; sort-free, exact). Parikh & Boyd (2014) section 6.7.
+
+    Args:
+        radius: radius of the ball, ``>= 0``, over all matrices together.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -243,6 +249,9 @@ class spectral(Prox):  # noqa: N801
     ``tau`` the l1-ball threshold of all singular values with radius ``reg*t`` (the result is 0
     when ``sum ||X_b||_* <= reg*t``). Parikh & Boyd (2014) sections 2.5 and 6.7.
 
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.spectral(1.0)(torch.diag(torch.tensor([3.0, 1.0])), 1.0)
@@ -283,6 +292,9 @@ class rank_k(Projection):  # noqa: N801
     a global minimiser of ``||Z - X||_F`` over ``rank(Z) <= k`` (Eckart & Young 1936). When
     ``s_k = s_{k+1}`` the minimiser is not unique; the one returned keeps the singular vectors
     that ``torch.linalg.svd`` lists first. ``0 <= k <= min(m, n)`` (``ValueError`` naming ``k``).
+
+    Args:
+        k: the largest rank kept, ``<= min(m, n)``.
 
     Example:
         >>> import torch, proxfunc as pf

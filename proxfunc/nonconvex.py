@@ -53,6 +53,9 @@ class l0(Elementwise):  # noqa: N801
     At ``|x_j| = sqrt(2*reg*t)`` both ``0`` and ``x_j`` are optimal; the tie is broken towards 0.
     Blumensath & Davies (2009).
 
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.l0(0.5)(torch.tensor([0.9, 1.1, -2.0]), 1.0)   # keep x_j iff x_j^2 > 2 * reg * step
@@ -81,6 +84,12 @@ class group_l0(GroupProx):  # noqa: N801
     A global minimiser: for each group, keeping it costs ``reg``, dropping it costs
     ``||x_g||^2 / (2t)``. Ties (equality) drop the group. This is auto-sizing by count: each
     surviving neuron costs ``reg``. Murray & Chiang (2015); Blumensath & Davies (2009).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a pytree of
+            ints with the structure of ``params``. Group ``i`` is slice ``i`` along it of every leaf; all
+            leaves must have the same number of groups.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -121,6 +130,11 @@ class top_k(k_sparse):  # noqa: N801
     weights of every neuron. A global minimiser; ties in ``|x|`` keep the entry that comes first
     (leaf order, then row-major order inside the group). ``k`` larger than a group raises
     ``ValueError`` naming ``k``.
+
+    Args:
+        k: how many entries are kept (of the whole object, or of every group).
+        group_dim: ``None`` for the whole object, else as for :class:`l21`: the k largest entries of every
+            group are kept.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -165,6 +179,12 @@ class group_top_k(Prox):  # noqa: N801
     A global minimiser (the dropped mass ``sum ||x_g||^2`` over dropped groups is minimal). Ties
     in the group norm keep the group with the lower index. ``0 <= k <= number of groups``
     (``ValueError`` naming ``k``). A projection: ``step`` is ignored.
+
+    Args:
+        k: how many groups are kept.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a pytree of
+            ints with the structure of ``params``. Group ``i`` is slice ``i`` along it of every leaf; all
+            leaves must have the same number of groups.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -230,6 +250,10 @@ class scad(Elementwise):  # noqa: N801
     and returns the best, so it is exactly the global minimiser. Ties are broken towards the
     smaller magnitude. ``sign(op(x)) = sign(x)``.
 
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        a: SCAD's shape parameter, ``> 2``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.scad(1.0)(torch.tensor([0.5, 2.0, 5.0]), 1.0)
@@ -273,6 +297,10 @@ class mcp(Elementwise):  # noqa: N801
     ``|x| = gamma lam``, ``x`` beyond. For every ``t`` the operator compares the minimisers of both
     pieces (clipped stationary point or end points) and ``0`` and returns the best: the exact
     global minimiser, ties broken towards the smaller magnitude.
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        gamma: MCP's concavity parameter, ``> 0``.
 
     Example:
         >>> import torch, proxfunc as pf

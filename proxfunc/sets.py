@@ -107,6 +107,10 @@ class hyperplane(Projection):  # noqa: N801
     ``a`` is a tensor with as many entries as ``params`` (all leaves flattened in order).
     Parikh & Boyd (2014) section 6.2.1.
 
+    Args:
+        a: the normal, a nonzero tensor with one entry per entry of ``params``.
+        b: the offset.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.hyperplane(torch.tensor([1.0, 1.0]), 1.0)(torch.tensor([2.0, 0.0]))
@@ -145,6 +149,10 @@ class halfspace(hyperplane):  # noqa: N801
 
     Parikh & Boyd (2014) section 6.2.1.
 
+    Args:
+        a: the normal, a nonzero tensor with one entry per entry of ``params``.
+        b: the offset.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.halfspace(torch.tensor([1.0, 1.0]), 1.0)(torch.tensor([2.0, 1.0]))
@@ -181,6 +189,10 @@ class affine(Projection):  # noqa: N801
     is fine). ``A`` is ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m``
     entries and must lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set
     would be empty). Parikh & Boyd (2014) section 6.2.1.
+
+    Args:
+        A: the ``(m, n)`` matrix, ``n`` the number of entries of ``params``.
+        b: the right-hand side, ``m`` entries, in the range of ``A``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -412,6 +424,9 @@ class l2_sphere(Projection):  # noqa: N801
     At ``x = 0`` every point of the sphere is nearest; the tie is broken by returning
     ``radius * e_1`` (the first entry of the first leaf). Parikh & Boyd (2014) section 6.2.
 
+    Args:
+        radius: radius of the sphere, ``>= 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.l2_sphere(1.0)(torch.tensor([0.0, 2.0]))
@@ -454,6 +469,9 @@ class l1_sphere(Projection):  # noqa: N801
     inequalities), with equality exactly at ``x + c s``: a global minimiser, unique unless ``x``
     has zeros, where the tie (either sign) is broken towards ``+``. The l1-ball threshold is the
     sort-free one of :mod:`proxfunc.kernels.threshold`.
+
+    Args:
+        radius: radius of the sphere, ``>= 0``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -581,6 +599,12 @@ class box_hyperplane(Projection):  # noqa: N801
     breakpoints' bracket followed by an exact closed-form finish (see :func:`knapsack_lambda`).
     Parikh & Boyd (2014) section 6.2.4; Helgason et al. (1980); Kiwiel (2008).
 
+    Args:
+        lower: lower bound (float or tensor).
+        upper: upper bound (float or tensor).
+        b: the value of ``<a, z>``.
+        a: positive weights, one per entry (default ones).
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.box_hyperplane(0.0, 1.0, 1.0)(torch.tensor([0.9, 0.8, -0.5]))   # capped simplex
@@ -657,6 +681,9 @@ class k_sparse(Projection):  # noqa: N801
     ``k`` is an int ``>= 0``; a ``k`` larger than the number of entries raises ``ValueError``.
     Parikh & Boyd (2014) section 6.2 (projection onto a non-convex set); Blumensath & Davies
     (2009), iterative hard thresholding.
+
+    Args:
+        k: how many entries may be nonzero, ``>= 0``.
 
     Example:
         >>> import torch, proxfunc as pf

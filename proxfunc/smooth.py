@@ -30,6 +30,9 @@ class ridge(Elementwise):  # noqa: N801
 
     Separable. Parikh & Boyd (2014) section 6.1.1 (``A = reg*I``).
 
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.ridge(1.0)(torch.tensor([2.0, -4.0]), 1.0)
@@ -60,6 +63,10 @@ class quadratic(Prox):  # noqa: N801
     entries. ``A = Q diag(w) Q^T`` is factorised **once, at construction**, so every step costs
     two matrix-vector products: ``op(x, t) = Q diag(1 / (1 + t w)) Q^T (x - t b)``.
     Parikh & Boyd (2014) section 6.1.1.
+
+    Args:
+        A: symmetric positive semidefinite ``(n, n)`` tensor, ``n`` the number of entries of ``params``.
+        b: the linear term, ``n`` entries (default none).
 
     Example:
         >>> import torch, proxfunc as pf
@@ -127,6 +134,10 @@ class huber(Elementwise):  # noqa: N801
 
     ``reg >= 0``, ``delta > 0``. Parikh & Boyd (2014) section 6.5.2 (with their ``rho = reg*t``).
 
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        delta: where the quadratic becomes linear, ``> 0``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.huber(1.0, 1.0)(torch.tensor([0.5, 4.0]), 1.0)
@@ -167,6 +178,9 @@ class neg_entropy(Elementwise):  # noqa: N801
     the iterates decrease monotonically (no overshoot); 40 fixed steps reach float64 precision.
     Results below the smallest positive float round to 0. ``reg > 0``; ``value`` is ``inf`` if any
     entry is negative. Parikh & Boyd (2014) section 6.1 (entropy), Corless et al. (1996).
+
+    Args:
+        reg: weight of the penalty, ``> 0``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -210,6 +224,10 @@ class sum_largest(Prox):  # noqa: N801
     the projection onto a box ∩ hyperplane (capped simplex), computed by bisection with an exact
     finish (:func:`proxfunc.sets.knapsack_lambda`). ``1 <= k <= numel`` (``ValueError`` naming ``k``
     otherwise). ``k = 1`` is :class:`max_entry`. Parikh & Boyd (2014) sections 2.5 and 6.4.
+
+    Args:
+        k: how many of the largest entries are summed, ``>= 0``.
+        reg: weight of the penalty, ``>= 0``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -256,6 +274,9 @@ class max_entry(Prox):  # noqa: N801
 
     ``theta`` the simplex threshold of ``x`` with radius ``reg*t`` (sort-free, exact, from
     :mod:`proxfunc.kernels.threshold`). Parikh & Boyd (2014) sections 2.5 and 6.4.1.
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
 
     Example:
         >>> import torch, proxfunc as pf
