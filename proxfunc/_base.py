@@ -277,12 +277,26 @@ class Prox:
 
     # ------------------------------------------------------------------ public API
     def __call__(self, params: Any, step: Hyper = 1.0) -> Any:
-        """``argmin_z f(z) + ||z - params||^2 / (2 * step)``, a new tree shaped like ``params``.
+        """``argmin_z f(z) + ||z - params||^2 / (2 * step)``, a new pytree shaped like ``params``.
 
-        ``step`` is a positive finite float or a positive 0-d floating tensor; it defaults to
-        ``1.0`` (``op(x)`` is the prox of ``f`` with unit step). Projections ignore it.
-        ``params`` is never written to; ``None`` leaves and integer/bool tensor leaves come
-        back as they are.
+        Args:
+            params: a tensor or any pytree of floating tensors; never written to. ``None``
+                leaves and integer/bool tensor leaves (buffers such as ``num_batches_tracked``)
+                come back as they are.
+            step: the prox step, a positive float or a positive 0-d floating tensor. It is
+                ``1.0`` when left out: ``op(x)`` is ``op(x, 1.0)``; in a training loop pass the
+                learning rate. Projections validate it and ignore it.
+
+        Returns:
+            The same structure, shapes, dtypes and devices as ``params``.
+
+        Example:
+            >>> import torch, proxfunc as pf
+            >>> x = torch.tensor([3.0, -0.5])
+            >>> pf.l1(1.0)(x)                 # step 1.0
+            tensor([2., -0.])
+            >>> pf.l1(1.0)(x, 0.1)
+            tensor([ 2.9000, -0.4000])
         """
         step = check_step(self._name(), step)
         leaves, tree = _tree.flatten(params, self._name())

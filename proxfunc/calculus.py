@@ -29,7 +29,13 @@ __all__ = [
 
 
 class identity(Prox):  # noqa: N801
-    """The prox of ``f = 0``: ``op(x, t) = x``. The same tensors come back (nothing is copied)."""
+    """The prox of ``f = 0``: ``op(x, t) = x``. The same tensors come back (nothing is copied).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.identity()(torch.tensor([1.0, -2.0]), 0.1)
+        tensor([ 1., -2.])
+    """
 
     _public_name = "identity"
     separable = True
@@ -58,6 +64,15 @@ class chain(Prox):  # noqa: N801
     * any operator followed by a projection onto a set it maps into itself.
 
     In general it is a splitting heuristic, not the prox of the sum.
+
+    Args:
+        *ops: the operators, applied in this order with the same step.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> op = pf.chain(pf.l1(0.5), pf.nonneg())
+        >>> op(torch.tensor([-2.0, 0.3, 1.0]), 1.0)
+        tensor([0.0000, 0.0000, 0.5000])
     """
 
     _hyper_names = ("ops",)
@@ -111,7 +126,7 @@ class partition(Prox):  # noqa: N801
     exactly one name, raises ``ValueError``; a name claimed by two rules always does (the
     blocks of a separable sum must be disjoint). ``value`` is the sum of the rules' values.
 
-    Example (the auto-sizing rule of the seed, neuron i = row i of the weight and bias)::
+    A name claimed by two rules raises (neuron i = row i of the weight and bias)::
 
         prox = pf.partition({
             ("linear1.weight", "linear1.bias"): pf.linf1(0.005),
@@ -119,6 +134,16 @@ class partition(Prox):  # noqa: N801
         })
 
     Parikh & Boyd (2014) section 2.1 (separable sum).
+
+    Args:
+        rules: a mapping (or pairs) from a glob pattern or a tuple of names to an operator.
+        strict: refuse rules that match nothing (default ``True``).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> params = {'w': torch.tensor([3.0, -0.2]), 'b': torch.tensor([0.1])}
+        >>> pf.partition({'w': pf.l1(0.5)})(params, 1.0)   # 'b' passes through
+        {'w': tensor([2.5000, -0.0000]), 'b': tensor([0.1000])}
     """
 
     _one_device = False  # each rule checks its own tensors (model-parallel layers)
@@ -399,6 +424,15 @@ class scale(Prox):  # noqa: N801
     """Prox of ``g = a * f`` for ``a > 0``: ``op(x, t) = f.prox(x, a*t)``; ``value = a * f.value``.
 
     Parikh & Boyd (2014) section 2.2 (postcomposition).
+
+    Args:
+        op: the operator of ``f``.
+        a: the factor, ``> 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.scale(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "a")
@@ -423,6 +457,16 @@ class precompose(Prox):  # noqa: N801
 
     ``b`` is a number (added to every entry) or a pytree with the structure of ``params``.
     ``value(z) = f.value(alpha*z + b)``. Parikh & Boyd (2014) section 2.2 (precomposition).
+
+    Args:
+        op: the operator of ``f``.
+        alpha: the scale of the argument, ``!= 0``.
+        b: the shift, a number or a pytree like ``params``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.precompose(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "alpha", "b")
@@ -457,6 +501,15 @@ class add_linear(Prox):  # noqa: N801
 
     ``v`` is a number (every entry) or a pytree with the structure of ``params``.
     Parikh & Boyd (2014) section 2.2 (affine addition).
+
+    Args:
+        op: the operator of ``f``.
+        v: the linear term, a number or a pytree like ``params``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.add_linear(pf.l1(1.0), torch.tensor([1.0, 1.0]))(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([ 1., -1.])
     """
 
     _hyper_names = ("op", "v")
@@ -482,6 +535,16 @@ class add_quadratic(Prox):  # noqa: N801
 
     ``v`` is a number or a pytree with the structure of ``params`` (default 0).
     Parikh & Boyd (2014) section 2.2 (regularization).
+
+    Args:
+        op: the operator of ``f``.
+        rho: the weight of the quadratic, ``>= 0``.
+        v: its centre, a number or a pytree like ``params``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.add_quadratic(pf.l1(1.0), 1.0)(torch.tensor([3.0, -1.0]), 1.0)
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "rho", "v")
@@ -547,6 +610,14 @@ class conjugate(Prox):  # noqa: N801
     exceeds the tolerance, and ``conjugate(f)(x / t, 1 / t)`` gives the same ``y`` exactly feasible
     for the norm balls.
     ``conjugate(conjugate(f))`` behaves as ``f``. Parikh & Boyd (2014) sections 2.5 and 3.2.
+
+    Args:
+        op: the operator of ``f``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.conjugate(pf.l1(1.0))(torch.tensor([3.0, -0.5]), 1.0)   # projection onto the linf ball
+        tensor([ 1.0000, -0.5000])
     """
 
     _hyper_names = ("op",)
@@ -584,6 +655,18 @@ class moreau_env(Prox):  # noqa: N801
     * ``op(x, t) = x + t/(mu + t) * (f.prox(x, mu + t) - x)``, the prox of ``t*M``.
 
     Parikh & Boyd (2014) sections 1.2, 3.1 and 2.2 (prox of the envelope).
+
+    Args:
+        op: the operator of ``f``.
+        mu: the smoothing parameter, ``> 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> env = pf.moreau_env(pf.l1(1.0), mu=1.0)
+        >>> env.value(torch.tensor([3.0, 0.5]))   # Huber
+        tensor(2.6250)
+        >>> env.grad(torch.tensor([3.0, 0.5]))
+        tensor([1.0000, 0.5000])
     """
 
     _hyper_names = ("op", "mu")

@@ -6,7 +6,7 @@ the first one is copied, so an exception leaves every tensor as it was.
 
 Migrating from ProxGradPyTorch is one import line::
 
-    import proxfunc.compat as pg          # was: import proximalGradient as pg
+    import proxfunc.compat as pg          # instead of: import proximalGradient as pg
     pg.linf1(model.linear1.weight, model.linear1.bias, reg=0.005)
 
 The drop-ins keep the seed's signatures ``(parameter, bias=None, reg=0.01, lr=0.1)`` and

@@ -128,6 +128,19 @@ class l21(GroupProx):  # noqa: N801
     One reduction (the squared norm of each group, summed over leaves) and one scale.
     The seed's ``l21(weight, bias)`` is ``pf.l21(reg)((weight, bias), lr)``.
     Parikh & Boyd (2014) section 6.5.4; Murray & Chiang (2015).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``; a group dies when its l2 norm is ``<= reg * step``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a
+            pytree of ints with the structure of ``params`` (negative dims count from the end). Group ``i`` is
+            slice ``i`` along it of every leaf; all leaves must have the same number of groups.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> W, b = torch.tensor([[3.0, 4.0], [0.3, 0.4]]), torch.zeros(2)
+        >>> pf.l21(1.0)((W, b), 1.0)   # group i = (W[i, :], b[i])
+        (tensor([[2.4000, 3.2000],
+                [0.0000, 0.0000]]), tensor([0., 0.]))
     """
 
     _public_name = "l21"
@@ -216,6 +229,19 @@ class linf1(GroupProx):
     The thresholds of all groups are found together without sorting (Michelot's fixed point,
     exact; see :mod:`proxfunc.kernels.threshold`). Murray & Chiang (2015) introduced linf1
     for auto-sizing; Parikh & Boyd (2014) sections 2.5, 6.5.2 and 6.5.4; Duchi et al. (2008).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``; a group dies when its l1 norm is ``<= reg * step``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a
+            pytree of ints with the structure of ``params`` (negative dims count from the end). Group ``i`` is
+            slice ``i`` along it of every leaf; all leaves must have the same number of groups.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> W = torch.tensor([[3.0, -1.0], [0.3, 0.4]])
+        >>> pf.linf1(1.0)(W, 1.0)   # the second row has ||.||_1 <= 1: it dies
+        tensor([[ 2., -1.],
+                [ 0.,  0.]])
     """
 
     _public_name = "linf1"

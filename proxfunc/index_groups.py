@@ -110,6 +110,17 @@ class index_l21(_IndexGroups):  # noqa: N801
 
     entries with ``index = -1`` are unchanged. Zero groups are safe (no NaN in value, output or
     gradient). Parikh & Boyd (2014) section 6.5.4.
+
+    Args:
+        index: an integer tensor with one entry per entry of ``params``: the group of each entry, ``-1`` for
+            none.
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> index = torch.tensor([0, 1, 0, -1])   # -1: in no group
+        >>> pf.index_l21(index, 1.0)(torch.tensor([3.0, 0.5, 4.0, 7.0]), 1.0)
+        tensor([2.4000, 0.0000, 3.2000, 7.0000])
     """
 
     _public_name = "index_l21"
@@ -148,6 +159,17 @@ class index_linf1(_IndexGroups):  # noqa: N801
     (0 when ``||x_g||_1 <= reg*t``), found for all groups at once on a zero-padded ``(G, M)``
     layout built at construction (padding zeros never change a non-negative threshold).
     Entries with ``index = -1`` are unchanged. Murray & Chiang (2015); Parikh & Boyd (2014) 6.5.
+
+    Args:
+        index: an integer tensor with one entry per entry of ``params``: the group of each entry, ``-1`` for
+            none.
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> index = torch.tensor([0, 0, 1])
+        >>> pf.index_linf1(index, 1.0)(torch.tensor([3.0, -1.0, 0.5]), 1.0)
+        tensor([ 2., -1.,  0.])
     """
 
     _public_name = "index_linf1"
@@ -198,6 +220,20 @@ class sparse_group_lasso(Prox):  # noqa: N801
         op(x, t) = l21(reg_group)(l1(reg_l1)(x, t), t).
 
     Groups follow ``group_dim`` (an int or a pytree of ints), as in :class:`proxfunc.l21`.
+
+    Args:
+        reg_l1: weight of the l1 term, ``>= 0``.
+        reg_group: weight of the group term, ``>= 0``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a pytree of
+            ints with the structure of ``params``. Group ``i`` is slice ``i`` along it of every leaf; all
+            leaves must have the same number of groups.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> W = torch.tensor([[3.0, 0.5], [0.3, 0.4]])
+        >>> pf.sparse_group_lasso(0.5, 1.0)(W, 1.0)
+        tensor([[1.5000, 0.0000],
+                [0.0000, 0.0000]])
     """
 
     _hyper_names = ("reg_l1", "reg_group", "group_dim")

@@ -166,6 +166,15 @@ class nuclear(Prox):  # noqa: N801
         op(X, t) = U diag(max(s - reg*t, 0)) V^T.
 
     Parikh & Boyd (2014) section 6.7.3; Cai, Candès & Shen (2010).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.nuclear(1.0)(torch.diag(torch.tensor([3.0, 0.5])), 1.0)   # singular values 3, 0.5 -> 2, 0
+        tensor([[2., 0.],
+                [0., 0.]])
     """
 
     _hyper_names = ("reg",)
@@ -198,6 +207,15 @@ class nuclear_ball(Projection):  # noqa: N801
 
     ``tau`` the l1-ball threshold of all singular values of all matrices together
     (``sum max(s - tau, 0) = radius``; sort-free, exact). Parikh & Boyd (2014) section 6.7.
+
+    Args:
+        radius: radius of the ball, ``>= 0``, over all matrices together.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.nuclear_ball(1.0)(torch.diag(torch.tensor([3.0, 1.0])))
+        tensor([[1., 0.],
+                [0., 0.]])
     """
 
     _hyper_names = ("radius",)
@@ -236,6 +254,15 @@ class spectral(Prox):  # noqa: N801
 
     ``tau`` the l1-ball threshold of all singular values with radius ``reg*t`` (the result is 0
     when ``sum ||X_b||_* <= reg*t``). Parikh & Boyd (2014) sections 2.5 and 6.7.
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.spectral(1.0)(torch.diag(torch.tensor([3.0, 1.0])), 1.0)
+        tensor([[2., 0.],
+                [0., 1.]])
     """
 
     _hyper_names = ("reg",)
@@ -271,6 +298,15 @@ class rank_k(Projection):  # noqa: N801
     a global minimiser of ``||Z - X||_F`` over ``rank(Z) <= k`` (Eckart & Young 1936). When
     ``s_k = s_{k+1}`` the minimiser is not unique; the one returned keeps the singular vectors
     that ``torch.linalg.svd`` lists first. ``0 <= k <= min(m, n)`` (``ValueError`` naming ``k``).
+
+    Args:
+        k: the largest rank kept, ``<= min(m, n)``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.rank_k(1)(torch.diag(torch.tensor([3.0, 1.0])))
+        tensor([[3., 0.],
+                [0., 0.]])
     """
 
     _hyper_names = ("k",)

@@ -52,6 +52,14 @@ class l0(Elementwise):  # noqa: N801
 
     At ``|x_j| = sqrt(2*reg*t)`` both ``0`` and ``x_j`` are optimal; the tie is broken towards 0.
     Blumensath & Davies (2009).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l0(0.5)(torch.tensor([0.9, 1.1, -2.0]), 1.0)   # keep x_j iff x_j^2 > 2 * reg * step
+        tensor([ 0.0000,  1.1000, -2.0000])
     """
 
     _hyper_names = ("reg",)
@@ -76,6 +84,19 @@ class group_l0(GroupProx):  # noqa: N801
     A global minimiser: for each group, keeping it costs ``reg``, dropping it costs
     ``||x_g||^2 / (2t)``. Ties (equality) drop the group. This is auto-sizing by count: each
     surviving neuron costs ``reg``. Murray & Chiang (2015); Blumensath & Davies (2009).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a pytree of
+            ints with the structure of ``params``. Group ``i`` is slice ``i`` along it of every leaf; all
+            leaves must have the same number of groups.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> W = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+        >>> pf.group_l0(1.0)(W, 1.0)
+        tensor([[3., 4.],
+                [0., 0.]])
     """
 
     _public_name = "group_l0"
@@ -109,6 +130,17 @@ class top_k(k_sparse):  # noqa: N801
     weights of every neuron. A global minimiser; ties in ``|x|`` keep the entry that comes first
     (leaf order, then row-major order inside the group). ``k`` larger than a group raises
     ``ValueError`` naming ``k``.
+
+    Args:
+        k: how many entries are kept (of the whole object, or of every group).
+        group_dim: ``None`` for the whole object, else as for :class:`l21`: the k largest entries of every
+            group are kept.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.top_k(1, group_dim=0)(torch.tensor([[3.0, -4.0], [1.0, 0.5]]))   # the largest entry of each row
+        tensor([[ 0., -4.],
+                [ 1.,  0.]])
     """
 
     _hyper_names = ("k", "group_dim")
@@ -151,6 +183,18 @@ class group_top_k(Prox):  # noqa: N801
     A global minimiser (the dropped mass ``sum ||x_g||^2`` over dropped groups is minimal). Ties
     in the group norm keep the group with the lower index. ``0 <= k <= number of groups``
     (``ValueError`` naming ``k``). A projection: ``step`` is ignored.
+
+    Args:
+        k: how many groups are kept.
+        group_dim: the dim along which each leaf is split into groups: an int for every leaf, or a pytree of
+            ints with the structure of ``params``. Group ``i`` is slice ``i`` along it of every leaf; all
+            leaves must have the same number of groups.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.group_top_k(1)(torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+        tensor([[3., 4.],
+                [0., 0.]])
     """
 
     _hyper_names = ("k", "group_dim")
@@ -231,6 +275,15 @@ class scad(Elementwise):  # noqa: N801
     (its clipped stationary point when the piece is convex, its end points otherwise) and ``0``,
     and returns the best, so it is exactly the global minimiser. Ties are broken towards the
     smaller magnitude. ``sign(op(x)) = sign(x)``.
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        a: SCAD's shape parameter, ``> 2``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.scad(1.0)(torch.tensor([0.5, 2.0, 5.0]), 1.0)
+        tensor([0., 1., 5.])
     """
 
     _hyper_names = ("reg", "a")
@@ -271,6 +324,15 @@ class mcp(Elementwise):  # noqa: N801
     ``|x| = gamma lam``, ``x`` beyond. For every ``t`` the operator compares the minimisers of both
     pieces (clipped stationary point or end points) and ``0`` and returns the best: the exact
     global minimiser, ties broken towards the smaller magnitude.
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        gamma: MCP's concavity parameter, ``> 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.mcp(1.0)(torch.tensor([0.5, 2.0, 5.0]), 1.0)
+        tensor([0.0000, 1.5000, 5.0000])
     """
 
     _hyper_names = ("reg", "gamma")

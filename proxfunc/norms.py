@@ -139,6 +139,9 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
 
     Separable, so leaf structure does not matter. Parikh & Boyd (2014), section 6.5.2.
 
+    Args:
+        reg: weight of the norm, ``>= 0`` (float or 0-d tensor); the threshold is ``reg * step``.
+
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.l1(0.5)(torch.tensor([-2.0, 0.3, 1.0]), 1.0)
@@ -187,6 +190,15 @@ class elastic_net(Elementwise):  # noqa: N801
         op(x, t) = soft_threshold(x, reg*t) / (1 + reg*gamma*t).
 
     Parikh & Boyd (2014), section 6.5.3 (Zou & Hastie 2005). ``gamma >= 0``; ``gamma = 0`` is l1.
+
+    Args:
+        reg: overall weight, ``>= 0``.
+        gamma: weight of the squared term relative to the l1 term, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.elastic_net(0.5, gamma=1.0)(torch.tensor([-2.0, 0.3, 1.0]), 1.0)
+        tensor([-1.0000,  0.0000,  0.3333])
     """
 
     _hyper_names = ("reg", "gamma")
@@ -224,6 +236,14 @@ class log_barrier(Elementwise):  # noqa: N801
     evaluated as ``2*reg*t / (sqrt(x^2 + 4*reg*t) - x)`` for ``x < 0`` so that large negative
     entries keep full relative accuracy. Parikh & Boyd (2014), section 6.1.2 (the seed's
     ``logbarrier``).
+
+    Args:
+        reg: weight of the barrier, ``> 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.log_barrier(1.0)(torch.tensor([-1.0, 0.0, 2.0]), 1.0)
+        tensor([0.6180, 1.0000, 2.4142])
     """
 
     _hyper_names = ("reg",)
@@ -264,6 +284,15 @@ class l2(Prox):
 
     The seed's ``l2(weight, bias)`` is ``pf.l2(reg)((weight, bias), lr)`` (with the seed's bias
     bug fixed: the bias is scaled by the same factor). Parikh & Boyd (2014), section 6.5.1.
+
+    Args:
+        reg: weight of the norm, ``>= 0``; one norm over all leaves together.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> x = torch.tensor([3.0, 4.0])
+        >>> pf.l2(1.0)(x, 1.0)   # one norm over all leaves: x * (1 - 1/5)
+        tensor([2.4000, 3.2000])
     """
 
     _hyper_names = ("reg",)
@@ -294,6 +323,14 @@ class linf(Prox):
     threshold of the projection onto the l1 ball of radius ``reg*t`` (``tau = max|x|``, the
     identity, when ``reg*t = 0``). Parikh & Boyd (2014), sections 2.5 and 6.5.2; the l1-ball
     threshold is found without sorting (see :mod:`proxfunc.kernels.threshold`).
+
+    Args:
+        reg: weight of the norm, ``>= 0``; one max over all leaves together.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.linf(1.0)(torch.tensor([3.0, -1.0, 0.5]), 1.0)
+        tensor([ 2.0000, -1.0000,  0.5000])
     """
 
     _hyper_names = ("reg",)

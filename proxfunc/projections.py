@@ -42,6 +42,15 @@ class box(Projection):  # noqa: N801
     ``lower``/``upper`` are floats (``-inf``/``inf`` allowed) or tensors that broadcast
     against every leaf (per-entry bounds). ``lower <= upper`` is required.
     Parikh & Boyd (2014) section 6.2.1.
+
+    Args:
+        lower: lower bound, a float (``-inf`` allowed) or a tensor broadcasting against every leaf.
+        upper: upper bound, likewise; ``lower <= upper``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.box(-1.0, 1.0)(torch.tensor([-2.0, 0.5, 3.0]))
+        tensor([-1.0000,  0.5000,  1.0000])
     """
 
     _hyper_names = ("lower", "upper")
@@ -94,7 +103,13 @@ class box(Projection):  # noqa: N801
 
 
 class nonneg(Projection):  # noqa: N801
-    """Projection onto the non-negative orthant ``{z >= 0}``: ``max(x, 0)``. Section 6.2.1."""
+    """Projection onto the non-negative orthant ``{z >= 0}``: ``max(x, 0)``. Section 6.2.1.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.nonneg()(torch.tensor([-2.0, 0.5]))
+        tensor([0.0000, 0.5000])
+    """
 
     _public_name = "nonneg"
     separable = True
@@ -220,6 +235,14 @@ class simplex(Projection):  # noqa: N801
 
     ``theta`` is found exactly without sorting (Michelot 1986; Condat 2016), over all leaves
     together. Held, Wolfe & Crowder (1974); Duchi et al. (2008).
+
+    Args:
+        radius: the sum of the result, ``> 0``, over all leaves together.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.simplex()(torch.tensor([0.5, 1.0, -1.0]))
+        tensor([0.2500, 0.7500, 0.0000])
     """
 
     _hyper_names = ("radius",)
@@ -263,6 +286,14 @@ class l1_ball(Projection):  # noqa: N801
 
     Computed as ``x - clamp(x, -tau, tau)`` with ``tau = 0`` inside, so interior points are
     never moved. Sort-free exact threshold (Michelot; Condat 2016); Duchi et al. (2008).
+
+    Args:
+        radius: radius of the ball, ``>= 0``, over all leaves together.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l1_ball(1.0)(torch.tensor([3.0, -1.0, 0.5]))
+        tensor([1., -0., 0.])
     """
 
     _hyper_names = ("radius",)
@@ -303,6 +334,14 @@ class l2_ball(Projection):  # noqa: N801
         op(x) = x * min(1, radius / ||x||_2)   (the norm over all leaves together).
 
     Points inside are returned unchanged. Parikh & Boyd (2014) section 6.2.3 (via 6.5.1).
+
+    Args:
+        radius: radius of the ball, ``>= 0``, over all leaves together.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l2_ball(1.0)(torch.tensor([3.0, 4.0]))
+        tensor([0.6000, 0.8000])
     """
 
     _hyper_names = ("radius",)
@@ -329,7 +368,16 @@ class l2_ball(Projection):  # noqa: N801
 
 
 class linf_ball(Projection):  # noqa: N801
-    """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``."""
+    """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``.
+
+    Args:
+        radius: radius of the ball, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.linf_ball(1.0)(torch.tensor([3.0, -0.5]))
+        tensor([ 1.0000, -0.5000])
+    """
 
     _hyper_names = ("radius",)
     _public_name = "linf_ball"

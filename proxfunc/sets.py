@@ -134,6 +134,15 @@ class hyperplane(Projection):  # noqa: N801
     ``<a, op(x)> = b`` holds to a few ulps of ``|a| . |op(x)| + |b|`` however large ``x`` is.
     ``a`` is a tensor with as many entries as ``params`` (all leaves flattened in order).
     Parikh & Boyd (2014) section 6.2.1.
+
+    Args:
+        a: the normal, a nonzero tensor with one entry per entry of ``params``.
+        b: the offset.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.hyperplane(torch.tensor([1.0, 1.0]), 1.0)(torch.tensor([2.0, 0.0]))
+        tensor([ 1.5000, -0.5000])
     """
 
     _hyper_names = ("a", "b")
@@ -175,6 +184,15 @@ class halfspace(hyperplane):  # noqa: N801
 
     with the refinement step of :class:`hyperplane` on points outside (the rounded output is
     moved again by ``max(<a, z> - b, 0) / ||a||^2 * a``). Parikh & Boyd (2014) section 6.2.1.
+
+    Args:
+        a: the normal, a nonzero tensor with one entry per entry of ``params``.
+        b: the offset.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.halfspace(torch.tensor([1.0, 1.0]), 1.0)(torch.tensor([2.0, 1.0]))
+        tensor([1., 0.])
     """
 
     _public_name = "halfspace"
@@ -214,6 +232,16 @@ class affine(Projection):  # noqa: N801
     ``(m, n)`` with ``n`` = the number of entries of ``params``; ``b`` has ``m`` entries and must
     lie in the range of ``A`` (``ValueError`` naming ``b`` otherwise: the set would be empty).
     Parikh & Boyd (2014) section 6.2.1.
+
+    Args:
+        A: the ``(m, n)`` matrix, ``n`` the number of entries of ``params``.
+        b: the right-hand side, ``m`` entries, in the range of ``A``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> A, b = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1.0])
+        >>> pf.affine(A, b)(torch.tensor([2.0, 0.0, 5.0]))
+        tensor([ 1.5000, -0.5000,  5.0000])
     """
 
     _hyper_names = ("A", "b")
@@ -288,6 +316,12 @@ class soc(Projection):  # noqa: N801
         op(x) = (s + ||y||) / (2||y||) * (y, ||y||)  otherwise.
 
     Parikh & Boyd (2014) section 6.3.2.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> y, s = torch.tensor([3.0, 4.0]), torch.tensor(1.0)
+        >>> pf.soc()((y, s))
+        (tensor([1.8000, 2.4000]), tensor(3.))
     """
 
     _public_name = "soc"
@@ -390,6 +424,12 @@ class psd(Projection):  # noqa: N801
     (the skew part is orthogonal to every symmetric matrix). ``value`` is ``0`` when every matrix
     is symmetric and PSD up to a relative tolerance. Leaves that are not square matrices raise
     ``ValueError`` naming the leaf. Parikh & Boyd (2014) section 6.3.3; Higham (1988).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.psd()(torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
+        tensor([[1., 0.],
+                [0., 0.]])
     """
 
     _public_name = "psd"
@@ -440,6 +480,14 @@ class l2_sphere(Projection):  # noqa: N801
 
     At ``x = 0`` every point of the sphere is nearest; the tie is broken by returning
     ``radius * e_1`` (the first entry of the first leaf). Parikh & Boyd (2014) section 6.2.
+
+    Args:
+        radius: radius of the sphere, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l2_sphere(1.0)(torch.tensor([0.0, 2.0]))
+        tensor([0., 1.])
     """
 
     _hyper_names = ("radius",)
@@ -479,6 +527,14 @@ class l1_sphere(Projection):  # noqa: N801
     inequalities), with equality exactly at ``x + c s``: a global minimiser, unique unless ``x``
     has zeros, where the tie (either sign) is broken towards ``+``. The l1-ball threshold is the
     sort-free one of :mod:`proxfunc.kernels.threshold`.
+
+    Args:
+        radius: radius of the sphere, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.l1_sphere(1.0)(torch.tensor([0.25, -0.25]))
+        tensor([ 0.5000, -0.5000])
     """
 
     _hyper_names = ("radius",)
@@ -600,6 +656,17 @@ class box_hyperplane(Projection):  # noqa: N801
     values are concrete; ``ValueError`` naming ``b``). ``lam`` is found by bisection on the
     breakpoints' bracket followed by an exact closed-form finish (see :func:`knapsack_lambda`).
     Parikh & Boyd (2014) section 6.2.4; Helgason et al. (1980); Kiwiel (2008).
+
+    Args:
+        lower: lower bound (float or tensor).
+        upper: upper bound (float or tensor).
+        b: the value of ``<a, z>``.
+        a: positive weights, one per entry (default ones).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.box_hyperplane(0.0, 1.0, 1.0)(torch.tensor([0.9, 0.8, -0.5]))   # capped simplex
+        tensor([0.5500, 0.4500, 0.0000])
     """
 
     _hyper_names = ("lower", "upper", "b", "a")
@@ -684,6 +751,14 @@ class k_sparse(Projection):  # noqa: N801
     ``k`` is an int ``>= 0``; a ``k`` larger than the number of entries raises ``ValueError``.
     Parikh & Boyd (2014) section 6.2 (projection onto a non-convex set); Blumensath & Davies
     (2009), iterative hard thresholding.
+
+    Args:
+        k: how many entries may be nonzero, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.k_sparse(1)(torch.tensor([3.0, -4.0, 1.0]))
+        tensor([ 0., -4.,  0.])
     """
 
     _hyper_names = ("k",)

@@ -31,6 +31,14 @@ class ridge(Elementwise):  # noqa: N801
         op(x, t) = x / (1 + reg*t).
 
     Separable. Parikh & Boyd (2014) section 6.1.1 (``A = reg*I``).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.ridge(1.0)(torch.tensor([2.0, -4.0]), 1.0)
+        tensor([ 1., -2.])
     """
 
     _hyper_names = ("reg",)
@@ -64,6 +72,16 @@ class quadratic(Prox):  # noqa: N801
     ``A = Q diag(w) Q^T`` is factorised **once, at construction**, so every step costs
     two matrix-vector products: ``op(x, t) = Q diag(1 / (1 + t w)) Q^T (x - t b)``.
     Parikh & Boyd (2014) section 6.1.1.
+
+    Args:
+        A: symmetric positive semidefinite ``(n, n)`` tensor, ``n`` the number of entries of ``params``.
+        b: the linear term, ``n`` entries (default none).
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> pf.quadratic(A)(torch.tensor([3.0, 2.0]), 1.0)   # (I + t A)^-1 x
+        tensor([1., 1.])
     """
 
     _hyper_names = ("A", "b", "c")
@@ -132,6 +150,15 @@ class huber(Elementwise):  # noqa: N801
         op(x, t) = x - reg*t*delta*sign(x)      otherwise.
 
     ``reg >= 0``, ``delta > 0``. Parikh & Boyd (2014) section 6.5.2 (with their ``rho = reg*t``).
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+        delta: where the quadratic becomes linear, ``> 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.huber(1.0, 1.0)(torch.tensor([0.5, 4.0]), 1.0)
+        tensor([0.2500, 3.0000])
     """
 
     _hyper_names = ("reg", "delta")
@@ -171,6 +198,14 @@ class neg_entropy(Elementwise):  # noqa: N801
     the iterates decrease monotonically (no overshoot); 40 fixed steps reach float64 precision.
     Results below the smallest positive float round to 0. ``reg > 0``; ``value`` is ``inf`` if any
     entry is negative. Parikh & Boyd (2014) section 6.1 (entropy), Corless et al. (1996).
+
+    Args:
+        reg: weight of the penalty, ``> 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.neg_entropy(1.0)(torch.tensor([1.0, 2.0]), 1.0)
+        tensor([0.5671, 1.0000])
     """
 
     _hyper_names = ("reg",)
@@ -225,6 +260,15 @@ class sum_largest(Prox):  # noqa: N801
     the projection onto a box ∩ hyperplane (capped simplex), computed by bisection with an exact
     finish (:func:`proxfunc.sets.knapsack_lambda`). ``1 <= k <= numel`` (``ValueError`` naming ``k``
     otherwise). ``k = 1`` is :class:`max_entry`. Parikh & Boyd (2014) sections 2.5 and 6.4.
+
+    Args:
+        k: how many of the largest entries are summed, ``>= 0``.
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.sum_largest(1, 1.0)(torch.tensor([3.0, 1.0, 0.5]), 1.0)
+        tensor([2.0000, 1.0000, 0.5000])
     """
 
     _hyper_names = ("k", "reg")
@@ -266,6 +310,14 @@ class max_entry(Prox):  # noqa: N801
 
     ``theta`` the simplex threshold of ``x`` with radius ``reg*t`` (sort-free, exact, from
     :mod:`proxfunc.kernels.threshold`). Parikh & Boyd (2014) sections 2.5 and 6.4.1.
+
+    Args:
+        reg: weight of the penalty, ``>= 0``.
+
+    Example:
+        >>> import torch, proxfunc as pf
+        >>> pf.max_entry(1.0)(torch.tensor([3.0, 1.0, 0.5]), 1.0)
+        tensor([2.0000, 1.0000, 0.5000])
     """
 
     _hyper_names = ("reg",)

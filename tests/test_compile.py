@@ -3,7 +3,7 @@
 
 Graph breaks and recompiles are a property of dynamo's trace, not of the backend, so most
 tests use ``CompileCounter`` (dynamo traces, the graph runs eagerly, frames are counted);
-inductor runs for a few small cases (l1, linf1, and the DESIGN.md training step) to check
+inductor runs for a few small cases (l1, linf1, and a whole training step) to check
 the generated code too. Iterates over ``tests.cases.CASES``.
 """
 
@@ -214,7 +214,7 @@ class Net(nn.Module):
 
 
 def test_design_training_step_compiles_to_one_graph():
-    """DESIGN.md section 2: grad + update + prox in one compiled graph, lr as a tensor."""
+    """A training step, grad + update + prox, in one compiled graph, lr as a tensor."""
     torch.manual_seed(0)
     model = Net()
     x = torch.randn(64, 2)

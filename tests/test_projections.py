@@ -263,8 +263,8 @@ def test_moreau_between_balls_and_their_support_functions():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_tiny_radius_far_point_is_feasible(dtype):
-    """Regression: radius << |x| used to give sum(P(x)) off by eps*|x| (simplex: infeasible,
-    float32 simplex(1e-10)(5.0) was 0). The result is now feasible and accurate."""
+    """radius << |x|: the sum of P(x) is the radius to rounding of the radius, not of |x|
+    (float32 simplex(1e-10)(5.0) is feasible and accurate, not 0)."""
     x = torch.tensor([5.0, -3.0], dtype=dtype)
     for r in (1e-10, 1e-6):
         p = pf.simplex(r)(x, 1.0)

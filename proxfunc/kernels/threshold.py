@@ -221,8 +221,8 @@ def _fixed_point_block(
     parts: list[Part], r, absolute: bool, max_iter: int | None, work: list[tuple[torch.Tensor | None, torch.Tensor]]
 ) -> torch.Tensor:
     # One block: small, stays in cache. Its values and the per-iteration temporary go into
-    # the workspace shared by all blocks: a fresh 1 MiB tensor per iteration was page-faulted
-    # in every time (glibc hands freed chunks of that size back to the OS), half the run time.
+    # the workspace shared by all blocks: a fresh 1 MiB tensor per iteration would be
+    # page-faulted in every time (glibc hands freed chunks of that size back to the OS).
     # The workspace is shaped like the first block; a shorter last block uses a narrowed view.
     vals = [
         (torch.abs(a, out=vb.narrow(d, 0, a.shape[d])) if absolute else a, d) for (a, d), (vb, _) in zip(parts, work)
