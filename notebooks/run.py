@@ -6,10 +6,11 @@ Run from anywhere (the kernel imports the ``proxfunc`` of this checkout)::
     python notebooks/run.py solvers.ipynb    # some of them
 
 Each notebook runs top to bottom in a new ``python3`` kernel (nbclient + ipykernel) whose working
-directory is ``notebooks/`` and whose ``PYTHONPATH`` starts with the repository root; any error
-stops it. The notebook's last cell defines ``claims``, a JSON-serialisable dict of the values its
-text states; they are read back from the kernel and printed (``tests/test_notebooks.py`` checks
-them). Cell timing metadata is not recorded, so a rerun only changes what the code prints and draws.
+directory is ``notebooks/``, whose ``PYTHONPATH`` starts with the repository root and whose
+``OMP_NUM_THREADS`` is 1 unless set; any error stops it. The notebook's last cell defines
+``claims``, a JSON-serialisable dict of the values its text states; they are read back from the
+kernel and printed (``tests/test_notebooks.py`` checks them). Cell timing metadata is not
+recorded, so a rerun only changes what the code prints and draws.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def kernel_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("MPLBACKEND", None)  # the kernel's inline backend draws the figures into the notebook
+    # The notebooks' models are small: one thread is faster for them than several (which spend
+    # their time synchronising, badly so on a shared machine) and makes their numbers independent
+    # of the core count. An OMP_NUM_THREADS set by the caller is kept.
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
