@@ -277,10 +277,12 @@ def argmin(
         args: extra arguments of ``fun`` (pytrees; their tensors are differentiated).
         prox_args: the arguments of a callable ``prox`` (pytrees; their tensors are
             differentiated).
-        tol, maxiter: the solver's stopping rule (:meth:`proxfunc.ProximalGradient.run`); the
+        tol: the solver's stopping tolerance (:meth:`proxfunc.ProximalGradient.run`); the
             derivative is that of the exact solution, so solve tightly.
-        cg_tol, cg_maxiter: the conjugate-gradient solve of the backward and forward rules
-            (:func:`conjugate_gradient`).
+        maxiter: the solver's iteration limit.
+        cg_tol: the tolerance of the conjugate-gradient solve of the backward and forward
+            rules (:func:`conjugate_gradient`).
+        cg_maxiter: its iteration limit (``None``: ``2n + 10`` for ``n`` unknowns).
         options: those of :class:`proxfunc.ProximalGradient` (``stepsize``,
             ``acceleration``, ...).
 

@@ -119,8 +119,8 @@ def test_parts_convention():
 
 def test_readme_set_up_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -q -e ".[dev]"' in ci and "\npytest\n" in ci and "ruff check ." in ci
-    assert 'pip install -e ".[dev]"\npytest\n' in README.read_text()
+    assert 'pip install -q -e ".[dev]"' in ci and "\npytest -n auto\n" in ci and "ruff check ." in ci
+    assert 'pip install -e ".[dev]"\npytest -n auto\n' in README.read_text()
 
 
 def test_demo_flags_named_in_the_readme_exist(capsys):
