@@ -228,6 +228,7 @@ _BINARY_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mu
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMER_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
 
 
 def _fn_name(f: Any) -> str:
@@ -804,6 +805,11 @@ class _Graph:
         if isinstance(m, _TRANSFORMER_LAYERS):
             self.ffn.append(name)
             why = f"its output goes through the transformer layer {name} ({cls}), which mixes channels"
+        elif isinstance(m, _TRANSFORMER_STACKS):  # a leaf for torch.fx: its layers' blocks are groups
+            self.ffn += [
+                f"{name}.layers.{i}" for i, layer in enumerate(m.layers) if isinstance(layer, _TRANSFORMER_LAYERS)
+            ]
+            why = f"its output goes through the transformer {name} ({cls}), which mixes channels"
         elif node.target in untraced:
             why = f"its output goes through {name}, which torch.fx could not trace ({untraced[node.target]})"
         elif _is_channel_norm(m):

@@ -280,3 +280,37 @@ def test_linear_residual_stream_and_gated_mlp():
     small = autosize.shrink(model, torch.randn(4, 3))
     assert small.w1.out_features == small.w3.out_features == small.w2.in_features == 9
     torch.testing.assert_close(small(x), model(x))
+
+
+def test_transformer_encoder_stack_is_traced_as_a_leaf_and_its_blocks_are_groups():
+    """nn.TransformerEncoder stays a leaf for torch.fx; each layer's feed-forward block is a group,
+    also when the model uses one of its own tensors directly (a learned position table)."""
+    import torch
+    from torch import nn
+
+    from proxfunc import autosize
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.pos = nn.Parameter(torch.randn(8, 16))
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
+
+    torch.manual_seed(0)
+    model = Model()
+    plan = autosize.find_neurons(model)
+    assert sorted(g.producer for g in plan.groups) == ["encoder.layers.0.linear1", "encoder.layers.1.linear1"]
+    with torch.no_grad():
+        model.encoder.layers[0].linear1.weight[:20] = 0
+        model.encoder.layers[0].linear1.bias[:20] = 0
+    x = torch.randn(5, 8, 8)
+    small = autosize.shrink(model, (x,))
+    model.eval()
+    torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+    assert small.encoder.layers[0].linear1.out_features == 12
