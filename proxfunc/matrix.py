@@ -373,6 +373,8 @@ class weighted_nuclear(Prox):  # noqa: N801
         name = self._public_name
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
             raise TypeError(f"{name}: weights must be a floating tensor, got {type(weights).__name__}")
+        if weights.layout != torch.strided:
+            raise TypeError(f"{name}: weights must be a dense (strided) tensor, got layout {weights.layout}")
         if weights.dim() != 1:
             raise ValueError(f"{name}: weights must be 1-D (one per singular value), got shape {tuple(weights.shape)}")
         if is_concrete(weights):

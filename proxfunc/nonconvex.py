@@ -361,6 +361,13 @@ class mcp(Elementwise):  # noqa: N801
         return self._pen(xa.abs(), _hyper_as(self.reg, xa), _hyper_as(self.gamma, xa)).sum()
 
 
+def _log1p_ratio(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``log(1 + u / e)`` for ``u >= 0``, also where ``u / e`` overflows."""
+    big = u > e
+    ub = torch.where(big, u, torch.ones_like(u))
+    return torch.where(big, torch.log(ub) + torch.log1p(e / ub) - torch.log(e), torch.log1p(u / e))
+
+
 class log_sum(Elementwise):  # noqa: N801
     """Prox of the log-sum penalty (reweighted l1), a global minimiser.
 
@@ -395,15 +402,18 @@ class log_sum(Elementwise):  # noqa: N801
         a = xa.abs()
         c = lam * t
         rc = torch.sqrt(c)
-        disc = (a + e - 2 * rc) * (a + e + 2 * rc)
-        real = disc >= 0
-        s = torch.sqrt(torch.where(real, disc, torch.zeros_like(disc)))
+        lo, hi = a + e - 2 * rc, a + e + 2 * rc
+        real = lo >= 0
+        # sqrt of the discriminant as a product of square roots: no overflow near the dtype's max
+        s = torch.where(lo == hi, lo, torch.sqrt(torch.where(real, lo, torch.zeros_like(lo))) * torch.sqrt(hi))
         big = a - e > 0
         den = (a - e) - s  # < 0 where a <= eps (unless c = a eps, a root at 0)
         safe_den = torch.where(den < 0, den, -torch.ones_like(den))
-        root = torch.where(big, 0.5 * ((a - e) + s), torch.where(den < 0, 2 * (c - a * e) / safe_den, 0 * a))
+        half = 0.5 * ((a - e) + s)
+        half = torch.where(torch.isfinite(half), half, 0.5 * (a - e) + 0.5 * s)  # a + s beyond the dtype's max
+        root = torch.where(big, half, torch.where(den < 0, 2 * (c - a * e) / safe_den, 0 * a))
         root = torch.where(real, root.clamp_min(0), torch.zeros_like(root))
-        return _best(xa, [torch.zeros_like(a), root], lambda u: torch.log1p(u / e) * lam, t).to(x.dtype)
+        return _best(xa, [torch.zeros_like(a), root], lambda u: _log1p_ratio(u, e) * lam, t).to(x.dtype)
 
     def _value_leaf(self, x):
         xa = x.to(_tree.acc_dtype(x))

@@ -259,7 +259,18 @@ def tv1d_rows(x: torch.Tensor, lam: Any) -> torch.Tensor:
     lam_t = lam_t.to(x.device)
     if lam_t.dim() not in (0, 1) or (lam_t.dim() == 1 and lam_t.shape[0] != x.shape[0]):
         raise ValueError(f"tv1d_rows: lam must be a number, 0-d or ({x.shape[0]},), got shape {tuple(lam_t.shape)}")
-    return _tv1d_call(x, lam_t)
+    return _tv1d_call(x, _cap(x, lam_t))
+
+
+def _cap(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``lam`` capped at each row's ``max_k |sum_{j<=k} (x_j - mean)|``, the smallest weight whose
+    solution is the row's mean: the same solution, and Condat's bounds ``x_0 -+ lam`` then stay
+    at the scale of the row (a weight far above it would cancel the row's values away). The
+    derivative in ``lam`` is 0 where it is capped, as it is for the exact solution."""
+    if x.shape[1] < 2 or x.shape[0] == 0:
+        return lam
+    c = torch.cumsum(x - x.mean(dim=1, keepdim=True), dim=1)[:, :-1].abs().amax(dim=1)
+    return torch.where(torch.isfinite(c), torch.minimum(lam, c.to(lam.dtype)), lam)
 
 
 # ----------------------------------------------------------------------------- the operators
