@@ -283,8 +283,8 @@ class Prox:
             params: a tensor or any pytree of floating tensors; never written to. ``None``
                 leaves and integer/bool tensor leaves (buffers such as ``num_batches_tracked``)
                 come back as they are.
-            step: the prox step, a positive float or a positive 0-d floating tensor. It is
-                ``1.0`` when left out: ``op(x)`` is ``op(x, 1.0)``; in a training loop pass the
+            step: the prox step, a positive float or a positive 0-d floating tensor; it
+                defaults to ``1.0``: ``op(x)`` is ``op(x, 1.0)``; in a training loop pass the
                 learning rate. Projections validate it and ignore it.
 
         Returns:
