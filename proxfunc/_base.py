@@ -294,7 +294,7 @@ class Prox:
             >>> import torch, proxfunc as pf
             >>> x = torch.tensor([3.0, -0.5])
             >>> pf.l1(1.0)(x)                 # step 1.0
-            tensor([2., -0.])
+            tensor([2., 0.])
             >>> pf.l1(1.0)(x, 0.1)
             tensor([ 2.9000, -0.4000])
         """
@@ -377,7 +377,7 @@ class Prox:
 
     def _leaves_of(self, args: list[Any]) -> list[torch.Tensor]:
         """The floating tensors of every argument, with the checks of a call on each."""
-        if all(type(a) in _PLAIN_TENSORS for a in args) and all(map(torch.Tensor.is_floating_point, args)):
+        if set(map(type, args)) <= _PLAIN_TENSORS and all(map(torch.Tensor.is_floating_point, args)):
             return list(args)  # a pattern rule's tensors: nothing to flatten or refuse
         out: list[torch.Tensor] = []
         for a in args:

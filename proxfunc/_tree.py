@@ -148,9 +148,17 @@ def is_buffer(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
 
 
+_IS_FLOATING = torch.Tensor.is_floating_point
+
+
 def parameter_keys(params: Any, owner: str) -> list[Any]:
     """The keys of the mapping ``params`` whose values are not buffers (:func:`is_buffer`);
     ``TypeError`` when it holds buffers and nothing else (as :func:`flatten`)."""
+    try:  # the common case, every value a floating tensor, asked with C-level map
+        if all(map(_IS_FLOATING, params.values())):
+            return list(params)
+    except TypeError:  # a value that is not a tensor: the general rule below
+        pass
     keys = [k for k, v in params.items() if not is_buffer(v)]
     if not keys and params:
         k = next(iter(params))

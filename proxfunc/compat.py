@@ -55,6 +55,9 @@ def _targets(target: Any) -> tuple[Any, list[tuple[Any, torch.Tensor]]]:
     if isinstance(target, torch.Tensor):
         return target, [(0, target)]
     if isinstance(target, Mapping):
+        values = target.values()
+        if set(map(type, values)) <= _PLAIN_TENSORS and all(map(_IS_FLOATING, values)):
+            return dict(target), list(target.items())  # a module's or optimizer's parameters
         items = [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
         # the operator sees the tree a functional call gets, integer/bool buffers included (it
         # passes them through: the same rule both ways, e.g. for a pytree group_dim)
@@ -176,12 +179,15 @@ def _prepare(op: Prox, target: Any, step: Hyper) -> Callable[[], None]:
                         d.copy_(n)
 
             return commit_traced
-        _refuse_overlapping_elements(items)
+        tensors = [t for _, t in items]
+        contiguous = all(map(_CONTIGUOUS, tensors))
+        if not contiguous:  # no contiguous tensor overlaps itself
+            _refuse_overlapping_elements(items)
         pairs, writers = _compute(op, params, step)
-        # One pass over the tensors: refuse inference tensors and, when writers would update
-        # tensors in place, make sure no two tensors share memory (with tied weights a writer
-        # would apply the prox twice): then every value is computed first and copied.
-        disjoint = _survey(items, overlap=True)
+        # Refuse inference tensors and, when writers would update tensors in place, make sure
+        # no two tensors share memory (with tied weights a writer would apply the prox twice):
+        # then every value is computed first and copied.
+        disjoint = _survey(items, overlap=True, tensors=tensors, contiguous=contiguous)
         if not disjoint and writers:
             pairs, writers = _pairs(op(params, step), params), []
         for i, (d, n, where) in enumerate(pairs):
@@ -292,14 +298,20 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
     return _pairs(op(params, step), params), []
 
 
-def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
+def _survey(
+    items: list[tuple[Any, torch.Tensor]],
+    overlap: bool,
+    tensors: list[torch.Tensor] | None = None,
+    contiguous: bool | None = None,
+) -> bool:
     """Raise ``ValueError`` for an inference tensor outside inference mode; with ``overlap``,
     return whether no two tensors share a byte of memory (ties, overlapping views).
 
     Conservative: a non-contiguous tensor claims its whole storage, and an empty tensor
     lying inside another's span counts as an overlap (the caller then computes and copies).
     """
-    tensors = [t for _, t in items]
+    if tensors is None:
+        tensors = [t for _, t in items]
     if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):
         k = next(k for k, t in items if t.is_inference())
         raise ValueError(
@@ -308,7 +320,13 @@ def _survey(items: list[tuple[Any, torch.Tensor]], overlap: bool) -> bool:
         )
     if not overlap or len(tensors) < 2:
         return True
-    spans = sorted(map(_span, tensors))
+    if contiguous is None:
+        contiguous = all(map(_CONTIGUOUS, tensors))
+    if contiguous:  # each tensor's own bytes, read with C-level map
+        starts = list(map(_DATA_PTR, tensors))
+        spans = sorted(zip(starts, map(operator.add, starts, map(_nbytes, tensors))))
+    else:
+        spans = sorted(map(_span, tensors))
     if spans[0][0] == 0:  # a DTensor (its own data_ptr() is 0) or an empty tensor: local shards
         spans = sorted(_span(_local(t)) for t in tensors)
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
@@ -328,6 +346,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return s.data_ptr(), s.data_ptr() + s.nbytes()
 
+
+_CONTIGUOUS, _DATA_PTR, _IS_FLOATING = torch.Tensor.is_contiguous, torch.Tensor.data_ptr, torch.Tensor.is_floating_point
 
 #: ``t.nbytes`` (torch >= 2.1: one attribute read) or ``numel * element_size`` (torch 2.0).
 _nbytes = operator.attrgetter("nbytes") if hasattr(torch.Tensor, "nbytes") else (lambda t: t.numel() * t.element_size())

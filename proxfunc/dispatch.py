@@ -92,16 +92,20 @@ def implementation(impl: str) -> Iterator[None]:
 class KernelSpec:
     """What a hand-written kernel takes, declared as data for :func:`select`.
 
-    The kernel computes the prox of one argument whose groups are the slices along dim 0 of
-    each of its tensors ("row groups": a weight, or a layer's ``(weight, bias)``).
+    ``layout="rows"``: the prox of one argument whose groups are the slices along dim 0 of
+    each of its tensors ("row groups": a weight, or a layer's ``(weight, bias)``), at most
+    ``max_parts`` tensors and ``max_group`` entries a group. ``layout="entries"``: a
+    separable prox of any number of tensors, entry by entry (``max_parts`` and ``max_group``
+    unused). Either way the tensors are contiguous, of one dtype in ``dtypes``, on ``device``.
     """
 
     name: str
     device: str  #: ``"cpu"`` or ``"cuda"``
     dtypes: tuple[torch.dtype, ...]
-    max_parts: int  #: tensors in one argument
-    max_group: int  #: entries in one group (all parts together)
+    max_parts: int  #: tensors in one argument (``"rows"``)
+    max_group: int  #: entries in one group, all parts together (``"rows"``)
     available: Callable[[], bool]  #: built and loadable (asked last: it may build)
+    layout: str = "rows"  #: ``"rows"`` or ``"entries"``
 
 
 class Choice(NamedTuple):
@@ -119,17 +123,18 @@ _REQUIRES_GRAD, _DTYPE, _LAYOUT = attrgetter("requires_grad"), attrgetter("dtype
 _IS_META = attrgetter("is_meta")
 _current_level = getattr(_functorch, "maybe_current_level", None)
 _CONTIGUOUS = torch.Tensor.is_contiguous
-_DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU: one device iff one index
+_DEVICE = attrgetter("device")
 
 
-def _eager(ts: list[torch.Tensor]) -> bool:
+def _eager(ts: list[torch.Tensor], meta: bool = True) -> bool:
     """Plain ``Tensor``/``Parameter`` objects holding real values: not a subclass (``DTensor``,
-    fake tensors), not a ``torch.func`` wrapper, not on the meta device, strided. Asked of
-    all tensors at once with C-level ``map`` (a model's tensors in a few microseconds). Fake
-    and functional tensors are subclasses."""
+    fake tensors), not a ``torch.func`` wrapper, strided, not on the meta device (unless
+    ``meta=False``: the caller asks it of the devices). Asked of all tensors at once with
+    C-level ``map`` (a model's tensors in a few microseconds). Fake and functional tensors
+    are subclasses."""
     if not set(map(type, ts)) <= _PLAIN_TENSORS or set(map(_LAYOUT, ts)) != {torch.strided}:
         return False
-    if any(map(_IS_META, ts)):
+    if meta and any(map(_IS_META, ts)):
         return False
     if _IS_WRAPPED is None or (_current_level is not None and _current_level() is None):
         return True  # no torch.func transform is running: nothing is wrapped
@@ -168,7 +173,10 @@ def select(
     if choice == REFERENCE or not leaves:
         return Choice(REFERENCE, t)
     ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
-    if not _eager(ts):
+    if not _eager(ts, meta=False):
+        return Choice(REFERENCE, t)
+    devices = set(map(_DEVICE, leaves))  # a tensor t is on the CPU (_float_threshold) or refused
+    if any(d.type == "meta" for d in devices):
         return Choice(REFERENCE, t)
     if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
         return Choice(REFERENCE, t)
@@ -179,10 +187,11 @@ def select(
     if not all(tf <= _largest(d) for d in dtypes):  # ATen refuses it; the reference's answer
         return Choice(REFERENCE, t)
     first = leaves[0]
-    same = len(dtypes) == 1 and len(set(map(_DEVICE_INDEX, leaves))) == 1
-    if in_place and not (same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))):
+    same = len(dtypes) == 1 and len(devices) == 1
+    contiguous = in_place and same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))
+    if in_place and not contiguous:
         return Choice(REFERENCE, t)
-    if choice == "auto" and kernel is not None and dims is not None and same and _fits(kernel, leaves, dims, tf):
+    if choice == "auto" and kernel is not None and same and _fits(kernel, leaves, dims, contiguous):
         return Choice(KERNEL, tf)
     return Choice(ATEN, tf)
 
@@ -204,11 +213,17 @@ def _largest(dtype: torch.dtype) -> float:
     return got
 
 
-def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int], t: float) -> bool:
-    """The layout ``spec`` declares: row groups of contiguous tensors of one dtype on its
-    device, at most ``max_parts`` tensors and ``max_group`` entries a group."""
+def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int] | None, contiguous: bool) -> bool:
+    """The layout ``spec`` declares (the caller has checked one dtype and device, and
+    ``contiguous``, when true, of every leaf): contiguous tensors of a dtype it takes on its
+    device; for row groups (``dims``, each leaf's group dim, all 0) at most ``max_parts``
+    tensors with one row count and ``max_group`` entries a group."""
     first = leaves[0]
-    if first.device.type != spec.device or first.dtype not in spec.dtypes or len(leaves) > spec.max_parts:
+    if first.device.type != spec.device or first.dtype not in spec.dtypes:
+        return False
+    if spec.layout == "entries":
+        return (contiguous or all(map(_CONTIGUOUS, leaves))) and spec.available()
+    if dims is None or len(leaves) > spec.max_parts:
         return False
     rows = first.shape[0] if first.dim() else 0
     if rows == 0:

@@ -19,6 +19,7 @@ from . import _tree, dispatch
 from ._base import Hyper, Prox, check_hyper, check_hyper_tree, is_scalar_hyper
 from ._util import block_scale, hyper_tensor, leaf_hypers, scaled_norm, weighted_sum, zeros_like_value
 from .kernels import threshold
+from .kernels.cpu import soft_threshold as soft_threshold_cpu
 
 __all__ = ["l1", "l2", "linf", "elastic_net", "log_barrier", "Elementwise", "soft_threshold"]
 
@@ -31,7 +32,8 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
     tensor broadcasting against ``x``).
 
     Written ``relu(x - t) - relu(-x - t)``: ``x - t``, ``x + t`` (as ``-(-x - t)``, exact) or
-    ``+0``, NaN kept, the same values bit for bit as ATen's ``softshrink`` for ``t > 0``;
+    ``+0``, NaN kept: the same values as ATen's ``softshrink`` for ``t > 0`` (whose zeros
+    keep the sign of the input) and the same bits as the CPU kernel;
     at the kinks ``|x| = t`` the gradient is 0 (a subgradient). Inductor compiles ``relu``
     to one vector ``max`` (its ``clamp`` checks NaN with two more instructions each way).
     Computed in float32 for float16/bfloat16 inputs and rounded once at the end.
@@ -62,6 +64,9 @@ def _soft_threshold_aten(leaves: list[torch.Tensor], t: float, out: list[torch.T
         return out
     return [_softshrink(x, t) if x.dtype not in _tree.LOW_DTYPES else _low_softshrink(x, t) for x in leaves]
 
+
+#: l1's hand-written kernels by device type (:mod:`proxfunc.kernels.cpu.soft_threshold`).
+_SOFT_KERNELS = {"cpu": soft_threshold_cpu.SPEC}
 
 #: Device types whose ``_foreach`` kernels l1 uses (one launch for many tensors).
 _FOREACH_DEVICES = ("cuda",)
@@ -159,9 +164,11 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         if not is_scalar_hyper(self.reg):  # weights per entry or per leaf
             return super()._prox(leaves, step, tree)
         t = self.reg * step
-        impl, tf = dispatch.select(leaves, t)
+        impl, tf = dispatch.select(leaves, t, kernel=_SOFT_KERNELS.get(leaves[0].device.type) if leaves else None)
         if impl == dispatch.REFERENCE:
             return [soft_threshold(x, t) for x in leaves]
+        if impl == dispatch.KERNEL:
+            return soft_threshold_cpu.run(leaves, tf)
         return _soft_threshold_aten(leaves, tf, None)
 
     def _prox_batch(self, args, step, in_place):
@@ -170,8 +177,13 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         if not in_place:
             return super()._prox_batch(args, step, in_place)
         leaves = self._leaves_of(args)
-        impl, tf = dispatch.select(leaves, self.reg * step, in_place=True)
-        return None if impl == dispatch.REFERENCE else partial(_soft_threshold_aten, leaves, tf, leaves)
+        kernel = _SOFT_KERNELS.get(leaves[0].device.type) if leaves else None
+        impl, tf = dispatch.select(leaves, self.reg * step, in_place=True, kernel=kernel)
+        if impl == dispatch.REFERENCE:
+            return None
+        if impl == dispatch.KERNEL:
+            return partial(soft_threshold_cpu.run, leaves, tf, leaves)
+        return partial(_soft_threshold_aten, leaves, tf, leaves)
 
     def _prox_leaf(self, x, step):
         return soft_threshold(x, self.reg * step)

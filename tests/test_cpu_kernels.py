@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 import proxfunc as pf
 from proxfunc import dispatch
 from proxfunc.kernels.cpu import _cc
+from proxfunc.kernels.cpu import _pool as cpu_pool
 from proxfunc.kernels.cpu import linf1 as linf1_cpu
 from proxfunc.kernels.threshold import threshold_sort
 
@@ -253,7 +254,7 @@ def test_a_forked_child_splits_rows_over_threads(kernel):
     torch.set_num_threads(2)
     try:
         want = linf1_cpu.run([x], 5.0)  # the pool exists in this process now
-        assert linf1_cpu._POOL is not None
+        assert cpu_pool._POOL is not None
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
             code = 3

@@ -19,6 +19,7 @@ import proxfunc as pf
 from proxfunc import dispatch, groups, norms, projections, sets, smooth
 from proxfunc.compat import apply_
 from proxfunc.kernels.cpu import linf1 as linf1_cpu
+from proxfunc.kernels.cpu import soft_threshold as soft_cpu
 
 OPS = {
     "l1": lambda: pf.l1(0.3),
@@ -82,11 +83,19 @@ STEPS = ("float", "tensor")
 
 @contextlib.contextmanager
 def _threads(layout):
+    """One torch thread, or two for the ``*-2threads`` layouts; there the soft-threshold
+    kernel's split is lowered to linf1's, so the mixed layout straddles both (the same
+    ``_split`` code as a multi-million-entry call: ``tests/test_cpu_kernels.py``)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(2 if layout.endswith("2threads") else 1)
+    two = layout.endswith("2threads")
+    torch.set_num_threads(2 if two else 1)
+    mp = pytest.MonkeyPatch()
+    if two:
+        mp.setattr(soft_cpu, "PARALLEL_NUMEL", linf1_cpu.PARALLEL_NUMEL)
     try:
         yield
     finally:
+        mp.undo()
         torch.set_num_threads(n)
 
 
@@ -184,10 +193,11 @@ def test_every_implementation_equals_the_reference(op_name, impl, layout, dtype,
         eligible = False  # not contiguous: computed, then copied
     if eligible and layout != "empty_groups":
         assert fast, f"no fast implementation was taken: {taken}"
-    # the hand-written kernel takes linf1's row groups of contiguous float32/float64 on the CPU
-    kernel_layout = layout not in ("transposed", "empty_groups")
-    if op_name == "linf1" and impl == "auto" and dtype != torch.bfloat16 and kernel_layout:
-        assert "kernel" in taken, taken
+    # the hand-written kernels take linf1's row groups and l1's tensors (contiguous
+    # float32/float64 on the CPU)
+    if impl == "auto" and dtype != torch.bfloat16 and layout != "transposed":
+        if op_name == "l1" or (op_name == "linf1" and layout != "empty_groups"):
+            assert "kernel" in taken, taken
 
 
 @pytest.mark.parametrize("op_name", list(OPS))
@@ -229,6 +239,13 @@ def test_select_conditions():
     assert dispatch.select([x, x.double()], 0.1, in_place=True).impl == "reference"  # two dtypes
     assert dispatch.select([torch.empty(5, 0)], 0.1, kernel=spec, dims=[0]).impl == "aten"
     assert dispatch.select([torch.empty(0, 5)], 0.1, kernel=spec, dims=[0]).impl == "aten"
+    entries = soft_cpu.SPEC  # any contiguous tensors of one dtype, no group dims
+    kernel = "kernel" if entries.available() else "aten"
+    assert dispatch.select([x, x[0], torch.empty(0)], 0.1, kernel=entries).impl == kernel
+    assert dispatch.select([x, x[0]], 0.1, kernel=entries, in_place=True).impl == kernel
+    assert dispatch.select([x, x.t()], 0.1, kernel=entries).impl == "aten"  # not contiguous
+    assert dispatch.select([x, x.double()], 0.1, kernel=entries).impl == "aten"  # two dtypes
+    assert dispatch.select([x.bfloat16()], 0.1, kernel=entries).impl == "aten"
     with dispatch.implementation("aten"):
         assert dispatch.select([x], 0.1, kernel=spec, dims=[0]).impl == "aten"
         with dispatch.implementation("reference"):
@@ -286,6 +303,8 @@ PLANTS = [  # (operator, layout, implementation, object, attribute, replacement 
     ("l21", "weight_bias", "aten", groups, "block_scale_", lambda fn: lambda n, t: fn(n, t * 1.001)),
     ("l21", "model", "aten", groups, "block_scale_", lambda fn: lambda n, t: fn(n, t * 1.001)),
     ("linf1", "model", "aten", groups, "threshold", _threshold_scaled),
+    ("l1", "model", "auto", soft_cpu, "run", lambda fn: lambda xs, t, out=None: fn(xs, t * 1.001, out)),
+    ("l1", "mixed-2threads", "auto", soft_cpu, "run", lambda fn: lambda xs, t, out=None: fn(xs, t * 1.001, out)),
     ("linf1", "weight_bias", "auto", linf1_cpu, "run", lambda fn: lambda xs, r, out=None: fn(xs, r * 1.001, out)),
     ("linf1", "mixed-2threads", "auto", linf1_cpu, "run", lambda fn: lambda xs, r, out=None: fn(xs, r * 1.001, out)),
     ("linf", "contiguous", "aten", norms, "threshold", _threshold_scaled),
@@ -308,8 +327,8 @@ PLANTS = [  # (operator, layout, implementation, object, attribute, replacement 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda p: f"{p[0]}-{p[1]}-{p[4]}")
 def test_a_planted_error_in_each_fast_branch_is_caught(plant, mode, monkeypatch):
     op_name, layout, impl, obj, attr, make = plant
-    if impl == "auto" and not linf1_cpu.available():
-        pytest.skip(f"the C kernel is not available: {linf1_cpu._cc.why('linf1_rows')}")
+    if impl == "auto" and not obj.available():
+        pytest.skip(f"the C kernel is not available: {obj.SPEC.name}: {obj._cc.why(obj.SPEC.name)}")
     dtype = torch.float32
     want = _reference(op_name, layout, dtype, "float")
     monkeypatch.setattr(obj, attr, make(getattr(obj, attr)))

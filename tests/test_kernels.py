@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import proxfunc as pf
 import proxfunc.kernels.threshold  # noqa: F401
-from proxfunc import norms
+from proxfunc import dispatch, norms
 from proxfunc.compat import apply_
 
 K = sys.modules["proxfunc.kernels.threshold"]
@@ -201,39 +201,41 @@ def test_radius_zero_on_tied_maxima():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1e-9, 1.0, 1e9])
 def test_l1_foreach_path_is_bitwise_softshrink(dtype, scale, monkeypatch):
-    # The foreach path runs on CUDA only; forcing it here on the CPU checks its arithmetic.
+    # The foreach path runs on CUDA only; forcing it here on the CPU (where "auto" takes the C
+    # kernel, ruled out by "aten") checks its arithmetic.
     monkeypatch.setattr(norms, "_FOREACH_DEVICES", ("cpu", "cuda"))
-    g = torch.Generator().manual_seed(3)
-    t = 0.37 * scale
-    shapes = [(7, 5), (5,), (1,), (3, 2, 4), (0, 3)]
-    leaves = [torch.randn(*shape, generator=g, dtype=dtype) * scale for shape in shapes]
-    leaves[0][0, :3] = torch.tensor([t, -t, 0.0], dtype=dtype)  # exactly at the kink, and a zero
-    leaves[1][:] = 0.0  # a zero leaf
-    want = [torch.nn.functional.softshrink(x, t) for x in leaves]
-    got = pf.l1(0.37)(leaves, scale)
-    assert len(got) == len(want)
-    for a, b, x in zip(got, want, leaves):
-        assert torch.equal(a, b) and a.dtype == dtype and (a is not x or not x.numel())
-        assert not torch.signbit(a[a == 0]).any()  # +0, as softshrink gives
-    # gradients requested: the per-leaf path (autograd through softshrink), same values
-    req = [x.clone().requires_grad_() for x in leaves[:3]]
-    out = pf.l1(0.37)(req, scale)
-    assert all(o.grad_fn is not None for o in out)
-    assert all(torch.equal(o.detach(), w) for o, w in zip(out, want[:3]))
-    # it is taken: the foreach ops are called
-    calls = []
-    real = torch._foreach_sub
-    monkeypatch.setattr(torch, "_foreach_sub", lambda *a: calls.append(1) or real(*a))
-    pf.l1(0.37)(leaves, scale)
-    assert calls == [1]
-    # in place (compat.apply_): the same kernels writing into the leaves, bit for bit
-    real_ = torch._foreach_sub_
-    monkeypatch.setattr(torch, "_foreach_sub_", lambda *a: calls.append(2) or real_(*a))
-    copies = [x.clone() for x in leaves]
-    apply_(pf.l1(0.37), copies, scale)
-    assert calls == [1, 2]
-    for a, b in zip(copies, want):
-        assert torch.equal(a, b) and not torch.signbit(a[a == 0]).any()
+    with dispatch.implementation("aten"):
+        g = torch.Generator().manual_seed(3)
+        t = 0.37 * scale
+        shapes = [(7, 5), (5,), (1,), (3, 2, 4), (0, 3)]
+        leaves = [torch.randn(*shape, generator=g, dtype=dtype) * scale for shape in shapes]
+        leaves[0][0, :3] = torch.tensor([t, -t, 0.0], dtype=dtype)  # exactly at the kink, and a zero
+        leaves[1][:] = 0.0  # a zero leaf
+        want = [torch.nn.functional.softshrink(x, t) for x in leaves]
+        got = pf.l1(0.37)(leaves, scale)
+        assert len(got) == len(want)
+        for a, b, x in zip(got, want, leaves):
+            assert torch.equal(a, b) and a.dtype == dtype and (a is not x or not x.numel())
+            assert not torch.signbit(a[a == 0]).any()  # +0, as the reference gives
+        # gradients requested: the per-leaf path (autograd through softshrink), same values
+        req = [x.clone().requires_grad_() for x in leaves[:3]]
+        out = pf.l1(0.37)(req, scale)
+        assert all(o.grad_fn is not None for o in out)
+        assert all(torch.equal(o.detach(), w) for o, w in zip(out, want[:3]))
+        # it is taken: the foreach ops are called
+        calls = []
+        real = torch._foreach_sub
+        monkeypatch.setattr(torch, "_foreach_sub", lambda *a: calls.append(1) or real(*a))
+        pf.l1(0.37)(leaves, scale)
+        assert calls == [1]
+        # in place (compat.apply_): the same kernels writing into the leaves, bit for bit
+        real_ = torch._foreach_sub_
+        monkeypatch.setattr(torch, "_foreach_sub_", lambda *a: calls.append(2) or real_(*a))
+        copies = [x.clone() for x in leaves]
+        apply_(pf.l1(0.37), copies, scale)
+        assert calls == [1, 2]
+        for a, b in zip(copies, want):
+            assert torch.equal(a, b) and not torch.signbit(a[a == 0]).any()
 
 
 # ----------------------------------------------- block soft thresholding near its kink

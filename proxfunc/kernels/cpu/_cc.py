@@ -125,7 +125,9 @@ def bump(tensors: Iterable[torch.Tensor]) -> None:
     """Increment the autograd version counter of tensors written behind ATen's back (as any
     in-place ATen op does), so a tensor saved for a backward pass is still caught as changed.
     Inference tensors have no counter and are skipped."""
-    tensors = [t for t in tensors if not t.is_inference()]
+    tensors = list(tensors)
+    if any(map(torch.Tensor.is_inference, tensors)):
+        tensors = [t for t in tensors if not t.is_inference()]
     if not tensors:
         return
     try:

@@ -36,16 +36,14 @@ computed by one thread: the same bits as one call).
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
-import os
-import threading
 from typing import Any
 
 import torch
 
 from ...dispatch import KernelSpec
 from . import _cc
+from ._pool import run_blocks
 
 __all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL"]
 
@@ -241,45 +239,11 @@ def run(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor] | None = N
     return dst
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The module's thread pool, with at least ``workers`` threads (created at first use; a
-    smaller one is dropped, not shut down: a caller may still be submitting to it, and its
-    idle threads exit once it is garbage)."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < workers:
-            _POOL = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="proxfunc-linf1")
-            _POOL_SIZE = workers
-        return _POOL
-
-
-def _forget_pool() -> None:
-    """A forked child has none of the parent's pool threads: it makes its own pool."""
-    global _POOL, _POOL_SIZE, _POOL_LOCK
-    _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
 def _parallel(fn: Any, parts: list[tuple[int, int, int]], rows: int, r: float, chunks: int, size: int) -> None:
-    """``fn`` over ``chunks`` contiguous blocks of rows: the calling thread runs the first, the
-    pool the others (ctypes releases the GIL during each call)."""
+    """``fn`` over ``chunks`` contiguous blocks of rows at once (:func:`._pool.run_blocks`)."""
     bounds = [rows * k // chunks for k in range(chunks + 1)]
     calls = []
     for a, b in zip(bounds, bounds[1:]):
         block = (_Part * len(parts))(*[(s + a * c * size, d + a * c * size, c) for s, d, c in parts])
         calls.append((block, len(parts), b - a, r))
-    pool = _pool(chunks - 1)
-    futures = [pool.submit(fn, *args) for args in calls[1:]]
-    try:
-        fn(*calls[0])
-    finally:
-        for f in futures:
-            f.result()
+    run_blocks(fn, calls)
