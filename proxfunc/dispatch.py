@@ -106,6 +106,9 @@ class KernelSpec:
     max_group: int  #: entries in one group, all parts together (``"rows"``)
     available: Callable[[], bool]  #: built and loadable (asked last: it may build)
     layout: str = "rows"  #: ``"rows"`` or ``"entries"``
+    #: fewest entries (all tensors together) a call must have: below it a kernel's fixed cost
+    #: (the :mod:`ctypes` call and its argument array) exceeds what it saves
+    min_numel: int = 0
 
 
 class Choice(NamedTuple):
@@ -124,6 +127,7 @@ _IS_META = attrgetter("is_meta")
 _current_level = getattr(_functorch, "maybe_current_level", None)
 _CONTIGUOUS = torch.Tensor.is_contiguous
 _DEVICE = attrgetter("device")
+_NUMEL = torch.Tensor.numel
 
 
 def _eager(ts: list[torch.Tensor], meta: bool = True) -> bool:
@@ -222,6 +226,8 @@ def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int] | None, 
     if first.device.type != spec.device or first.dtype not in spec.dtypes:
         return False
     if spec.layout == "entries":
+        if spec.min_numel and sum(map(_NUMEL, leaves)) < spec.min_numel:
+            return False
         return (contiguous or all(map(_CONTIGUOUS, leaves))) and spec.available()
     if dims is None or len(leaves) > spec.max_parts:
         return False

@@ -11,6 +11,7 @@ place where only the summation order of a norm or threshold differs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -85,11 +86,14 @@ STEPS = ("float", "tensor")
 def _threads(layout):
     """One torch thread, or two for the ``*-2threads`` layouts; there the soft-threshold
     kernel's split is lowered to linf1's, so the mixed layout straddles both (the same
-    ``_split`` code as a multi-million-entry call: ``tests/test_cpu_kernels.py``)."""
+    ``_split`` code as a multi-million-entry call: ``tests/test_cpu_soft_threshold.py``).
+    The soft-threshold kernel takes calls of any size here (its ``min_numel``, where ATen
+    is faster, would leave the small layouts to ATen: ``test_small_l1_calls_take_aten``)."""
     n = torch.get_num_threads()
     two = layout.endswith("2threads")
     torch.set_num_threads(2 if two else 1)
     mp = pytest.MonkeyPatch()
+    mp.setitem(norms._SOFT_KERNELS, "cpu", dataclasses.replace(soft_cpu.SPEC, min_numel=0))
     if two:
         mp.setattr(soft_cpu, "PARALLEL_NUMEL", linf1_cpu.PARALLEL_NUMEL)
     try:
@@ -239,7 +243,7 @@ def test_select_conditions():
     assert dispatch.select([x, x.double()], 0.1, in_place=True).impl == "reference"  # two dtypes
     assert dispatch.select([torch.empty(5, 0)], 0.1, kernel=spec, dims=[0]).impl == "aten"
     assert dispatch.select([torch.empty(0, 5)], 0.1, kernel=spec, dims=[0]).impl == "aten"
-    entries = soft_cpu.SPEC  # any contiguous tensors of one dtype, no group dims
+    entries = dataclasses.replace(soft_cpu.SPEC, min_numel=0)  # contiguous tensors of one dtype
     kernel = "kernel" if entries.available() else "aten"
     assert dispatch.select([x, x[0], torch.empty(0)], 0.1, kernel=entries).impl == kernel
     assert dispatch.select([x, x[0]], 0.1, kernel=entries, in_place=True).impl == kernel
@@ -262,6 +266,25 @@ def test_select_conditions():
     assert dispatch.select([x.as_subclass(Sub)], 0.1).impl == "reference"
     out = torch.func.vmap(lambda v: torch.tensor(0.0) if dispatch.select([v], 0.1).impl == "reference" else v)(x)
     assert out.shape == (6,)
+
+
+def test_small_l1_calls_take_aten():
+    """Below ``min_numel`` entries in all, l1 takes ATen's ``softshrink`` (a few of its calls
+    cost less than the kernel's fixed cost); from there on the kernel."""
+    spec = soft_cpu.SPEC
+    if not spec.available():
+        pytest.skip(f"the C kernel is not available: {soft_cpu._cc.why(spec.name)}")
+    small = [torch.randn(100, 2), torch.randn(100)]
+    large = [torch.randn(spec.min_numel // 2), torch.randn(spec.min_numel - spec.min_numel // 2)]
+    for leaves in (small, large):
+        for in_place in (False, True):
+            want = "kernel" if leaves is large else "aten"
+            assert dispatch.select(leaves, 0.1, kernel=spec, in_place=in_place).impl == want
+    taken: list[str] = []
+    with _spy(taken):
+        pf.l1(0.1)(small, 0.5)
+        pf.l1(0.1)(large, 0.5)
+    assert taken == ["aten", "kernel"]
 
 
 def test_empty_groups_do_not_crash():

@@ -29,12 +29,16 @@ from ...dispatch import KernelSpec
 from . import _cc
 from ._pool import run_blocks
 
-__all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL"]
+__all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL", "MIN_NUMEL"]
 
 _NAME = "soft_threshold"
 #: Entries (all tensors together) above which a call is split over torch's threads. Below it
 #: the pool's hand-off costs more than the second thread saves (``benchmarks/``).
 PARALLEL_NUMEL = 1 << 22
+
+#: Entries (all tensors together) below which ATen's ``softshrink`` per tensor is faster: the
+#: kernel's fixed cost (the ctypes call and its argument array) is that of a few ATen calls.
+MIN_NUMEL = 1 << 15
 
 # The C source: one function per dtype, typed (see _Span and the argtypes below):
 #   void proxfunc_soft_threshold_f32(const span_t *spans, int64_t nspans, float t)
@@ -94,6 +98,7 @@ SPEC = KernelSpec(
     max_group=1,
     available=available,
     layout="entries",
+    min_numel=MIN_NUMEL,
 )
 
 _DATA_PTR, _NUMEL = methodcaller("data_ptr"), methodcaller("numel")
