@@ -266,6 +266,9 @@ def run(args, dev, gpu, sync, compile_on, default_threads):
         "prox l1, in place (apply_ on the module)": lambda: apply_(prox_model, model, 1e-3),
         "prox l1, in place (apply_ on the name->parameter dict)": lambda: apply_(prox_model, named, 1e-3),
         "prox l1, in place (apply_ on the dict), lr a 0-d tensor": lambda: apply_(prox_model, named, lr),
+        "prox l1, in place (apply_ on the dict), impl='aten' (ATen, no kernel)": with_impl(
+            "aten", lambda p, s: apply_(prox_model, p, s), named, 1e-3
+        ),
         "bare softshrink(p, out=p) loop (ATen kernel floor, no checks)": lambda: [
             shrink(v, 1e-7, out=v) for v in params.values()
         ],

@@ -15,7 +15,8 @@ implementation that computes the same values:
     or, for the in-place layer (:mod:`proxfunc.compat`), into the parameters themselves.
 ``"kernel"``
     a hand-written kernel for a layout it covers (linf1's row groups: C on the CPU,
-    Triton on CUDA; :mod:`proxfunc.kernels`). A kernel is kept only where ``benchmarks/``
+    Triton on CUDA; l1's soft threshold of many tensors in one C call on the CPU, from
+    ``min_numel`` entries in all; :mod:`proxfunc.kernels`). A kernel is kept only where ``benchmarks/``
     shows it at least 1.5x faster than the ``"aten"`` implementation.
 
 :func:`select` is the decision, for every operator: it knows every condition (tensor type,

@@ -1,7 +1,8 @@
 """Building and loading proxfunc's C kernels: compiled once per machine with the system's C
 compiler, cached on disk, verified, and loaded with :mod:`ctypes`.
 
-One kernel is built with it: :mod:`.linf1` (linf1's row groups). A plain C file needs no
+Two kernels are built with it: :mod:`.linf1` (linf1's row groups) and
+:mod:`.soft_threshold` (l1 of many tensors in one call). A plain C file needs no
 torch headers, so it compiles in a fraction of a second, where ``torch.utils.cpp_extension``
 takes tens of seconds.
 
