@@ -294,7 +294,7 @@ class Prox:
             >>> import torch, proxfunc as pf
             >>> x = torch.tensor([3.0, -0.5])
             >>> pf.l1(1.0)(x)                 # step 1.0
-            tensor([2., 0.])
+            tensor([2., -0.])
             >>> pf.l1(1.0)(x, 0.1)
             tensor([ 2.9000, -0.4000])
         """

@@ -143,7 +143,7 @@ class partition(Prox):  # noqa: N801
         >>> import torch, proxfunc as pf
         >>> params = {'w': torch.tensor([3.0, -0.2]), 'b': torch.tensor([0.1])}
         >>> pf.partition({'w': pf.l1(0.5)})(params, 1.0)   # 'b' passes through
-        {'w': tensor([2.5000, 0.0000]), 'b': tensor([0.1000])}
+        {'w': tensor([2.5000, -0.0000]), 'b': tensor([0.1000])}
     """
 
     _one_device = False  # each rule checks its own tensors (model-parallel layers)
@@ -432,7 +432,7 @@ class scale(Prox):  # noqa: N801
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.scale(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
-        tensor([1., 0.])
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "a")
@@ -466,7 +466,7 @@ class precompose(Prox):  # noqa: N801
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.precompose(pf.l1(1.0), 2.0)(torch.tensor([3.0, -1.0]), 1.0)
-        tensor([1., 0.])
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "alpha", "b")
@@ -544,7 +544,7 @@ class add_quadratic(Prox):  # noqa: N801
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.add_quadratic(pf.l1(1.0), 1.0)(torch.tensor([3.0, -1.0]), 1.0)
-        tensor([1., 0.])
+        tensor([1., -0.])
     """
 
     _hyper_names = ("op", "rho", "v")

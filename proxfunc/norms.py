@@ -32,8 +32,9 @@ def soft_threshold(x: torch.Tensor, t: Hyper) -> torch.Tensor:
     tensor broadcasting against ``x``).
 
     Written ``relu(x - t) - relu(-x - t)``: ``x - t``, ``x + t`` (as ``-(-x - t)``, exact) or
-    ``+0``, NaN kept: the same values as ATen's ``softshrink`` for ``t > 0`` (whose zeros
-    keep the sign of the input) and the same bits as the CPU kernel;
+    ``+0``, NaN kept: the same bits as the CPU kernel, and the same values as ATen's
+    ``softshrink`` for ``t > 0`` (the eager path for small calls, whose zeros keep the sign
+    of the input, ``-0.0``, which compares equal);
     at the kinks ``|x| = t`` the gradient is 0 (a subgradient). Inductor compiles ``relu``
     to one vector ``max`` (its ``clamp`` checks NaN with two more instructions each way).
     Computed in float32 for float16/bfloat16 inputs and rounded once at the end.
