@@ -190,7 +190,7 @@ def leaf_hypers(
     """
     if isinstance(value, (dict, list, tuple)):
         vals, spec = pytree.tree_flatten(value)
-        if spec != tree.spec:
+        if spec != tree.spec and not _same_up_to_sequences(spec, tree.spec):
             raise ValueError(
                 f"{owner}: {name} must be a number, a tensor or a pytree with the structure of params; "
                 f"{name} has the leaves {_paths(value)}, params {_paths(tree._params)}"
@@ -215,6 +215,23 @@ def leaf_hypers(
                     f"{tree.paths[i]} of shape {tuple(x.shape)}"
                 )
     return per
+
+
+def _same_up_to_sequences(a: pytree.TreeSpec, b: pytree.TreeSpec) -> bool:
+    """Two structures equal but for lists against tuples (a param group's list of tensors reaches
+    an operator as a tuple: list-structured hyperparameters still match it)."""
+    seq = (list, tuple)
+    if not (a.type is b.type or (a.type in seq and b.type in seq)):
+        return False
+    if a.type not in seq and a.context != b.context:
+        return False
+    ca, cb = _children(a), _children(b)
+    return len(ca) == len(cb) and all(x == y or _same_up_to_sequences(x, y) for x, y in zip(ca, cb))
+
+
+def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    children = getattr(spec, "children", None)  # torch >= 2.10; children_specs before
+    return list(children()) if callable(children) else list(spec.children_specs)
 
 
 def _paths(t: Any, most: int = 6) -> str:
