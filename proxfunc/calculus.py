@@ -904,7 +904,7 @@ def _conj_table() -> dict[type, Any]:
         if not leaves:
             return zeros_like_value(leaves)
         v = _flatv(leaves)
-        a, lo, hi, b = op._data(v)
+        a, lo, hi, b = op._data(v, leaves, tree)
         return _box_hyperplane_support(v, a, lo, hi, b)
 
     def c_index_l21(op, leaves, tree):  # ball of the dual norm per group; free entries: {0}

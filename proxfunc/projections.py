@@ -94,8 +94,8 @@ class box(Projection):  # noqa: N801
     def __init__(self, lower: Any = float("-inf"), upper: Any = float("inf")):
         lo = float("-inf") if lower is None else check_hyper_tree("box", "lower", lower, min_value=None, allow_inf=True)
         hi = float("inf") if upper is None else check_hyper_tree("box", "upper", upper, min_value=None, allow_inf=True)
-        for path, a, b in _bound_pairs(lo, hi):
-            _check_order(path, a, b)
+        for path, a, b in _bound_pairs("box", lo, hi):
+            _check_order("box", path, a, b)
         self._set(lower=lo, upper=hi)
 
     def _leaf_bounds(self, leaves, tree) -> list[tuple[Any, Any]]:
@@ -156,7 +156,7 @@ def _per_leaf(h: Any, leaves: list[torch.Tensor], tree: _tree.Tree, name: str, m
     return leaf_hypers(h, leaves, tree, "box", name, missing=missing)
 
 
-def _bound_pairs(lo: Any, hi: Any) -> list[tuple[str, Any, Any]]:
+def _bound_pairs(owner: str, lo: Any, hi: Any) -> list[tuple[str, Any, Any]]:
     """``(path, lower, upper)`` for each place where both bounds are given: leaf by leaf for
     pytrees (which must then have one structure), the number or tensor paired with each leaf."""
     if not (_is_tree(lo) or _is_tree(hi)):
@@ -166,14 +166,14 @@ def _bound_pairs(lo: Any, hi: Any) -> list[tuple[str, Any, Any]]:
     his, hi_spec = pytree.tree_flatten(hi) if _is_tree(hi) else (None, None)
     if los is not None and his is not None and lo_spec != hi_spec:
         raise ValueError(
-            f"box: lower and upper must have the same structure when both are pytrees; lower has the leaves "
+            f"{owner}: lower and upper must have the same structure when both are pytrees; lower has the leaves "
             f"{', '.join(_tree.leaf_paths(lo))}, upper {', '.join(_tree.leaf_paths(hi))}"
         )
     n = len(paths)
     return list(zip(paths, los if los is not None else [lo] * n, his if his is not None else [hi] * n))
 
 
-def _check_order(path: str, lo: Any, hi: Any) -> None:
+def _check_order(owner: str, path: str, lo: Any, hi: Any) -> None:
     """``lower <= upper`` entrywise where both are given; two tensors must broadcast together."""
     if lo is None or hi is None:
         return
@@ -183,12 +183,12 @@ def _check_order(path: str, lo: Any, hi: Any) -> None:
             torch.broadcast_shapes(lo.shape, hi.shape)
         except RuntimeError:
             raise ValueError(
-                f"box: lower{path} of shape {tuple(lo.shape)} and upper{path} of shape {tuple(hi.shape)} "
+                f"{owner}: lower{path} of shape {tuple(lo.shape)} and upper{path} of shape {tuple(hi.shape)} "
                 "do not broadcast together"
             ) from None
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
-            raise ValueError(f"box: lower must be <= upper, got lower{path}={lo} > upper{path}={hi}")
+            raise ValueError(f"{owner}: lower must be <= upper, got lower{path}={lo} > upper{path}={hi}")
         return
     if traceable(lo, hi):  # values that may not be read: checked where they can be
         return
@@ -203,7 +203,9 @@ def _check_order(path: str, lo: Any, hi: Any) -> None:
             va = a if isinstance(a, float) else float(a.expand(bad.shape)[at])
             vb = b if isinstance(b, float) else float(b.expand(bad.shape)[at])
             where = f" at index {at}" if at else ""
-            raise ValueError(f"box: lower must be <= upper entrywise, got lower{path}={va} > upper{path}={vb}{where}")
+            raise ValueError(
+                f"{owner}: lower must be <= upper entrywise, got lower{path}={va} > upper{path}={vb}{where}"
+            )
 
 
 class nonneg(Projection):  # noqa: N801

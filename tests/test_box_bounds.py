@@ -184,6 +184,34 @@ def test_linf_ball_radii_per_entry_and_per_leaf():
         pf.linf_ball({"w": 1.0, "b": -0.5})
 
 
+def test_box_hyperplane_takes_pytree_bounds_like_box():
+    # the pytree form equals the flattened form (one bound per entry of all leaves, in leaf order)
+    g = _gen(12)
+    x = {"w": torch.randn(3, 4, generator=g, dtype=D), "b": torch.randn(3, generator=g, dtype=D)}
+    lo_w = -0.1 * torch.rand(4, generator=g, dtype=D)
+    lower = {"w": lo_w, "b": -1.0}
+    upper = {"w": 0.4, "b": torch.tensor([0.0, 0.5, 1.0], dtype=D)}
+    flat_lo = torch.cat([lo_w.expand(3, 4).reshape(-1), torch.full((3,), -1.0, dtype=D)])
+    flat_hi = torch.cat([torch.full((12,), 0.4, dtype=D), upper["b"]])
+    v = torch.cat([x["w"].reshape(-1), x["b"]])
+    op = pf.box_hyperplane(lower, upper, 1.5)
+    out = op(x)
+    ref = pf.box_hyperplane(flat_lo, flat_hi, 1.5)(v)
+    torch.testing.assert_close(torch.cat([out["w"].reshape(-1), out["b"]]), ref, atol=1e-14, rtol=0)
+    assert op.value(out) == 0 and float(out["w"].sum() + out["b"].sum()) == pytest.approx(1.5, abs=1e-13)
+    assert (out["w"] >= lo_w).all() and (out["b"] <= upper["b"]).all()
+    # its conjugate (the support function) reads the same bounds
+    torch.testing.assert_close(
+        pf.conjugate(op).value(x), pf.conjugate(pf.box_hyperplane(flat_lo, flat_hi, 1.5)).value(v)
+    )
+    with pytest.raises(ValueError, match=r"box_hyperplane: lower must be <= upper, got lower\['w'\]=1.0"):
+        pf.box_hyperplane({"w": 1.0, "b": 0.0}, {"w": 0.5, "b": 1.0})
+    with pytest.raises(ValueError, match="box_hyperplane: lower must be finite"):
+        pf.box_hyperplane({"w": -INF, "b": 0.0}, 1.0)
+    with pytest.raises(ValueError, match="box_hyperplane: upper must be .*structure of params"):
+        pf.box_hyperplane(0.0, {"w": 1.0}, 0.5)(x)
+
+
 # ----------------------------------------------------------------------------- errors
 def test_bad_bounds_raise_naming_them_and_change_nothing():
     x = torch.tensor([[-3.0, 0.5, 9.0], [2.0, -0.1, 4.0]], dtype=D)
