@@ -8,7 +8,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._base import Hyper, _is_compiling, is_concrete
-from ._tree import Tree, acc_dtype, cast, common_acc_dtype, total
+from ._tree import Tree, acc_dtype, cast, common_acc_dtype, leaf_paths, total
 from .dispatch import _eager
 
 __all__ = [
@@ -175,22 +175,34 @@ def zeros_like_value(leaves: list[torch.Tensor]) -> torch.Tensor:
     return torch.zeros((), dtype=common_acc_dtype(leaves), device=leaves[0].device)
 
 
-def leaf_hypers(value: Any, leaves: list[torch.Tensor], tree: Tree, owner: str, name: str) -> list[Any]:
+_REQUIRED: Any = object()
+
+
+def leaf_hypers(
+    value: Any, leaves: list[torch.Tensor], tree: Tree, owner: str, name: str, missing: Any = _REQUIRED
+) -> list[Any]:
     """The value of a hyperparameter (see :func:`proxfunc._base.check_hyper_tree`) for each leaf.
 
     A number or tensor applies to every leaf; a tensor must broadcast to the leaf's shape. A
-    pytree gives one value per leaf and must have the structure of ``params``. ``ValueError``
-    naming ``name`` (and the leaf) otherwise.
+    pytree gives one value per leaf and must have the structure of ``params``; a ``None`` in it
+    stands for ``missing`` where that is given (a box's unbounded side), and is refused
+    otherwise. ``ValueError`` naming ``name`` (and the leaf) otherwise.
     """
     if isinstance(value, (dict, list, tuple)):
         vals, spec = pytree.tree_flatten(value)
-        if spec != tree.spec:
-            raise ValueError(f"{owner}: {name} must be a number, a tensor or a pytree with the structure of params")
+        if spec != tree.spec and not _same_up_to_sequences(spec, tree.spec):
+            raise ValueError(
+                f"{owner}: {name} must be a number, a tensor or a pytree with the structure of params; "
+                f"{name} has the leaves {_paths(value)}, params {_paths(tree._params)}"
+            )
         per = [vals[i] for i in tree.slots]
     else:
         per = [value] * len(leaves)
     for i, (v, x) in enumerate(zip(per, leaves)):
         if v is None:
+            if missing is not _REQUIRED:
+                per[i] = missing
+                continue
             raise ValueError(f"{owner}: {name} has no value for the leaf {tree.paths[i]}")
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             try:
@@ -203,6 +215,29 @@ def leaf_hypers(value: Any, leaves: list[torch.Tensor], tree: Tree, owner: str, 
                     f"{tree.paths[i]} of shape {tuple(x.shape)}"
                 )
     return per
+
+
+def _same_up_to_sequences(a: pytree.TreeSpec, b: pytree.TreeSpec) -> bool:
+    """Two structures equal but for lists against tuples (a param group's list of tensors reaches
+    an operator as a tuple: list-structured hyperparameters still match it)."""
+    seq = (list, tuple)
+    if not (a.type is b.type or (a.type in seq and b.type in seq)):
+        return False
+    if a.type not in seq and a.context != b.context:
+        return False
+    ca, cb = _children(a), _children(b)
+    return len(ca) == len(cb) and all(x == y or _same_up_to_sequences(x, y) for x, y in zip(ca, cb))
+
+
+def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    children = getattr(spec, "children", None)  # torch >= 2.10; children_specs before
+    return list(children()) if callable(children) else list(spec.children_specs)
+
+
+def _paths(t: Any, most: int = 6) -> str:
+    """The leaf paths of a pytree for an error message (the first ``most`` of them)."""
+    ps = [p or "<root>" for p in leaf_paths(t)]
+    return ", ".join(ps[:most]) + (f", ... ({len(ps)} leaves)" if len(ps) > most else "")
 
 
 def weighted_sum(h: Hyper, terms: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:

@@ -799,7 +799,7 @@ def _conj_table() -> dict[type, Any]:
         return op.radius * norms.l2(1.0)._value(leaves, tree)
 
     def c_linf_ball(op, leaves, tree):
-        return op.radius * norms.l1(1.0)._value(leaves, tree)
+        return norms.l1(op.radius)._value(leaves, tree)  # sum_j radius_j |y_j|, radii per entry or per leaf
 
     def c_nonneg(op, leaves, tree):
         v = _flatv(leaves)
@@ -842,9 +842,9 @@ def _conj_table() -> dict[type, Any]:
 
     def c_box(op, leaves, tree):  # support function: sum max(lower*y, upper*y)
         parts = []
-        for x in leaves:
+        for x, (lo_b, hi_b) in zip(leaves, op._leaf_bounds(leaves, tree)):
             xa = x.to(acc_dtype(x))
-            lo, hi = op._bound(op.lower, xa), op._bound(op.upper, xa)
+            lo, hi = op._bound(lo_b, xa), op._bound(hi_b, xa)
             lo_t = torch.as_tensor(lo, dtype=xa.dtype, device=xa.device)
             hi_t = torch.as_tensor(hi, dtype=xa.dtype, device=xa.device)
             # 0 * inf = nan: an entry y_j = 0 contributes 0 whatever the bound
@@ -904,7 +904,7 @@ def _conj_table() -> dict[type, Any]:
         if not leaves:
             return zeros_like_value(leaves)
         v = _flatv(leaves)
-        a, lo, hi, b = op._data(v)
+        a, lo, hi, b = op._data(v, leaves, tree)
         return _box_hyperplane_support(v, a, lo, hi, b)
 
     def c_index_l21(op, leaves, tree):  # ball of the dual norm per group; free entries: {0}

@@ -16,12 +16,23 @@ Condat, *Fast projection onto the simplex and the l1 ball*, Math. Programming 20
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from . import _tree, dispatch
-from ._base import Hyper, Prox, check_hyper
-from ._util import clamp, feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
+from ._base import Hyper, Prox, check_hyper, check_hyper_tree, is_scalar_hyper
+from ._util import (
+    clamp,
+    feasible_tol,
+    indicator,
+    leaf_hypers,
+    norm_parts,
+    scaled_norm,
+    traceable,
+    zeros_like_value,
+)
 from .kernels import threshold
 
 __all__ = ["Projection", "box", "nonneg", "simplex", "l1_ball", "l2_ball", "linf_ball"]
@@ -39,67 +50,162 @@ class Projection(Prox):
 class box(Projection):  # noqa: N801
     """Projection onto the box ``{z : lower <= z <= upper}`` (entrywise clamp).
 
-    ``lower``/``upper`` are floats (``-inf``/``inf`` allowed) or tensors that broadcast
-    against every leaf (per-entry bounds). ``lower <= upper`` is required.
-    Parikh & Boyd (2014) section 6.2.1.
+    Each bound is one of
+
+    * a number (``-inf``/``inf`` allowed, ``None`` for no bound on that side): the same for
+      every entry;
+    * a floating tensor that broadcasts to each leaf's shape: per-entry bounds (a row of bounds
+      for every row of a weight, one bound per output neuron as a column, ...);
+    * a pytree with the structure of ``params`` (the same dicts, lists and tuples, ``None``
+      where ``params`` has ``None``), one number, tensor or ``None`` (no bound) per leaf.
+
+    ``lower <= upper`` entrywise (``lower == upper`` pins an entry); NaN bounds are refused.
+    Both are checked when the operator is made, wherever their values can be read (not for
+    tensors being traced or transformed); a tensor bound that does not broadcast to its leaf,
+    or a pytree bound of another structure, raises ``ValueError`` at the call. Tensor bounds
+    are hyperparameters like any other: the projection is differentiable with respect to
+    them (``d op(x) / d lower = 1`` where ``x`` is clamped to ``lower``, 0 elsewhere), also
+    under ``torch.func`` transforms and ``torch.compile``. A bound is rounded to each leaf's
+    dtype, as ``torch.clamp`` rounds it; ``value`` tests ``lower <= z <= upper`` up to that
+    rounding. Parikh & Boyd (2014) section 6.2.1.
 
     Args:
-        lower: lower bound, a float (``-inf`` allowed) or a tensor broadcasting against every leaf.
-        upper: upper bound, likewise; ``lower <= upper``.
+        lower: lower bound: a number (``-inf`` or ``None``: unbounded below), a tensor
+            broadcasting to every leaf, or a pytree matching ``params``.
+        upper: upper bound, likewise (``inf`` or ``None``: unbounded above); ``lower <= upper``.
 
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.box(-1.0, 1.0)(torch.tensor([-2.0, 0.5, 3.0]))
         tensor([-1.0000,  0.5000,  1.0000])
+        >>> params = {"w": torch.tensor([[-2.0, 3.0], [0.5, 9.0]]), "b": torch.tensor([-4.0, 4.0])}
+        >>> op = pf.box({"w": torch.tensor([0.0, -1.0]), "b": None}, {"w": 2.0, "b": 1.0})
+        >>> op(params)["w"]     # the columns of w have their own lower bound
+        tensor([[0.0000, 2.0000],
+                [0.5000, 2.0000]])
+        >>> op(params)["b"]     # no lower bound on b
+        tensor([-4.,  1.])
     """
 
     _hyper_names = ("lower", "upper")
     _public_name = "box"
     separable = True
 
-    def __init__(self, lower: Hyper = float("-inf"), upper: Hyper = float("inf")):
-        lo = check_hyper("box", "lower", lower, min_value=None, allow_inf=True, scalar=False)
-        hi = check_hyper("box", "upper", upper, min_value=None, allow_inf=True, scalar=False)
-        if isinstance(lo, float) and isinstance(hi, float):
-            if lo > hi:
-                raise ValueError(f"box: lower must be <= upper, got lower={lo} > upper={hi}")
-        elif not traceable(lo, hi):
-            if bool((torch.as_tensor(lo) > torch.as_tensor(hi)).any()):
-                raise ValueError("box: lower must be <= upper entrywise")
+    def __init__(self, lower: Any = float("-inf"), upper: Any = float("inf")):
+        lo = float("-inf") if lower is None else check_hyper_tree("box", "lower", lower, min_value=None, allow_inf=True)
+        hi = float("inf") if upper is None else check_hyper_tree("box", "upper", upper, min_value=None, allow_inf=True)
+        for path, a, b in _bound_pairs("box", lo, hi):
+            _check_order("box", path, a, b)
         self._set(lower=lo, upper=hi)
 
+    def _leaf_bounds(self, leaves, tree) -> list[tuple[Any, Any]]:
+        """``(lower, upper)`` of each leaf as given (a number or a tensor broadcasting to it)."""
+        los = _per_leaf(self.lower, leaves, tree, "lower", float("-inf"))
+        his = _per_leaf(self.upper, leaves, tree, "upper", float("inf"))
+        return list(zip(los, his))
+
     def _bound(self, b, x):
+        """One leaf's bound as the clamp of ``x`` takes it: a float within ``x``'s range, or a
+        tensor of ``x``'s dtype and device."""
         if isinstance(b, torch.Tensor):
-            try:
-                torch.broadcast_shapes(b.shape, x.shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"box: a bound of shape {tuple(b.shape)} does not broadcast with params of shape {tuple(x.shape)}"
-                ) from None
             return b.to(device=x.device, dtype=x.dtype)
         return _in_range(b, x)
 
     def _prox(self, leaves, step, tree):
         out = []
-        for x in leaves:
-            lo, hi = self._bound(self.lower, x), self._bound(self.upper, x)
+        for x, (lo_b, hi_b) in zip(leaves, self._leaf_bounds(leaves, tree)):
+            lo, hi = self._bound(lo_b, x), self._bound(hi_b, x)
             if isinstance(lo, float) and isinstance(hi, float):
                 lo_f = None if lo == float("-inf") else lo
                 hi_f = None if hi == float("inf") else hi
                 # box() with both bounds infinite is the identity (torch.clamp refuses two Nones)
                 out.append(x if lo_f is None and hi_f is None else clamp(x, lo_f, hi_f))
             else:
-                lo_t = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
-                hi_t = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+                # torch.clamp takes two tensors or two numbers; an infinite number is no bound
+                lo_t = None if _inf(lo) else torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+                hi_t = None if _inf(hi) else torch.as_tensor(hi, dtype=x.dtype, device=x.device)
                 out.append(clamp(x, lo_t, hi_t))
         return out
 
+    def _prox_batch(self, args, step, in_place):
+        if _is_tree(self.lower) or _is_tree(self.upper):  # bounds for one structure: one call per argument
+            return None
+        return super()._prox_batch(args, step, in_place)
+
     def _value(self, leaves, tree):
         ok = torch.ones((), dtype=torch.bool)
-        for x in leaves:
-            lo, hi = self._bound(self.lower, x), self._bound(self.upper, x)
+        for x, (lo_b, hi_b) in zip(leaves, self._leaf_bounds(leaves, tree)):
+            lo, hi = self._bound(lo_b, x), self._bound(hi_b, x)
             ok = ok.to(x.device) & ((x >= _widen(lo, x, -1)) & (x <= _widen(hi, x, 1))).all()
         return indicator(ok, zeros_like_value(leaves).dtype)
+
+
+def _inf(b: Any) -> bool:
+    """``b`` is the number ``+-inf`` (no bound on that side)."""
+    return isinstance(b, float) and abs(b) == float("inf")
+
+
+def _is_tree(h: Any) -> bool:
+    return isinstance(h, (dict, list, tuple))
+
+
+def _per_leaf(h: Any, leaves: list[torch.Tensor], tree: _tree.Tree, name: str, missing: float) -> list[Any]:
+    """A box bound for each leaf (:func:`proxfunc._util.leaf_hypers`; ``None`` in a pytree: ``missing``)."""
+    if is_scalar_hyper(h):
+        return [h] * len(leaves)
+    return leaf_hypers(h, leaves, tree, "box", name, missing=missing)
+
+
+def _bound_pairs(owner: str, lo: Any, hi: Any) -> list[tuple[str, Any, Any]]:
+    """``(path, lower, upper)`` for each place where both bounds are given: leaf by leaf for
+    pytrees (which must then have one structure), the number or tensor paired with each leaf."""
+    if not (_is_tree(lo) or _is_tree(hi)):
+        return [("", lo, hi)]
+    paths = _tree.leaf_paths(lo if _is_tree(lo) else hi)
+    los, lo_spec = pytree.tree_flatten(lo) if _is_tree(lo) else (None, None)
+    his, hi_spec = pytree.tree_flatten(hi) if _is_tree(hi) else (None, None)
+    if los is not None and his is not None and lo_spec != hi_spec:
+        raise ValueError(
+            f"{owner}: lower and upper must have the same structure when both are pytrees; lower has the leaves "
+            f"{', '.join(_tree.leaf_paths(lo))}, upper {', '.join(_tree.leaf_paths(hi))}"
+        )
+    n = len(paths)
+    return list(zip(paths, los if los is not None else [lo] * n, his if his is not None else [hi] * n))
+
+
+def _check_order(owner: str, path: str, lo: Any, hi: Any) -> None:
+    """``lower <= upper`` entrywise where both are given; two tensors must broadcast together."""
+    if lo is None or hi is None:
+        return
+    both = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor)
+    if both:
+        try:
+            torch.broadcast_shapes(lo.shape, hi.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{owner}: lower{path} of shape {tuple(lo.shape)} and upper{path} of shape {tuple(hi.shape)} "
+                "do not broadcast together"
+            ) from None
+    if isinstance(lo, float) and isinstance(hi, float):
+        if lo > hi:
+            raise ValueError(f"{owner}: lower must be <= upper, got lower{path}={lo} > upper{path}={hi}")
+        return
+    if traceable(lo, hi):  # values that may not be read: checked where they can be
+        return
+    with torch.no_grad():
+        a = lo.detach() if isinstance(lo, torch.Tensor) else lo
+        b = hi.detach() if isinstance(hi, torch.Tensor) else hi
+        if both and a.device != b.device:
+            b = b.to(a.device)
+        bad = torch.as_tensor(a > b)
+        if bool(bad.any()):
+            at = tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
+            va = a if isinstance(a, float) else float(a.expand(bad.shape)[at])
+            vb = b if isinstance(b, float) else float(b.expand(bad.shape)[at])
+            where = f" at index {at}" if at else ""
+            raise ValueError(
+                f"{owner}: lower must be <= upper entrywise, got lower{path}={va} > upper{path}={vb}{where}"
+            )
 
 
 class nonneg(Projection):  # noqa: N801
@@ -368,32 +474,56 @@ class l2_ball(Projection):  # noqa: N801
 
 
 class linf_ball(Projection):  # noqa: N801
-    """Projection onto the max-norm ball ``{z : max|z_j| <= radius}``: ``clamp(x, -r, r)``.
+    """Projection onto the max-norm ball ``{z : |z_j| <= radius_j}``: ``clamp(x, -r, r)``.
+
+    ``radius`` may vary over the entries, as a box's bounds do (:class:`box` with
+    ``lower = -radius``, ``upper = radius``): a number, a tensor broadcasting to each leaf, or
+    a pytree with the structure of ``params``. It is the set whose support function is the
+    weighted l1 norm ``sum_j radius_j |y_j|`` (``pf.conjugate(pf.l1(w))`` projects onto
+    ``linf_ball(w)``).
 
     Args:
-        radius: radius of the ball, ``>= 0``.
+        radius: radius of the ball, ``>= 0``: a number, a tensor broadcasting to each leaf, or
+            a pytree matching ``params``.
 
     Example:
         >>> import torch, proxfunc as pf
         >>> pf.linf_ball(1.0)(torch.tensor([3.0, -0.5]))
         tensor([ 1.0000, -0.5000])
+        >>> pf.linf_ball(torch.tensor([2.0, 0.1]))(torch.tensor([3.0, -0.5]))
+        tensor([ 2.0000, -0.1000])
     """
 
     _hyper_names = ("radius",)
     _public_name = "linf_ball"
     separable = True
 
-    def __init__(self, radius: Hyper = 1.0):
-        self._set(radius=check_hyper("linf_ball", "radius", radius))
+    def __init__(self, radius: Any = 1.0):
+        self._set(radius=check_hyper_tree("linf_ball", "radius", radius))
+
+    def _radii(self, leaves, tree) -> list[Any]:
+        if is_scalar_hyper(self.radius):
+            return [self.radius] * len(leaves)
+        return leaf_hypers(self.radius, leaves, tree, "linf_ball", "radius")
 
     def _prox(self, leaves, step, tree):
-        r = self.radius
-        if isinstance(r, float):
-            return [clamp(x, -_in_range(r, x), _in_range(r, x)) for x in leaves]
-        return [clamp(x, -r.to(x.dtype), r.to(x.dtype)) for x in leaves]
+        out = []
+        for x, r in zip(leaves, self._radii(leaves, tree)):
+            if isinstance(r, float):
+                out.append(clamp(x, -_in_range(r, x), _in_range(r, x)))
+            else:
+                rx = r.to(device=x.device, dtype=x.dtype)
+                out.append(clamp(x, -rx, rx))
+        return out
+
+    def _prox_batch(self, args, step, in_place):
+        if _is_tree(self.radius):  # radii for one structure: one call per argument
+            return None
+        return super()._prox_batch(args, step, in_place)
 
     def _value(self, leaves, tree):
         ok = torch.ones((), dtype=torch.bool)
-        for x in leaves:
-            ok = ok.to(x.device) & (x.abs() <= _widen(self.radius, x, 1)).all()
+        for x, r in zip(leaves, self._radii(leaves, tree)):
+            rx = r.to(device=x.device, dtype=x.dtype) if isinstance(r, torch.Tensor) else r
+            ok = ok.to(x.device) & (x.abs() <= _widen(rx, x, 1)).all()
         return indicator(ok, zeros_like_value(leaves).dtype)

@@ -29,11 +29,11 @@ import numbers
 import torch
 
 from . import _tree, dispatch
-from ._base import Hyper, check_hyper, is_concrete
+from ._base import Hyper, check_hyper, check_hyper_tree, is_concrete
 from ._dist import flattenable
-from ._util import feasible_tol, indicator, norm_parts, scaled_norm, traceable, zeros_like_value
+from ._util import feasible_tol, indicator, leaf_hypers, norm_parts, scaled_norm, traceable, zeros_like_value
 from .kernels import threshold
-from .projections import Projection, l1_ball, simplex
+from .projections import Projection, _bound_pairs, _check_order, l1_ball, simplex
 
 __all__ = [
     "hyperplane",
@@ -651,15 +651,17 @@ class box_hyperplane(Projection):  # noqa: N801
 
     the continuous quadratic knapsack problem. ``a`` defaults to all ones (the capped simplex
     ``sum z = b``); a given ``a`` must be entrywise ``> 0`` with one entry per entry of ``params``.
-    ``lower``/``upper`` are finite floats or tensors broadcasting to the flattened ``params``;
-    the set must be non-empty: ``<a, lower> <= b <= <a, upper>`` (checked at each call when the
-    values are concrete; ``ValueError`` naming ``b``). ``lam`` is found by bisection on the
+    ``lower``/``upper`` are finite numbers, tensors with one entry per entry of ``params`` (all
+    leaves flattened) or 0-d, or pytrees with the structure of ``params`` holding one number or
+    tensor broadcasting to each leaf (as :class:`proxfunc.box` takes them); ``lower <= upper``
+    entrywise. The set must be non-empty: ``<a, lower> <= b <= <a, upper>`` (checked at each call
+    when the values are concrete; ``ValueError`` naming ``b``). ``lam`` is found by bisection on the
     breakpoints' bracket followed by an exact closed-form finish (see :func:`knapsack_lambda`).
     Parikh & Boyd (2014) section 6.2.4; Helgason et al. (1980); Kiwiel (2008).
 
     Args:
-        lower: lower bound (float or tensor).
-        upper: upper bound (float or tensor).
+        lower: lower bound (a number, a tensor, or a pytree matching ``params``).
+        upper: upper bound, likewise; ``lower <= upper`` entrywise.
         b: the value of ``<a, z>``.
         a: positive weights, one per entry (default ones).
 
@@ -674,10 +676,13 @@ class box_hyperplane(Projection):  # noqa: N801
 
     def __init__(self, lower: Hyper = 0.0, upper: Hyper = 1.0, b: Hyper = 1.0, a: torch.Tensor | None = None):
         name = "box_hyperplane"
-        lo = check_hyper(name, "lower", lower, min_value=None, scalar=False)
-        hi = check_hyper(name, "upper", upper, min_value=None, scalar=False)
-        if not traceable(lo, hi) and bool((torch.as_tensor(lo) > torch.as_tensor(hi)).any()):
-            raise ValueError(f"{name}: lower must be <= upper entrywise")
+        lo = check_hyper_tree(name, "lower", lower, min_value=None)
+        hi = check_hyper_tree(name, "upper", upper, min_value=None)
+        for path, lo_p, hi_p in _bound_pairs(name, lo, hi):
+            if isinstance(lo_p, torch.Tensor) and isinstance(hi_p, torch.Tensor) and not path:
+                if lo_p.dim() and hi_p.dim() and lo_p.numel() == hi_p.numel():
+                    lo_p, hi_p = lo_p.reshape(-1), hi_p.reshape(-1)  # both one entry per entry of params
+            _check_order(name, path, lo_p, hi_p)
         bb = check_hyper(name, "b", b, min_value=None)
         if a is not None:
             a = _vec(name, "a", a)
@@ -685,24 +690,36 @@ class box_hyperplane(Projection):  # noqa: N801
                 raise ValueError(f"{name}: a must be > 0 entrywise")
         self._set(lower=lo, upper=hi, b=bb, a=a)
 
-    def _data(self, v):
+    def _data(self, v, leaves, tree):
         n = v.numel()
         a = torch.ones_like(v) if self.a is None else _check_numel(self._name(), "a", self.a, n).to(v)
-        for name, h in (("lower", self.lower), ("upper", self.upper)):
-            if isinstance(h, torch.Tensor) and h.dim() and h.numel() != n:
-                raise ValueError(
-                    f"box_hyperplane: {name} has {h.numel()} entries but params has {n} (all leaves flattened)"
-                )
-        lo = torch.as_tensor(_hyper_as(self.lower, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
-        hi = torch.as_tensor(_hyper_as(self.upper, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
+        lo = self._flat_bound("lower", self.lower, v, leaves, tree)
+        hi = self._flat_bound("upper", self.upper, v, leaves, tree)
         b = torch.as_tensor(_hyper_as(self.b, v), dtype=v.dtype, device=v.device)
         return a, lo, hi, b
+
+    def _flat_bound(self, name, h, v, leaves, tree) -> torch.Tensor:
+        """A bound as a vector like ``v`` (:func:`flat` of the leaves): a pytree's values
+        broadcast to their leaves and concatenated, a tensor's ``n`` entries, a number repeated."""
+        n = v.numel()
+        if isinstance(h, (dict, list, tuple)):
+            per = leaf_hypers(h, leaves, tree, self._name(), name)
+            parts = [
+                torch.as_tensor(_hyper_as(p, v), dtype=v.dtype, device=v.device).expand(x.shape).reshape(-1)
+                for p, x in zip(per, leaves)
+            ]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if isinstance(h, torch.Tensor) and h.dim() and h.numel() != n:
+            raise ValueError(
+                f"box_hyperplane: {name} has {h.numel()} entries but params has {n} (all leaves flattened)"
+            )
+        return torch.as_tensor(_hyper_as(h, v), dtype=v.dtype, device=v.device).reshape(-1).expand(v.shape)
 
     def _prox(self, leaves, step, tree):
         if not leaves:
             return []
         v = flat(leaves)
-        a, lo, hi, b = self._data(v)
+        a, lo, hi, b = self._data(v, leaves, tree)
         if not traceable(v, a, lo, hi, b):
             smin, smax = float((a * lo).sum()), float((a * hi).sum())
             tol = feasible_tol(v, v.numel()) * (abs(smin) + abs(smax))
@@ -722,7 +739,7 @@ class box_hyperplane(Projection):  # noqa: N801
 
     def _value(self, leaves, tree):
         v = flat(leaves)
-        a, lo, hi, b = self._data(v)
+        a, lo, hi, b = self._data(v, leaves, tree)
         tol = set_tol(leaves, v.numel())
         inbox = ((v >= lo - tol * lo.abs()) & (v <= hi + tol * hi.abs())).all()
         on = ((a * v).sum() - b).abs() <= tol * ((a * v).abs().sum() + b.abs())

@@ -199,7 +199,7 @@ CTORS = {
     "linf_ball": (lambda **k: pf.linf_ball(**k), ["radius"]),
 }
 #: Operators whose hyperparameters may be a vector of weights (tests/test_weighted.py).
-WEIGHTED = {"l1", "elastic_net", "l21", "linf1"}
+WEIGHTED = {"l1", "elastic_net", "l21", "linf1", "linf_ball"}
 BAD_HYPER = [
     (-0.1, ValueError),
     (float("nan"), ValueError),

@@ -108,8 +108,18 @@ def check_solvers(c: dict) -> None:
     assert it["FISTA + restart"] < it["FISTA"] < it["ISTA"]
     gap = c["final_gap"]
     assert gap["ISTA"] < gap["FISTA"] and gap["FISTA + restart"] <= 1e-14  # ISTA passes plain FISTA
+    # pf.argmin's implicit derivative = finite differences = the closed form on the lasso's support
     assert c["hypergradient_rel_err"] <= 1e-6
+    assert c["hypergradient_closed_form_rel_err"] <= 1e-10
+    # unrolling: "about 1% off after 25 iterations and 1e-4 after 50, equal to rounding from 100 on"
+    un = c["unrolled_rel_err"]
+    assert 1e-3 < un["25"] < 0.05 and 1e-5 < un["50"] < 1e-3
+    assert un["100"] <= 1e-8 and un["200"] <= 1e-8
     assert c["V_gradient_descent"] <= c["V_grid"] * (1 + 1e-3)  # as good as the grid search
+    # one weight per feature: lower validation loss, and a lower loss on the unused test rows
+    assert c["V_weights"] < 0.9 * c["V_gradient_descent"]
+    assert c["test_weights"] < 0.9 * c["test_one_reg"]
+    assert c["features_weights"] < c["features_one_reg"]
 
 
 def check_migrating(c: dict) -> None:

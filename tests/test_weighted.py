@@ -6,6 +6,7 @@ rescaled features for the adaptive lasso, gradcheck for the derivatives with res
 weights, and torch.optim + the prox for the training-loop steps.
 """
 
+import copy
 import warnings
 
 import numpy as np
@@ -216,6 +217,126 @@ def test_prox_sgd_prox_adam_and_prox_optimizer_take_tensor_weights():
     expected = pf.l21(gw)(ref["weight"] - 0.1 * grads["weight"], 0.1)
     torch.testing.assert_close(model.weight.detach(), expected, atol=1e-15, rtol=0)
     assert (model.weight.detach()[2] == 0).all() and (model.weight.detach()[1] != 0).all()
+
+
+def _box_bounds(params):
+    """Per-entry (weight: one lower bound per input column), per-neuron (bias) and missing bounds."""
+    lower = {"weight": -_weights(params["weight"].shape[1], seed=5, zeros=False) / 4, "bias": None}
+    upper = {"weight": 0.3, "bias": torch.linspace(-0.1, 0.2, params["bias"].shape[0], dtype=D)}
+    return lower, upper
+
+
+@pytest.mark.parametrize("kind", ["box", "l21", "l1"])
+def test_prox_sgd_and_prox_adam_take_tensor_box_bounds_and_group_weights(kind):
+    # functional steps: the new parameters are the prox (with these hyperparameters) of the
+    # plain optimizer's update, leaf by leaf; momentum and a second step included
+    torch.manual_seed(0)
+    params = {k: v.detach().clone() for k, v in torch.nn.Linear(4, 3).double().named_parameters()}
+    grads = [{k: _rand(*v.shape, seed=3 + i) for k, v in params.items()} for i in range(2)]
+    if kind == "box":
+        lower, upper = _box_bounds(params)
+        prox = pf.box(lower, upper)
+        per = {k: pf.box(lower[k], upper[k]) for k in params}
+    elif kind == "l21":  # one weight per output neuron: rows of the weight with their bias entry
+        gw = torch.tensor([0.5, 0.0, 100.0], dtype=D)
+        prox = pf.l21(gw)
+        per = None
+    else:  # per coordinate, one tensor broadcast to every leaf's last dimension
+        w = torch.tensor([0.0, 0.05, 0.2], dtype=D)
+        prox = pf.l1({"weight": torch.ones(4, dtype=D) * 0.1, "bias": w})
+        per = {"weight": pf.l1(torch.ones(4, dtype=D) * 0.1), "bias": pf.l1(w)}
+
+    def reference(op_moved, lr):
+        if per is None:
+            return prox(op_moved, lr)
+        return {k: per[k](op_moved[k], lr) for k in op_moved}
+
+    sgd = pf.prox_sgd(prox, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(v.clone()) for v in params.values()], lr=0.1, momentum=0.9)
+    p, st_ = params, sgd.init(params)
+    ref_p = dict(zip(params, ref_opt.param_groups[0]["params"]))
+    for g in grads:
+        p, st_ = sgd.step(p, g, st_)
+        for k, t in ref_p.items():
+            t.grad = g[k].clone()
+        ref_opt.step()
+        with torch.no_grad():  # the prox after torch.optim.SGD's update, written back
+            new = reference({k: t.detach() for k, t in ref_p.items()}, 0.1)
+            for k, t in ref_p.items():
+                t.copy_(new[k])
+        for k in params:
+            torch.testing.assert_close(p[k], ref_p[k].detach(), atol=1e-14, rtol=0)
+    if kind == "box":
+        assert pf.box(*_box_bounds(params)).value(p) == 0
+    adam = pf.prox_adam(prox, lr=0.01, prox_step="scaled")
+    new_a, sa = adam.step(params, grads[0], adam.init(params))
+    denom = {k: grads[0][k].abs() + 1e-8 for k in params}  # Adam's first step: sqrt(v_hat) = |g|
+    moved = {k: params[k] - 0.01 * grads[0][k] / denom[k] for k in params}
+    n = sum(v.numel() for v in denom.values())
+    step = 0.01 / (sum(v.sum() for v in denom.values()) / n)
+    expected = reference(moved, step)
+    for k in params:
+        torch.testing.assert_close(new_a[k], expected[k], atol=1e-12, rtol=0)
+    # differentiable with respect to the hyperparameters through a functional step
+    if kind == "box":
+        lw = lower["weight"].clone().requires_grad_()
+        opt = pf.prox_sgd(pf.box({"weight": lw, "bias": None}, upper), lr=0.1)
+        out, _ = opt.step(params, grads[0], opt.init(params))
+        (gl,) = torch.autograd.grad(out["weight"].sum(), lw)
+        clamped = (params["weight"] - 0.1 * grads[0]["weight"]) < lower["weight"]
+        torch.testing.assert_close(gl, clamped.to(D).sum(0))
+
+
+def test_prox_optimizer_takes_tensor_hyperparameters_in_place_and_in_its_state_dict():
+    import io
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+    first = {"weight": model[0].weight, "bias": model[0].bias}
+    lower, upper = _box_bounds({k: v.detach() for k, v in first.items()})
+    w2 = _weights(2, 3, seed=6)  # per-coordinate l1 weights of the second layer's weight
+    # the wrapper's prox on named parameters (a partition whose tuple rule hands its box the
+    # tuple (weight, bias): tuple-structured bounds) and a param group's own prox on its list of
+    # tensors (list-structured bounds)
+    bounds = [(lower["weight"], lower["bias"]), (upper["weight"], upper["bias"])]
+    prox = pf.partition({("0.weight", "0.bias"): pf.box(*bounds), "2.weight": pf.l1(w2)})
+    opt = ProxOptimizer(
+        torch.optim.Adam(
+            [
+                {"params": [model[0].weight, model[0].bias, model[2].weight]},
+                {"params": [model[2].bias], "prox": pf.box([torch.tensor([-0.01, 0.0], dtype=D)], 0.02)},
+            ],
+            lr=0.05,
+        ),
+        prox,
+        params=model,
+    )
+    ref_model = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.05)
+    x = _rand(16, 4, seed=8)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref_model, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+        with torch.no_grad():  # what the in-place layer must have written
+            r = dict(ref_model.named_parameters())
+            r["0.weight"].copy_(pf.box(lower["weight"], upper["weight"])(r["0.weight"]))
+            r["0.bias"].copy_(pf.box(None, upper["bias"])(r["0.bias"]))
+            r["2.weight"].copy_(pf.l1(w2)(r["2.weight"], 0.05))
+            r["2.bias"].copy_(pf.box(torch.tensor([-0.01, 0.0], dtype=D), 0.02)(r["2.bias"]))
+        for (k, a), b in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-14, rtol=0, msg=k)
+    assert (model[0].weight.detach() <= 0.3).all() and (model[2].bias.detach() <= 0.02).all()
+    # the state dict holds the operators with their tensor hyperparameters as plain data
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    opt2 = ProxOptimizer(torch.optim.Adam(opt.optimizer.param_groups[0]["params"], lr=0.05), prox, params=model)
+    opt2.optimizer.add_param_group({"params": [model[2].bias]})
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[1]["prox"] == opt.param_groups[1]["prox"]
 
 
 def test_bad_weights_raise_naming_them():
