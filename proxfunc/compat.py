@@ -431,7 +431,7 @@ class ProxOptimizer(torch.optim.Optimizer):
       ``model`` (or a given ``{name: parameter}`` dict) as a dict, e.g. a
       :func:`proxfunc.partition`. The parameters it changes must share one ``lr``.
     * a ``"prox"`` entry in a param group: ``SGD([{"params": lin.parameters(), "prox":
-      pf.l21(1e-3)}], lr=0.1)``; the operator receives that group's parameters as a list.
+      pf.l21(1e-3)}], lr=0.1)``; the operator receives that group's parameters as a tuple, in their order.
 
     ``zero_grad``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are those of
     the wrapped optimizer; the state dict holds each group's ``"prox"`` as plain data
