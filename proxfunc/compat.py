@@ -329,7 +329,8 @@ def _survey(
         spans = sorted(map(_span, tensors))
     if spans[0][0] == 0:  # a DTensor (its own data_ptr() is 0) or an empty tensor: local shards
         spans = sorted(_span(_local(t)) for t in tensors)
-    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    begins, ends = zip(*spans)
+    return all(map(operator.le, ends[:-1], begins[1:]))  # each span ends before the next begins
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
