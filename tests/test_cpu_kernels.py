@@ -278,7 +278,7 @@ def test_a_forked_child_splits_rows_over_threads(kernel):
 @needs_kernel
 def test_the_c_functions_are_typed(kernel):
     fn = linf1_cpu._KERNEL.function("proxfunc_linf1_rows_f32")
-    assert fn.argtypes == [linf1_cpu._PARTS, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    assert fn.argtypes == [ctypes.POINTER(linf1_cpu._Part), ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
     x = torch.randn(3, 4)
     with pytest.raises(ctypes.ArgumentError):
         fn(x.data_ptr(), 1, 3, 0.5)  # an address where the part array belongs

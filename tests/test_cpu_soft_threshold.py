@@ -152,6 +152,8 @@ def test_a_call_split_over_threads_gives_the_same_bits(dtype):
 
 def test_the_c_functions_are_typed():
     fn = soft_cpu._KERNEL.function(soft_cpu._SYMBOLS[torch.float32])
+    assert fn.argtypes == [ctypes.POINTER(soft_cpu._Span), ctypes.c_int64, ctypes.c_float]
+    assert soft_cpu._KERNEL.function(soft_cpu._SYMBOLS[torch.float64]).argtypes[-1] is ctypes.c_double
     with pytest.raises(ctypes.ArgumentError):
         fn([1, 2, 3], 1, 0.5)  # not a span array
     with pytest.raises(ctypes.ArgumentError):

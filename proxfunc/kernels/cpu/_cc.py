@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Kernel", "library", "why", "bump", "cache_dir", "COMPILE_TIMEOUT_S"]
+__all__ = ["Kernel", "per_dtype", "library", "why", "bump", "cache_dir", "COMPILE_TIMEOUT_S", "C_SCALARS"]
 
 #: Seconds the compiler may run before its process group is killed.
 COMPILE_TIMEOUT_S = 30.0
@@ -99,6 +99,18 @@ class Kernel:
     def why(self) -> str:
         """What happened to the library (see :func:`why`)."""
         return why(self.name)
+
+
+#: The C scalar type of each dtype the kernels take.
+C_SCALARS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def per_dtype(name: str, source: str, symbol: str, argtypes: list[Any]) -> tuple[Kernel, dict[torch.dtype, str]]:
+    """A library whose functions ``<symbol>_f32`` and ``<symbol>_f64`` take ``argtypes`` then a
+    scalar of their dtype and return nothing: the :class:`Kernel` and ``{dtype: symbol}``."""
+    symbols = {torch.float32: f"{symbol}_f32", torch.float64: f"{symbol}_f64"}
+    kernel = Kernel(name, source, {symbols[d]: (None, [*argtypes, c]) for d, c in C_SCALARS.items()})
+    return kernel, symbols
 
 
 def library(name: str, source: str, signatures: Signatures) -> Any:

@@ -184,15 +184,8 @@ class _Part(ctypes.Structure):
     _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("cols", ctypes.c_int64)]
 
 
-_PARTS = ctypes.POINTER(_Part)
-_SYMBOLS = {torch.float32: "proxfunc_linf1_rows_f32", torch.float64: "proxfunc_linf1_rows_f64"}
-_KERNEL = _cc.Kernel(
-    _NAME,
-    _SOURCE,
-    {
-        _SYMBOLS[torch.float32]: (None, [_PARTS, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]),
-        _SYMBOLS[torch.float64]: (None, [_PARTS, ctypes.c_int64, ctypes.c_int64, ctypes.c_double]),
-    },
+_KERNEL, _SYMBOLS = _cc.per_dtype(
+    _NAME, _SOURCE, "proxfunc_linf1_rows", [ctypes.POINTER(_Part), ctypes.c_int64, ctypes.c_int64]
 )
 
 

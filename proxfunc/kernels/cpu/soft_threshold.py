@@ -71,16 +71,7 @@ class _Span(ctypes.Structure):
     _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("numel", ctypes.c_int64)]
 
 
-_SPANS = ctypes.POINTER(_Span)
-_SYMBOLS = {torch.float32: "proxfunc_soft_threshold_f32", torch.float64: "proxfunc_soft_threshold_f64"}
-_KERNEL = _cc.Kernel(
-    _NAME,
-    _SOURCE,
-    {
-        _SYMBOLS[torch.float32]: (None, [_SPANS, ctypes.c_int64, ctypes.c_float]),
-        _SYMBOLS[torch.float64]: (None, [_SPANS, ctypes.c_int64, ctypes.c_double]),
-    },
-)
+_KERNEL, _SYMBOLS = _cc.per_dtype(_NAME, _SOURCE, "proxfunc_soft_threshold", [ctypes.POINTER(_Span), ctypes.c_int64])
 
 
 def available() -> bool:
