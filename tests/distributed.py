@@ -114,6 +114,13 @@ def _main(argv: list[str]) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: with the group destroyed and every record
+    # flushed, the work is over, and finalisation (objects still holding the group, torch's
+    # static threads) can abort a rank with SIGABRT ("terminate called without an active
+    # exception") that says nothing about the checks. A worker that raised does not get here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
