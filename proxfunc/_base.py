@@ -54,6 +54,16 @@ def _is_compiling() -> bool:
     return bool(_compiling())
 
 
+_functorch_c = getattr(torch._C, "_functorch", None)
+_level = getattr(_functorch_c, "maybe_current_level", None)
+_is_functional = getattr(torch, "_is_functional_tensor", lambda t: True)  # unknown: the long way
+
+
+def _no_transform() -> bool:
+    """No ``torch.func`` transform is running (unknown on a torch without the probe: False)."""
+    return _level is not None and _level() is None
+
+
 def is_concrete(t: torch.Tensor) -> bool:
     """True when ``t`` holds real values that may be read on the host.
 
@@ -62,8 +72,10 @@ def is_concrete(t: torch.Tensor) -> bool:
     a value would break the graph or is not allowed, and for DTensors (a rank's local
     values are a shard, or a partial sum, not the tensor's).
     """
-    if _is_compiling() or t.device.type == "meta":
+    if _is_compiling() or t.is_meta:
         return False
+    if type(t) in _PLAIN_TENSORS and _no_transform() and not _is_functional(t):
+        return True  # a plain tensor outside every torch.func transform: no wrapper, not fake
     if _dist.is_dtensor(t):  # a rank holds a shard: its local values are not the tensor's
         return False
     functorch = getattr(torch._C, "_functorch", None)

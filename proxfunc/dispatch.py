@@ -127,7 +127,8 @@ _REQUIRES_GRAD, _DTYPE, _LAYOUT = attrgetter("requires_grad"), attrgetter("dtype
 _IS_META = attrgetter("is_meta")
 _current_level = getattr(_functorch, "maybe_current_level", None)
 _CONTIGUOUS = torch.Tensor.is_contiguous
-_DEVICE = attrgetter("device")
+_DEVICE, _IS_CPU = attrgetter("device"), attrgetter("is_cpu")
+_CPU = frozenset((torch.device("cpu"),))
 _NUMEL = torch.Tensor.numel
 
 
@@ -180,9 +181,12 @@ def select(
     ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
     if not _eager(ts, meta=False):
         return Choice(REFERENCE, t)
-    devices = set(map(_DEVICE, leaves))  # a tensor t is on the CPU (_float_threshold) or refused
-    if any(d.type == "meta" for d in devices):
-        return Choice(REFERENCE, t)
+    if all(map(_IS_CPU, leaves)):  # the common case, without building a device object a leaf
+        devices = _CPU
+    else:  # a tensor t is on the CPU (_float_threshold) or refused
+        devices = set(map(_DEVICE, leaves))
+        if any(d.type == "meta" for d in devices):
+            return Choice(REFERENCE, t)
     if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
         return Choice(REFERENCE, t)
     tf = _float_threshold(t)

@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 import shutil
+import sys
+import time
 
 import pytest
 import torch
@@ -110,22 +113,29 @@ def test_in_place_bumps_the_version_counter():
         soft_cpu.run([y], 0.1, out=[y])  # no version counter: nothing to bump, no error
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 3, 7])
-def test_split_covers_every_entry_once(chunks):
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_threads_cover_every_entry_once(threads):
+    """The C function cuts the concatenated spans into ``threads`` runs (a tensor may be cut
+    between two; empty tensors anywhere): written out of place into NaN-filled outputs, every
+    entry gets its value, and in place no entry is shrunk twice."""
+    g = torch.Generator().manual_seed(3)
     sizes = [0, 5, 1, 40, 3, 0, 17]
-    total = sum(sizes)
-    spans = []
-    base = 0
-    for n in sizes:  # fake addresses: entry j of the concatenation is at 1000 + 4 j (src), 9000 + 4 j (dst)
-        spans.append((1000 + 4 * base, 9000 + 4 * base, n))
-        base += n
-    blocks = soft_cpu._split(spans, total, chunks, 4)
-    assert len(blocks) == min(chunks, total)
-    seen = [(s - 1000) // 4 + i for b in blocks for s, d, n in b for i in range(n)]
-    assert seen == list(range(total))
-    assert all(d - s == 8000 for b in blocks for s, d, n in b)
-    sizes_per_block = [sum(n for _, _, n in b) for b in blocks]
-    assert max(sizes_per_block) - min(sizes_per_block) <= 1
+    xs = [torch.randn(n, generator=g) for n in sizes]
+    outs = [torch.full_like(x, float("nan")) for x in xs]
+    fn = soft_cpu._KERNEL.function(soft_cpu._SYMBOLS[torch.float32])
+    flat = soft_cpu._flat(
+        array.array("q", [x.data_ptr() for x in xs]),
+        array.array("q", [y.data_ptr() for y in outs]),
+        array.array("q", sizes),
+    )
+    fn(soft_cpu._array(flat), len(xs), threads, 0.25)
+    for x, y in zip(xs, outs):
+        assert_same_bits([y], [soft_threshold(x, 0.25)])
+    inplace = [x.clone() for x in xs]
+    src = array.array("q", [x.data_ptr() for x in inplace])
+    fn(soft_cpu._array(soft_cpu._flat(src, src, array.array("q", sizes))), len(xs), threads, 0.25)
+    for x, y in zip(xs, inplace):
+        assert_same_bits([y], [soft_threshold(x, 0.25)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -150,11 +160,49 @@ def test_a_call_split_over_threads_gives_the_same_bits(dtype):
     assert torch.equal(one[1], want_big)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_runs_a_large_call():
+    """OpenMP's threads do not exist in a forked child (a DataLoader worker, say): after the
+    parent ran a threaded call, the child's call runs on its own thread instead of waiting
+    for them forever."""
+    x = torch.randn(4 * soft_cpu.PARALLEL_NUMEL, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (want,) = soft_cpu.run([x], 0.3)  # the OpenMP team exists in this process now
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 3
+            try:  # compared in numpy: torch's own OpenMP regions may hang in a forked child
+                (y,) = soft_cpu.run([x], 0.3)
+                code = 0 if y.numpy().tobytes() == want.numpy().tobytes() else 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_c_functions_are_typed():
     fn = soft_cpu._KERNEL.function(soft_cpu._SYMBOLS[torch.float32])
-    assert fn.argtypes == [ctypes.POINTER(soft_cpu._Span), ctypes.c_int64, ctypes.c_float]
+    assert fn.argtypes == [ctypes.POINTER(soft_cpu._Span), ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
     assert soft_cpu._KERNEL.function(soft_cpu._SYMBOLS[torch.float64]).argtypes[-1] is ctypes.c_double
     with pytest.raises(ctypes.ArgumentError):
-        fn([1, 2, 3], 1, 0.5)  # not a span array
+        fn([1, 2, 3], 1, 1, 0.5)  # not a span array
     with pytest.raises(ctypes.ArgumentError):
-        fn(soft_cpu._array([]), "one", 0.5)
+        fn(soft_cpu._array(array.array("q")), "one", 1, 0.5)
+
+
+def test_gcc_builds_it_with_openmp():
+    """Built by gcc on Linux, a large call runs on torch's OpenMP threads (the -fopenmp build)."""
+    real = os.path.basename(os.path.realpath(CC))
+    if sys.platform != "linux" or "gcc" not in real:
+        pytest.skip(f"the compiler is {real} on {sys.platform}; the OpenMP build is checked with gcc on Linux")
+    assert soft_cpu.threaded(), _cc.why(soft_cpu.SPEC.name)

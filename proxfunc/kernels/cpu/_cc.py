@@ -8,8 +8,11 @@ takes tens of seconds.
 
 * **Compiler**: ``$CC``, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH``, with
   ``-O3 -march=native`` (plain ``-O3`` when the compiler refuses ``-march=native``) and no
-  fast-math flag. It runs in its own process group; after :data:`COMPILE_TIMEOUT_S` seconds the
-  whole group is killed and the kernel is not used.
+  fast-math flag; a source that tests ``_OPENMP`` is tried with ``-fopenmp`` first (on
+  Linux its ``libgomp.so.1`` resolves to the copy torch has loaded, so its threads are
+  torch's) and must compile without it too. The compiler runs in its own process group;
+  after :data:`COMPILE_TIMEOUT_S` seconds the whole group is killed and the kernel is not
+  used.
 * **Cache directory**: ``$PROXFUNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/proxfunc``, else
   ``~/.cache/proxfunc`` (:func:`cache_dir`), created with mode 0700. Code is only loaded from
   a directory that is not a symbolic link, is owned by the current user and is not writable
@@ -66,6 +69,7 @@ _WHY: dict[str, str] = {}  # name -> what happened (where it was loaded from, or
 _LOCKS: dict[str, threading.Lock] = {}  # name -> held while that library is built or loaded
 _LOCK = threading.Lock()  # guards _LOCKS only
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+_OPENMP = "-fopenmp"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -105,11 +109,15 @@ class Kernel:
 C_SCALARS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
-def per_dtype(name: str, source: str, symbol: str, argtypes: list[Any]) -> tuple[Kernel, dict[torch.dtype, str]]:
+def per_dtype(
+    name: str, source: str, symbol: str, argtypes: list[Any], extra: Signatures | None = None
+) -> tuple[Kernel, dict[torch.dtype, str]]:
     """A library whose functions ``<symbol>_f32`` and ``<symbol>_f64`` take ``argtypes`` then a
-    scalar of their dtype and return nothing: the :class:`Kernel` and ``{dtype: symbol}``."""
+    scalar of their dtype and return nothing (and the functions ``extra`` types): the
+    :class:`Kernel` and ``{dtype: symbol}``."""
     symbols = {torch.float32: f"{symbol}_f32", torch.float64: f"{symbol}_f64"}
-    kernel = Kernel(name, source, {symbols[d]: (None, [*argtypes, c]) for d, c in C_SCALARS.items()})
+    signatures = {symbols[d]: (None, [*argtypes, c]) for d, c in C_SCALARS.items()}
+    kernel = Kernel(name, source, {**signatures, **(extra or {})})
     return kernel, symbols
 
 
@@ -139,15 +147,12 @@ def bump(tensors: Iterable[torch.Tensor]) -> None:
     in-place ATen op does), so a tensor saved for a backward pass is still caught as changed.
     Inference tensors have no counter and are skipped."""
     tensors = list(tensors)
-    if any(map(torch.Tensor.is_inference, tensors)):
-        tensors = [t for t in tensors if not t.is_inference()]
-    if not tensors:
-        return
     try:
-        torch._C._increment_version(tensors)
-    except TypeError:  # older torch: one tensor per call
+        torch._C._increment_version(tensors)  # inference tensors: a no-op where torch takes a list
+    except (TypeError, RuntimeError):  # older torch: one tensor per call, inference tensors refused
         for t in tensors:
-            torch._C._increment_version(t)
+            if not t.is_inference():
+                torch._C._increment_version(t)
 
 
 def cache_dir() -> Path:
@@ -352,7 +357,7 @@ def _build(directory: Path, name: str, source: str, cc: str) -> tuple[Path, str]
     except OSError:
         stamp = ""
     last_error, notes = "", ""
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets(source):
         key = "\0".join([source, real, stamp, " ".join(flags), _cpu_signature()])
         prefix = f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}-"
         found, note = _cached(directory, prefix)
@@ -367,6 +372,15 @@ def _build(directory: Path, name: str, source: str, cc: str) -> tuple[Path, str]
             raise _Refused(f"{path} changed between its write and its load")
         return path, f"{notes}built and "
     raise RuntimeError(f"{os.path.basename(cc)} failed: {last_error}")
+
+
+def _flag_sets(source: str) -> list[tuple[str, ...]]:
+    """The flags to try, in order: a source that tests ``_OPENMP`` is tried with ``-fopenmp``
+    first (on Linux its ``libgomp.so.1`` is the one torch has loaded, so its threads are
+    torch's), then without (it must then compile as serial code)."""
+    if "_OPENMP" not in source:
+        return list(_FLAG_SETS)
+    return [(*f, _OPENMP) for f in _FLAG_SETS] + list(_FLAG_SETS)
 
 
 def _compile(cc: str, flags: tuple[str, ...], name: str, source: str) -> tuple[bytes | None, str]:

@@ -12,56 +12,94 @@ within the dtype's range, and the same values as ATen's ``softshrink`` (whose ze
 input's sign). ``t = 0`` is the identity.
 
 :func:`run` is reached only through :func:`proxfunc.dispatch.select`, which checks
-:data:`SPEC`. Work above :data:`PARALLEL_NUMEL` entries, when torch runs several threads, is
-cut into ``torch.get_num_threads()`` spans of about equal size run at once
-(:func:`._pool.run_blocks`); each entry is computed alone, so the bits do not depend on the
-split.
+:data:`SPEC`. A call above :data:`PARALLEL_NUMEL` entries, when torch runs several threads, is
+cut into ``torch.get_num_threads()`` runs of equal length over the concatenated tensors, one
+a thread of an OpenMP team: built with ``-fopenmp`` (see :mod:`._cc`), the library shares the
+OpenMP runtime torch has loaded, whose threads are already running (a hand-off of about a
+microsecond). Without OpenMP (:func:`threaded` is false) the whole call runs on the calling
+thread, as it does in a forked child (GNU OpenMP's threads do not survive a fork: a
+parallel region there would wait for them forever). Each entry is computed alone, so the
+bits do not depend on the split.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
+import os
 from operator import methodcaller
 
 import torch
 
 from ...dispatch import KernelSpec
 from . import _cc
-from ._pool import run_blocks
 
-__all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL", "MIN_NUMEL"]
+__all__ = ["SPEC", "available", "threaded", "run", "PARALLEL_NUMEL", "MIN_NUMEL"]
 
 _NAME = "soft_threshold"
-#: Entries (all tensors together) above which a call is split over torch's threads. Below it
-#: the pool's hand-off costs more than the second thread saves (``benchmarks/``).
-PARALLEL_NUMEL = 1 << 22
+#: Entries (all tensors together) above which a call is split over torch's threads: about
+#: where two threads start to gain on one (each thread's share is then at least ATen's
+#: grain size, 32768 entries).
+PARALLEL_NUMEL = 1 << 16
 
 #: Entries (all tensors together) below which ATen's ``softshrink`` per tensor is faster: the
 #: kernel's fixed cost (the ctypes call and its argument array) is that of a few ATen calls.
 MIN_NUMEL = 1 << 15
 
 # The C source: one function per dtype, typed (see _Span and the argtypes below):
-#   void proxfunc_soft_threshold_f32(const span_t *spans, int64_t nspans, float t)
-#   void proxfunc_soft_threshold_f64(const span_t *spans, int64_t nspans, double t)
+#   void proxfunc_soft_threshold_f32(const span_t *spans, int64_t nspans, int64_t threads, float t)
+#   void proxfunc_soft_threshold_f64(const span_t *spans, int64_t nspans, int64_t threads, double t)
+# Built with OpenMP (see _cc), ``threads > 1`` cuts the concatenation of the spans into that
+# many runs of equal length, one a thread of the OpenMP team torch's own kernels use.
 _SOURCE = r"""
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 typedef struct { const void *src; void *dst; int64_t numel; } span_t;
-#define SOFT(T, NAME)                                                              \
-void proxfunc_soft_threshold_##NAME(const span_t *spans, int64_t nspans, T t) {   \
-    const T lo = -t;                                                               \
-    for (int64_t k = 0; k < nspans; ++k) {                                         \
-        const T *x = (const T *)spans[k].src;                                      \
-        T *y = (T *)spans[k].dst;                                                  \
-        const int64_t n = spans[k].numel;                                          \
-        for (int64_t i = 0; i < n; ++i) {                                          \
-            T v = x[i];                                                            \
-            T c = v > t ? t : (v < lo ? lo : v);  /* NaN: c = v, and v - c is NaN */ \
-            y[i] = v - c;                                                          \
-        }                                                                          \
-    }                                                                              \
+#define SOFT(T, NAME)                                                                   \
+static void soft_##NAME(const span_t *spans, int64_t nspans, T t, int64_t lo, int64_t hi) { \
+    const T neg = -t;                                                                   \
+    int64_t base = 0; /* entries of the spans before span k */                          \
+    for (int64_t k = 0; k < nspans && base < hi; ++k) {                                 \
+        const int64_t n = spans[k].numel;                                               \
+        const int64_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;  \
+        const T *x = (const T *)spans[k].src;                                           \
+        T *y = (T *)spans[k].dst;                                                       \
+        for (int64_t i = a; i < b; ++i) {                                               \
+            T v = x[i];                                                                 \
+            T c = v > t ? t : (v < neg ? neg : v);  /* NaN: c = v, and v - c is NaN */  \
+            y[i] = v - c;                                                               \
+        }                                                                               \
+        base += n;                                                                      \
+    }                                                                                   \
+}                                                                                       \
+void proxfunc_soft_threshold_##NAME(const span_t *spans, int64_t nspans, int64_t threads, T t) { \
+    int64_t total = 0;                                                                  \
+    for (int64_t k = 0; k < nspans; ++k) total += spans[k].numel;                       \
+    if (threads <= 1) { soft_##NAME(spans, nspans, t, 0, total); return; }              \
+    PARALLEL(NAME)                                                                      \
 }
+#ifdef _OPENMP
+#define PARALLEL(NAME)                                                                  \
+    _Pragma("omp parallel num_threads(threads)")                                       \
+    {                                                                                   \
+        const int64_t r = omp_get_thread_num(), m = omp_get_num_threads();              \
+        soft_##NAME(spans, nspans, t, total / m * r + total % m * r / m,                 \
+                    total / m * (r + 1) + total % m * (r + 1) / m);                      \
+    }
+#else
+#define PARALLEL(NAME) soft_##NAME(spans, nspans, t, 0, total);
+#endif
 SOFT(float, f32)
 SOFT(double, f64)
+int proxfunc_soft_threshold_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 """
 
 
@@ -71,12 +109,24 @@ class _Span(ctypes.Structure):
     _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), ("numel", ctypes.c_int64)]
 
 
-_KERNEL, _SYMBOLS = _cc.per_dtype(_NAME, _SOURCE, "proxfunc_soft_threshold", [ctypes.POINTER(_Span), ctypes.c_int64])
+_KERNEL, _SYMBOLS = _cc.per_dtype(
+    _NAME,
+    _SOURCE,
+    "proxfunc_soft_threshold",
+    [ctypes.POINTER(_Span), ctypes.c_int64, ctypes.c_int64],
+    extra={"proxfunc_soft_threshold_openmp": (ctypes.c_int, [])},
+)
 
 
 def available() -> bool:
     """Whether the C kernel is built and loaded (it is built at the first call)."""
     return _KERNEL.available()
+
+
+def threaded() -> bool:
+    """Whether the loaded kernel was built with OpenMP: only then does a call above
+    :data:`PARALLEL_NUMEL` entries run on torch's threads (otherwise on the calling one)."""
+    return available() and bool(_KERNEL.function("proxfunc_soft_threshold_openmp")())
 
 
 #: What the kernel takes (checked by :func:`proxfunc.dispatch.select` before :func:`run`):
@@ -93,6 +143,19 @@ SPEC = KernelSpec(
 )
 
 _DATA_PTR, _NUMEL = methodcaller("data_ptr"), methodcaller("numel")
+_forked = False  # in a forked child: every call on the calling thread
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+# A span array is built from a flat int64 array (three 8-byte fields a span, in order): an
+# order of magnitude cheaper than constructing the Structures one by one.
+assert ctypes.sizeof(_Span) == 24 and [getattr(_Span, f).offset for f in ("src", "dst", "numel")] == [0, 8, 16]
 
 
 def run(leaves: list[torch.Tensor], t: float, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -107,39 +170,23 @@ def run(leaves: list[torch.Tensor], t: float, out: list[torch.Tensor] | None = N
     if t == 0:  # the identity (``-0.0`` kept, as the other implementations keep it)
         return out if out is not None else [x.clone() for x in leaves]
     dst = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in leaves] if out is None else out
-    sizes = list(map(_NUMEL, leaves))
-    spans = list(zip(map(_DATA_PTR, leaves), map(_DATA_PTR, dst), sizes))
-    fn = _KERNEL.function(_SYMBOLS[first.dtype])
-    total = sum(sizes)
-    threads = torch.get_num_threads()
-    if threads > 1 and total > PARALLEL_NUMEL:
-        run_blocks(fn, [(_array(b), len(b), t) for b in _split(spans, total, threads, first.element_size())])
-    elif spans:
-        fn(_array(spans), len(spans), t)
+    src_ptrs = array.array("q", map(_DATA_PTR, leaves))
+    sizes = array.array("q", map(_NUMEL, leaves))
+    flat = _flat(src_ptrs, src_ptrs if out is leaves else array.array("q", map(_DATA_PTR, dst)), sizes)
+    threads = torch.get_num_threads() if sum(sizes) > PARALLEL_NUMEL and not _forked else 1
+    _KERNEL.function(_SYMBOLS[first.dtype])(_array(flat), len(leaves), threads, t)
     if out is not None:
         _cc.bump(out)
     return dst
 
 
-def _array(spans: list[tuple[int, int, int]]) -> ctypes.Array:
-    return (_Span * len(spans))(*spans)
+def _flat(src: array.array, dst: array.array, sizes: array.array) -> array.array:
+    """The spans ``(src[i], dst[i], sizes[i])`` one after another in one int64 array."""
+    flat = array.array("q", bytes(24 * len(sizes)))
+    flat[0::3], flat[1::3], flat[2::3] = src, dst, sizes
+    return flat
 
 
-def _split(spans: list[tuple[int, int, int]], total: int, chunks: int, size: int) -> list[list[tuple[int, int, int]]]:
-    """``spans`` cut into ``chunks`` runs of about ``total / chunks`` entries each (a tensor may
-    be cut between two runs; ``size``: bytes an entry)."""
-    bounds = [total * k // chunks for k in range(1, chunks + 1)]
-    blocks: list[list[tuple[int, int, int]]] = [[]]
-    done = 0  # entries placed in earlier blocks
-    for src, dst, n in spans:
-        a = 0
-        while a < n:
-            room = bounds[len(blocks) - 1] - done
-            take = min(n - a, room)
-            if take > 0:
-                blocks[-1].append((src + a * size, dst + a * size, take))
-                a += take
-                done += take
-            if done >= bounds[len(blocks) - 1] and len(blocks) < chunks:
-                blocks.append([])
-    return [b for b in blocks if b]
+def _array(flat: array.array) -> ctypes.Array:
+    """The span array over ``flat``'s memory (``flat`` must outlive the call)."""
+    return (_Span * (len(flat) // 3)).from_buffer(flat)
