@@ -1,4 +1,5 @@
-"""The thread pool the C kernels split large calls over.
+"""The thread pool :mod:`.linf1` splits large calls over (:mod:`.soft_threshold` runs its
+own on OpenMP threads).
 
 A kernel's C loop is single-threaded and :mod:`ctypes` releases the GIL while it runs, so
 independent blocks of one call run at once on Python threads: the calling thread runs the
