@@ -1,6 +1,10 @@
-"""Tiny helpers shared by the test modules (float64 tensors from numpy, seeded RNGs, pytree)."""
+"""Tiny helpers shared by the test modules (float64 tensors from numpy, seeded RNGs, pytree,
+a check run in a forked child)."""
 
+import os
+import time
 import types
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,3 +31,25 @@ def t64(a):
 def rng(seed):
     """A seeded numpy Generator."""
     return np.random.default_rng(seed)
+
+
+def in_forked_child(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Fail the calling test unless ``check()`` returns true in a forked child within
+    ``timeout`` seconds (a child that hangs is killed). The child never returns into pytest."""
+    import pytest
+
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            code = 0 if check() else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "the check failed in the forked child"

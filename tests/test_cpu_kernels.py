@@ -45,6 +45,7 @@ from proxfunc.kernels.cpu import linf1 as linf1_cpu
 from proxfunc.kernels.threshold import threshold_sort
 
 from .conftest import examples
+from .helpers import in_forked_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CC = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
@@ -255,22 +256,8 @@ def test_a_forked_child_splits_rows_over_threads(kernel):
     try:
         want = linf1_cpu.run([x], 5.0)  # the pool exists in this process now
         assert cpu_pool._POOL is not None
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 3
-            try:  # compared in numpy: torch's OpenMP regions may hang in a forked child
-                (y,) = linf1_cpu.run([x], 5.0)
-                code = 0 if y.numpy().tobytes() == want[0].numpy().tobytes() else 1
-            finally:
-                os._exit(code)
-        deadline = time.monotonic() + 30
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if done[0] == 0:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        assert os.waitstatus_to_exitcode(done[1]) == 0
+        # compared in numpy: torch's OpenMP regions may hang in a forked child
+        in_forked_child(lambda: linf1_cpu.run([x], 5.0)[0].numpy().tobytes() == want[0].numpy().tobytes())
     finally:
         torch.set_num_threads(threads)
 

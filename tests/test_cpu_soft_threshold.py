@@ -16,7 +16,6 @@ import ctypes
 import os
 import shutil
 import sys
-import time
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from proxfunc.kernels.cpu import soft_threshold as soft_cpu
 from proxfunc.norms import soft_threshold
 
 from .conftest import examples
+from .helpers import in_forked_child
 
 CC = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
 DTYPES = [torch.float32, torch.float64]
@@ -170,22 +170,8 @@ def test_a_forked_child_runs_a_large_call():
     torch.set_num_threads(2)
     try:
         (want,) = soft_cpu.run([x], 0.3)  # the OpenMP team exists in this process now
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 3
-            try:  # compared in numpy: torch's own OpenMP regions may hang in a forked child
-                (y,) = soft_cpu.run([x], 0.3)
-                code = 0 if y.numpy().tobytes() == want.numpy().tobytes() else 1
-            finally:
-                os._exit(code)
-        deadline = time.monotonic() + 30
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if done[0] == 0:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        assert os.waitstatus_to_exitcode(done[1]) == 0
+        # compared in numpy: torch's own OpenMP regions may hang in a forked child
+        in_forked_child(lambda: soft_cpu.run([x], 0.3)[0].numpy().tobytes() == want.numpy().tobytes())
     finally:
         torch.set_num_threads(threads)
 
