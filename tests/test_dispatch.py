@@ -69,7 +69,7 @@ def _layout(name, dtype):
             "4.weight": _rand((8, 24), 8, dtype),
         }
         return p, lambda op: pf.partition({("0.weight", "0.bias"): op, "2.*": op, "4.weight": op})
-    if name.startswith("mixed"):  # one tensor above 2**17 entries, the others far below
+    if name.startswith("mixed"):  # one tensor above 2**17 entries (_MIXED_NUMEL), the others far below
         p = {"big": _rand((400, 400), 9, dtype), "a": _rand((16, 8), 10, dtype), "b": _rand((64, 32), 11, dtype)}
         return p, lambda op: pf.partition({"*": op})
     if name == "empty_groups":
@@ -77,6 +77,7 @@ def _layout(name, dtype):
     raise AssertionError(name)
 
 
+_MIXED_NUMEL = 400 * 400
 LAYOUTS = ("contiguous", "transposed", "weight_bias", "model", "mixed-1thread", "mixed-2threads", "empty_groups")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 STEPS = ("float", "tensor")
@@ -84,18 +85,16 @@ STEPS = ("float", "tensor")
 
 @contextlib.contextmanager
 def _threads(layout):
-    """One torch thread, or two for the ``*-2threads`` layouts; there the soft-threshold
-    kernel's split is lowered to linf1's, so the mixed layout straddles both (the same
-    ``_split`` code as a multi-million-entry call: ``tests/test_cpu_soft_threshold.py``).
-    The soft-threshold kernel takes calls of any size here (its ``min_numel``, where ATen
-    is faster, would leave the small layouts to ATen: ``test_small_l1_calls_take_aten``)."""
+    """One torch thread, or two for the ``*-2threads`` layouts, where the mixed layout's
+    calls are above both kernels' ``PARALLEL_NUMEL`` (checked here): they run split over the
+    threads. The soft-threshold kernel takes calls of any size here (its ``min_numel``, where
+    ATen is faster, would leave the small layouts to ATen: ``test_small_l1_calls_take_aten``)."""
+    assert _MIXED_NUMEL > max(soft_cpu.PARALLEL_NUMEL, linf1_cpu.PARALLEL_NUMEL)
     n = torch.get_num_threads()
     two = layout.endswith("2threads")
     torch.set_num_threads(2 if two else 1)
     mp = pytest.MonkeyPatch()
     mp.setitem(norms._SOFT_KERNELS, "cpu", dataclasses.replace(soft_cpu.SPEC, min_numel=0))
-    if two:
-        mp.setattr(soft_cpu, "PARALLEL_NUMEL", linf1_cpu.PARALLEL_NUMEL)
     try:
         yield
     finally:
