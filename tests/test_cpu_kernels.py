@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 import proxfunc as pf
 from proxfunc import dispatch
 from proxfunc.kernels.cpu import _cc
-from proxfunc.kernels.cpu import _pool as cpu_pool
 from proxfunc.kernels.cpu import linf1 as linf1_cpu
 from proxfunc.kernels.threshold import threshold_sort
 
@@ -213,34 +212,46 @@ def test_rows_split_over_threads_give_the_same_bits(dtype, kernel, monkeypatch):
     w = torch.randn(701, 300, generator=g, dtype=dtype)  # > 2**17 entries, an odd row count
     b = torch.randn(701, generator=g, dtype=dtype)
     w[::5] *= 1e-3  # some groups die
-    chunks: list[int] = []
-    real = linf1_cpu._parallel
+    chunks: list[int] = []  # the thread count of each C call
+    real = linf1_cpu._KERNEL
 
-    def spy(fn, parts, rows, r, n, size):
-        chunks.append(n)
-        return real(fn, parts, rows, r, n, size)
+    class Spy:
+        def function(self, symbol):
+            fn = real.function(symbol)
 
-    monkeypatch.setattr(linf1_cpu, "_parallel", spy)
+            def call(parts, nparts, rows, threads, r):
+                chunks.append(threads)
+                return fn(parts, nparts, rows, threads, r)
+
+            return call
+
+    monkeypatch.setattr(linf1_cpu, "_KERNEL", Spy())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = linf1_cpu.run([w, b], 5.0)
-        assert chunks == []
+        assert chunks == [1]
         torch.set_num_threads(2)
         two = linf1_cpu.run([w, b], 5.0)
-        assert chunks == [2]
+        assert chunks == [1, 2]
         assert same_bits(one, two)
         ww, bb = w.clone(), b.clone()
         linf1_cpu.run([ww, bb], 5.0, out=[ww, bb])
         assert same_bits([ww, bb], one)
-        torch.set_num_threads(3)  # more threads than the pool had, rows not divisible by 3
+        torch.set_num_threads(3)  # rows not divisible by 3
         assert same_bits(linf1_cpu.run([w, b], 5.0), one)
-        assert chunks == [2, 2, 3]
-        wide = torch.randn(1, 1 << 18, generator=g, dtype=dtype)  # one row: one call
+        assert chunks == [1, 2, 2, 3]
+        wide = torch.randn(1, 1 << 18, generator=g, dtype=dtype)  # one row: one thread
         linf1_cpu.run([wide], 100.0)
-        assert chunks == [2, 2, 3]
+        assert chunks == [1, 2, 2, 3, 1]
     finally:
         torch.set_num_threads(threads)
+    fn = real.function(linf1_cpu._SYMBOLS[dtype])
+    for n in (4, 7, 701, 900):  # more threads than rows included: the team's size decides
+        out = [torch.empty_like(w), torch.empty_like(b)]
+        parts = (linf1_cpu._Part * 2)(*[(x.data_ptr(), y.data_ptr(), x.numel() // 701) for x, y in zip([w, b], out)])
+        fn(parts, 2, 701, n, 5.0)
+        assert same_bits(out, one)
     (want_w, _), _ = linf1_oracle([w, b], 5.0)
     torch.testing.assert_close(one[0].double(), want_w, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
 
@@ -248,14 +259,13 @@ def test_rows_split_over_threads_give_the_same_bits(dtype, kernel, monkeypatch):
 @needs_kernel
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 def test_a_forked_child_splits_rows_over_threads(kernel):
-    """The parent's pool threads do not exist in a forked child (a DataLoader worker, say):
-    the child makes its own pool instead of waiting on the parent's forever."""
+    """The parent's OpenMP threads do not exist in a forked child (a DataLoader worker, say):
+    the child runs the call on its own thread instead of waiting for them forever."""
     x = torch.randn(701, 300, generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        want = linf1_cpu.run([x], 5.0)  # the pool exists in this process now
-        assert cpu_pool._POOL is not None
+        want = linf1_cpu.run([x], 5.0)  # the OpenMP team exists in this process now
         # compared in numpy: torch's OpenMP regions may hang in a forked child
         in_forked_child(lambda: linf1_cpu.run([x], 5.0)[0].numpy().tobytes() == want[0].numpy().tobytes())
     finally:
@@ -265,12 +275,13 @@ def test_a_forked_child_splits_rows_over_threads(kernel):
 @needs_kernel
 def test_the_c_functions_are_typed(kernel):
     fn = linf1_cpu._KERNEL.function("proxfunc_linf1_rows_f32")
-    assert fn.argtypes == [ctypes.POINTER(linf1_cpu._Part), ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    part, i64 = ctypes.POINTER(linf1_cpu._Part), ctypes.c_int64
+    assert fn.argtypes == [part, i64, i64, i64, ctypes.c_float]
     x = torch.randn(3, 4)
     with pytest.raises(ctypes.ArgumentError):
-        fn(x.data_ptr(), 1, 3, 0.5)  # an address where the part array belongs
+        fn(x.data_ptr(), 1, 3, 1, 0.5)  # an address where the part array belongs
     with pytest.raises(ctypes.ArgumentError):
-        fn((linf1_cpu._Part * 1)((x.data_ptr(), x.data_ptr(), 4)), 1, 3, "0.5")
+        fn((linf1_cpu._Part * 1)((x.data_ptr(), x.data_ptr(), 4)), 1, 3, 1, "0.5")
 
 
 # ------------------------------------------------------------------------------------ loader
@@ -314,7 +325,7 @@ def _libraries(cache: Path) -> list[Path]:
 def _build_unloaded() -> Path:
     """Build the kernel's library into the cache without loading it here: the tests that damage
     the file must not write into a file mapped into this process (that is a SIGBUS here)."""
-    path, note = _cc._build(_cc._cache(), NAME, linf1_cpu._SOURCE, _cc._compiler())
+    path, note = _cc._build(_cc._cache(), NAME, linf1_cpu._KERNEL.source, _cc._compiler())
     assert note == "built and "
     return path
 

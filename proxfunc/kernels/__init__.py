@@ -4,7 +4,7 @@
 * :mod:`.threshold`: the water-filling thresholds (the reference's unrolled fixed point; the
   eager fixed point and sort), shared by linf, linf1, the l1 ball, the simplex and others.
 * :mod:`.cpu`: hand-written C kernels, built once per machine with the system compiler
-  (:mod:`.cpu._cc`), large calls split over threads (OpenMP, or :mod:`.cpu._pool`);
+  (:mod:`.cpu._cc`), large calls split over torch's OpenMP threads;
   :mod:`.cpu.linf1`, linf1's row groups; :mod:`.cpu.soft_threshold`, l1 of many tensors in
   one call.
 * :mod:`.cuda`: Triton kernels (:mod:`.cuda._triton`); :mod:`.cuda.linf1`, linf1's row groups.

@@ -56,7 +56,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["Kernel", "per_dtype", "library", "why", "bump", "cache_dir", "COMPILE_TIMEOUT_S", "C_SCALARS"]
+__all__ = [
+    "Kernel",
+    "per_dtype",
+    "threads_for",
+    "library",
+    "why",
+    "bump",
+    "cache_dir",
+    "COMPILE_TIMEOUT_S",
+    "C_SCALARS",
+]
 
 #: Seconds the compiler may run before its process group is killed.
 COMPILE_TIMEOUT_S = 30.0
@@ -73,15 +83,18 @@ _OPENMP = "-fopenmp"
 _HEX = frozenset("0123456789abcdef")
 
 
-def _reset_locks_in_child() -> None:
-    """A forked child starts with no thread building: a lock held by another thread of the
-    parent at the fork would never be released in the child."""
-    global _LOCK, _LOCKS
-    _LOCK, _LOCKS = threading.Lock(), {}
+_forked = False  # in a forked child (threads_for)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no thread building (a lock held by another thread of the
+    parent at the fork would never be released in the child), and runs kernels on one thread."""
+    global _LOCK, _LOCKS, _forked
+    _LOCK, _LOCKS, _forked = threading.Lock(), {}, True
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_locks_in_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Kernel:
@@ -89,8 +102,8 @@ class Kernel:
     (``symbol -> (restype, argtypes)``, set on the loaded functions: a call with arguments of
     other types raises :class:`ctypes.ArgumentError` instead of reaching the C code)."""
 
-    def __init__(self, name: str, source: str, signatures: Signatures):
-        self.name, self.source, self.signatures = name, source, dict(signatures)
+    def __init__(self, name: str, source: str, signatures: Signatures, openmp: str | None = None):
+        self.name, self.source, self.signatures, self.openmp = name, source, dict(signatures), openmp
 
     def available(self) -> bool:
         """Whether the library is built and loaded (it is built at the first call)."""
@@ -104,21 +117,47 @@ class Kernel:
         """What happened to the library (see :func:`why`)."""
         return why(self.name)
 
+    def threaded(self) -> bool:
+        """Whether the loaded library was built with OpenMP (its ``threads`` argument then
+        splits a call over that many of torch's OpenMP threads; otherwise it is ignored)."""
+        return self.openmp is not None and self.available() and bool(self.function(self.openmp)())
+
 
 #: The C scalar type of each dtype the kernels take.
 C_SCALARS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 
-def per_dtype(
-    name: str, source: str, symbol: str, argtypes: list[Any], extra: Signatures | None = None
-) -> tuple[Kernel, dict[torch.dtype, str]]:
+def per_dtype(name: str, source: str, symbol: str, argtypes: list[Any]) -> tuple[Kernel, dict[torch.dtype, str]]:
     """A library whose functions ``<symbol>_f32`` and ``<symbol>_f64`` take ``argtypes`` then a
-    scalar of their dtype and return nothing (and the functions ``extra`` types): the
-    :class:`Kernel` and ``{dtype: symbol}``."""
+    scalar of their dtype and return nothing: the :class:`Kernel` and ``{dtype: symbol}``.
+    A source that tests ``_OPENMP`` gets ``int <symbol>_openmp(void)``, which says whether
+    it was built with OpenMP (:meth:`Kernel.threaded`)."""
     symbols = {torch.float32: f"{symbol}_f32", torch.float64: f"{symbol}_f64"}
     signatures = {symbols[d]: (None, [*argtypes, c]) for d, c in C_SCALARS.items()}
-    kernel = Kernel(name, source, {**signatures, **(extra or {})})
-    return kernel, symbols
+    openmp = None
+    if "_OPENMP" in source:
+        openmp = f"{symbol}_openmp"
+        source += _OPENMP_PROBE.replace("NAME", openmp)
+        signatures[openmp] = (ctypes.c_int, [])
+    return Kernel(name, source, signatures, openmp), symbols
+
+
+_OPENMP_PROBE = """
+int NAME(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+"""
+
+
+def threads_for(numel: int, parallel_numel: int) -> int:
+    """The threads a kernel call of ``numel`` entries runs on: torch's thread count above
+    ``parallel_numel``, else one; one in a forked child (GNU OpenMP's threads do not survive
+    a fork: a parallel region there would wait for them forever)."""
+    return torch.get_num_threads() if numel > parallel_numel and not _forked else 1
 
 
 def library(name: str, source: str, signatures: Signatures) -> Any:

@@ -28,35 +28,40 @@ step and a host read of its stopping test per step; here each group is finished 
 cache, in one pass per step (timings: ``benchmarks/``).
 
 :func:`run` is reached only through :func:`proxfunc.dispatch.select`, which checks
-:data:`SPEC`. The C loop is single-threaded and :mod:`ctypes` releases the GIL while it runs:
-work above :data:`PARALLEL_NUMEL` entries, when torch runs several threads, is split into
-``torch.get_num_threads()`` contiguous blocks of rows run at once on a thread pool (each group
-computed by one thread: the same bits as one call).
+:data:`SPEC`. A call above :data:`PARALLEL_NUMEL` entries, when torch runs several threads,
+splits its rows into ``torch.get_num_threads()`` blocks of consecutive rows, one a thread of
+an OpenMP team (built with ``-fopenmp``, see :mod:`._cc`: the threads of the OpenMP runtime
+torch has loaded); each group is computed by one thread, so the bits do not depend on the
+split. Without OpenMP (:func:`threaded` is false), and in a forked child (GNU OpenMP's
+threads do not survive a fork), the call runs on the calling thread.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 import torch
 
 from ...dispatch import KernelSpec
 from . import _cc
-from ._pool import run_blocks
 
-__all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL"]
+__all__ = ["SPEC", "available", "threaded", "run", "PARALLEL_NUMEL"]
 
 _NAME = "linf1_rows"
 #: Work (entries, all parts together) above which the rows are split over torch's threads.
-PARALLEL_NUMEL = 1 << 17
+PARALLEL_NUMEL = 1 << 16
 
 # The C source: one function per dtype, typed (see _Part and the argtypes below):
-#   void proxfunc_linf1_rows_f32(const part_t *parts, int64_t nparts, int64_t rows, float r)
-#   void proxfunc_linf1_rows_f64(const part_t *parts, int64_t nparts, int64_t rows, double r)
+#   void proxfunc_linf1_rows_f32(const part_t *parts, int64_t nparts, int64_t rows, int64_t threads, float r)
+#   void proxfunc_linf1_rows_f64(const part_t *parts, int64_t nparts, int64_t rows, int64_t threads, double r)
+# Built with OpenMP (see _cc), ``threads > 1`` splits the rows into that many blocks of
+# consecutive rows, one a thread of the OpenMP team torch's own kernels use.
 _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 typedef struct { const void *src; void *dst; int64_t cols; } part_t;
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vfi __attribute__((vector_size(64), aligned(4)));
@@ -120,10 +125,10 @@ static void scan_##NAME(const T *x, int64_t n, T th, double *s, double *c) {    
     }                                                                              \
     *s += ss; *c += cc;                                                            \
 }                                                                                  \
-void NAME(const part_t *p, int64_t np, int64_t rows, T r) {                        \
+static void rows_##NAME(const part_t *p, int64_t np, int64_t row0, int64_t row1, T r) { \
     int64_t width = 0;                                                             \
     for (int64_t q = 0; q < np; ++q) width += p[q].cols;                           \
-    for (int64_t row = 0; row < rows; ++row) {                                     \
+    for (int64_t row = row0; row < row1; ++row) {                                  \
         double s = 0;                                                              \
         T mx = 0;                                                                  \
         for (int64_t q = 0; q < np; ++q) {                                         \
@@ -172,7 +177,22 @@ void NAME(const part_t *p, int64_t np, int64_t rows, T r) {                     
             }                                                                      \
         }                                                                          \
     }                                                                              \
+}                                                                                  \
+void NAME(const part_t *p, int64_t np, int64_t rows, int64_t threads, T r) {       \
+    if (threads <= 1 || rows <= 1) { rows_##NAME(p, np, 0, rows, r); return; }     \
+    PARALLEL_ROWS(NAME)                                                            \
 }
+#ifdef _OPENMP
+#define PARALLEL_ROWS(NAME)                                                        \
+    _Pragma("omp parallel num_threads(threads)")                                  \
+    {                                                                              \
+        const int64_t k = omp_get_thread_num(), m = omp_get_num_threads();         \
+        rows_##NAME(p, np, rows / m * k + rows % m * k / m,                         \
+                    rows / m * (k + 1) + rows % m * (k + 1) / m, r);                \
+    }
+#else
+#define PARALLEL_ROWS(NAME) rows_##NAME(p, np, 0, rows, r);
+#endif
 LINF1(float, vf, vfi, 0x7fffffff, proxfunc_linf1_rows_f32, vf8)
 LINF1(double, vd, vdi, 0x7fffffffffffffffLL, proxfunc_linf1_rows_f64, vd)
 """
@@ -185,13 +205,22 @@ class _Part(ctypes.Structure):
 
 
 _KERNEL, _SYMBOLS = _cc.per_dtype(
-    _NAME, _SOURCE, "proxfunc_linf1_rows", [ctypes.POINTER(_Part), ctypes.c_int64, ctypes.c_int64]
+    _NAME,
+    _SOURCE,
+    "proxfunc_linf1_rows",
+    [ctypes.POINTER(_Part), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64],
 )
 
 
 def available() -> bool:
     """Whether the C kernel is built and loaded (it is built at the first call)."""
     return _KERNEL.available()
+
+
+def threaded() -> bool:
+    """Whether the loaded kernel was built with OpenMP: only then does a call above
+    :data:`PARALLEL_NUMEL` entries run on torch's threads (otherwise on the calling one)."""
+    return _KERNEL.threaded()
 
 
 #: What the kernel takes (checked by :func:`proxfunc.dispatch.select` before :func:`run`).
@@ -220,23 +249,9 @@ def run(leaves: list[torch.Tensor], r: float, out: list[torch.Tensor] | None = N
     assert len(dst) == len(leaves) and all(y.shape == x.shape and y.is_contiguous() for x, y in zip(leaves, dst))
     if rows:
         cols = [x.numel() // rows for x in leaves]
-        parts = [(x.data_ptr(), y.data_ptr(), c) for x, y, c in zip(leaves, dst, cols)]
-        fn = _KERNEL.function(_SYMBOLS[first.dtype])
-        threads = torch.get_num_threads()
-        if threads > 1 and rows > 1 and sum(cols) * rows > PARALLEL_NUMEL:
-            _parallel(fn, parts, rows, r, min(threads, rows), first.element_size())
-        else:
-            fn((_Part * len(parts))(*parts), len(parts), rows, r)
+        parts = (_Part * len(leaves))(*[(x.data_ptr(), y.data_ptr(), c) for x, y, c in zip(leaves, dst, cols)])
+        threads = min(_cc.threads_for(sum(cols) * rows, PARALLEL_NUMEL), rows)
+        _KERNEL.function(_SYMBOLS[first.dtype])(parts, len(leaves), rows, threads, r)
     if out is not None:
         _cc.bump(out)
     return dst
-
-
-def _parallel(fn: Any, parts: list[tuple[int, int, int]], rows: int, r: float, chunks: int, size: int) -> None:
-    """``fn`` over ``chunks`` contiguous blocks of rows at once (:func:`._pool.run_blocks`)."""
-    bounds = [rows * k // chunks for k in range(chunks + 1)]
-    calls = []
-    for a, b in zip(bounds, bounds[1:]):
-        block = (_Part * len(parts))(*[(s + a * c * size, d + a * c * size, c) for s, d, c in parts])
-        calls.append((block, len(parts), b - a, r))
-    run_blocks(fn, calls)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import os
 from operator import methodcaller
 
 import torch
@@ -93,13 +92,6 @@ void proxfunc_soft_threshold_##NAME(const span_t *spans, int64_t nspans, int64_t
 #endif
 SOFT(float, f32)
 SOFT(double, f64)
-int proxfunc_soft_threshold_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 """
 
 
@@ -114,7 +106,6 @@ _KERNEL, _SYMBOLS = _cc.per_dtype(
     _SOURCE,
     "proxfunc_soft_threshold",
     [ctypes.POINTER(_Span), ctypes.c_int64, ctypes.c_int64],
-    extra={"proxfunc_soft_threshold_openmp": (ctypes.c_int, [])},
 )
 
 
@@ -126,7 +117,7 @@ def available() -> bool:
 def threaded() -> bool:
     """Whether the loaded kernel was built with OpenMP: only then does a call above
     :data:`PARALLEL_NUMEL` entries run on torch's threads (otherwise on the calling one)."""
-    return available() and bool(_KERNEL.function("proxfunc_soft_threshold_openmp")())
+    return _KERNEL.threaded()
 
 
 #: What the kernel takes (checked by :func:`proxfunc.dispatch.select` before :func:`run`):
@@ -143,16 +134,6 @@ SPEC = KernelSpec(
 )
 
 _DATA_PTR, _NUMEL = methodcaller("data_ptr"), methodcaller("numel")
-_forked = False  # in a forked child: every call on the calling thread
-
-
-def _after_fork_in_child() -> None:
-    global _forked
-    _forked = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 # A span array is built from a flat int64 array (three 8-byte fields a span, in order): an
 # order of magnitude cheaper than constructing the Structures one by one.
 assert ctypes.sizeof(_Span) == 24 and [getattr(_Span, f).offset for f in ("src", "dst", "numel")] == [0, 8, 16]
@@ -173,7 +154,7 @@ def run(leaves: list[torch.Tensor], t: float, out: list[torch.Tensor] | None = N
     src_ptrs = array.array("q", map(_DATA_PTR, leaves))
     sizes = array.array("q", map(_NUMEL, leaves))
     flat = _flat(src_ptrs, src_ptrs if out is leaves else array.array("q", map(_DATA_PTR, dst)), sizes)
-    threads = torch.get_num_threads() if sum(sizes) > PARALLEL_NUMEL and not _forked else 1
+    threads = _cc.threads_for(sum(sizes), PARALLEL_NUMEL)
     _KERNEL.function(_SYMBOLS[first.dtype])(_array(flat), len(leaves), threads, t)
     if out is not None:
         _cc.bump(out)
