@@ -43,7 +43,7 @@ import pytest
 import torch
 
 import proxfunc as pf
-from tests.cases import _IDX30, _PSD30, _A7, layer, mats, named, neuron_tree, sq_mats
+from tests.cases import _A7, _IDX30, _PSD30, layer, mats, named, neuron_tree, sq_mats
 from tests.helpers import pytree
 
 SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6]
@@ -284,13 +284,13 @@ def test_prox_scale_covariance(case, dtype):
 def _candidates(case: Scaled, op, xs, p, s, t):
     """Points to compare the prox objective with: other outputs of op (in dom f), 0, x, and
     (full domain) p moved by 1e-3 and 1e-6 of the scale in random directions."""
-    out = [op(tmap(lambda u: u * c, xs), t) for c in (0.5, -1.0, 2.0)]
+    out = [op(tmap(lambda u, c=c: u * c, xs), t) for c in (0.5, -1.0, 2.0)]
     out.append(op(_inputs(case, D, s, seed=1)[0], t))
     out += [tmap(torch.zeros_like, xs), xs]
     if case.full_domain and not op.is_projection:
         g = torch.Generator().manual_seed(11)
         for h in (1e-3, 1e-6):
-            out.append(tmap(lambda u: u + h * s * torch.randn(u.shape, generator=g, dtype=D), p))
+            out.append(tmap(lambda u, h=h: u + h * s * torch.randn(u.shape, generator=g, dtype=D), p))
     return out
 
 
@@ -338,7 +338,7 @@ def test_value_accepts_own_prox_and_dual_points(case, dtype):
                 bad.append(f"s={s:g} t={t:g}: value {float(v)}")
             if conj is None:
                 continue
-            y = tmap(lambda a, b: (a - b) / t, xs, p)
+            y = tmap(lambda a, b, t=t: (a - b) / t, xs, p)
             if case.name in NO_CONJUGATE_VALUE:
                 with pytest.raises(NotImplementedError):
                     conj.value(y)
