@@ -351,29 +351,51 @@ def test_value_accepts_own_prox_and_dual_points(case, dtype):
 
 # ----------------------------------------------------------------------------- birkhoff
 def _birkhoff_kkt(X: np.ndarray, Z: np.ndarray, feas: float, slack: float) -> list[str]:
-    """The projection's KKT conditions for one matrix; ``slack`` absolute (the scale of X's rounding)."""
+    """The projection's KKT conditions for one matrix: ``Z >= 0``, its sums within ``feas`` of 1,
+    and dual vectors ``a, b`` with ``X - Z = a 1^T + 1 b^T`` on the support of ``Z`` and
+    ``X - a 1^T - 1 b^T <= 0`` off it, to ``slack`` (the scale of ``X``'s rounding).
+
+    On each connected component of the support (a bipartite graph of rows and columns) ``a, b``
+    are fixed by a spanning tree up to one constant ``c_p`` (``a + c_p``, ``b - c_p``); the
+    entries off the support ask ``c_p - c_q >= X_ij - a_i - b_j`` between the components of row
+    ``i`` and column ``j``: difference constraints, feasible iff the graph with edges ``p -> q`` of
+    weight ``slack - (X_ij - a_i - b_j)`` has no negative cycle (Bellman-Ford)."""
     n = X.shape[0]
     msgs = []
     if (Z < 0).any():
         msgs.append("negative entry")
-    rows, cols = np.abs(Z.sum(1) - 1).max(), np.abs(Z.sum(0) - 1).max()
-    if max(rows, cols) > feas:
-        msgs.append(f"sums miss 1 by {max(rows, cols):.3g} > {feas:.3g}")
-    S = Z > 0
-    # X_ij - Z_ij = a_i + b_j on the support: least squares in (a, b)
-    i, j = np.nonzero(S)
-    A = np.zeros((i.size, 2 * n))
-    A[np.arange(i.size), i] = 1
-    A[np.arange(i.size), n + j] = 1
-    ab = np.linalg.lstsq(A, X[i, j] - Z[i, j], rcond=None)[0]
-    a, b = ab[:n], ab[n:]
-    R = X - a[:, None] - b[None, :]
-    on = np.abs(R - Z)[S].max()
-    off = R[~S].max() if (~S).any() else -np.inf
-    if on > slack:
-        msgs.append(f"support residual {on:.3g} > {slack:.3g}")
-    if off > slack:
-        msgs.append(f"off-support X - a - b = {off:.3g} > {slack:.3g}")
+    miss = max(np.abs(Z.sum(1) - 1).max(), np.abs(Z.sum(0) - 1).max())
+    if miss > feas:
+        msgs.append(f"sums miss 1 by {miss:.3g} > {feas:.3g}")
+    S, R = Z > 0, X - Z
+    pot = np.full(2 * n, np.nan)  # a (rows 0..n-1), b (columns n..2n-1)
+    comp = np.full(2 * n, -1)
+    for root in range(2 * n):
+        if comp[root] >= 0:
+            continue
+        comp[root], pot[root] = root, 0.0
+        stack = [root]
+        while stack:
+            u = stack.pop()
+            nbrs = np.nonzero(S[u])[0] + n if u < n else np.nonzero(S[:, u - n])[0]
+            for v in nbrs:
+                if comp[v] < 0:
+                    i, j = (u, v - n) if u < n else (v, u - n)
+                    comp[v], pot[v] = root, R[i, j] - pot[u]
+                    stack.append(v)
+    a, b = pot[:n], pot[n:]
+    fit = R - a[:, None] - b[None, :]  # the support's cycles must close
+    if S.any() and np.abs(fit[S]).max() > slack:
+        msgs.append(f"support residual {np.abs(fit[S]).max():.3g} > {slack:.3g}")
+    roots = sorted(set(comp))
+    idx = {r: k for k, r in enumerate(roots)}
+    dist = np.zeros(len(roots))
+    edges = [(idx[comp[i]], idx[comp[n + j]], slack - (X[i, j] - a[i] - b[j])) for i, j in zip(*np.nonzero(~S))]
+    for _ in range(len(roots)):
+        for p, q, w in edges:
+            dist[q] = min(dist[q], dist[p] + w)
+    if any(dist[p] + w < dist[q] for p, q, w in edges):
+        msgs.append("no dual vectors keep the entries off the support at or below the threshold")
     return msgs
 
 
@@ -415,3 +437,15 @@ def test_birkhoff_scaled_inputs_match_a_tight_reference():
         assert (got - want).abs().max() <= 1e-9, s
         got32 = pf.birkhoff()(X.float())
         assert (got32.double() - want).abs().max() <= 1e-6, s
+
+
+def test_birkhoff_kkt_oracle_rejects_wrong_answers():
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(5, 5, generator=g, dtype=D) * 1e3
+    assert not _birkhoff_kkt(X.numpy(), pf.birkhoff()(X).numpy(), 1e-9, 1e-9)
+    Y = torch.randn(5, 5, generator=g, dtype=D) * 3
+    early = pf.birkhoff(iters=2)(Y).numpy()  # columns sum to 1, rows not yet
+    assert any("sums" in m for m in _birkhoff_kkt(Y.numpy(), early, 1e-9, 1e-9))
+    # feasible points that are not the projection: the centre, a vertex
+    for W in (np.full((5, 5), 0.2), np.eye(5)):
+        assert _birkhoff_kkt(Y.numpy(), W, 1e-9, 1e-9)
