@@ -56,11 +56,19 @@ _W3 = torch.tensor([0.1, 0.3, 0.6], dtype=D)
 _NEURON = {"w1": 0, "b1": 0, "w2": 1}
 
 
-def _l2_ball_of_positive_part(x, t):
-    """Projection onto nonneg ∩ l2_ball(1): the ball's projection of ``max(x, 0)`` (both are cones
-    or balls centred at 0, so projecting in turn is exact)."""
-    m = x.clamp_min(0)
-    return m / max(1.0, float(m.norm()))
+_A12 = torch.linspace(-1, 2, 12, dtype=D)
+
+
+def _ball_cap(x):
+    """Projection onto l2_ball(1) ∩ hyperplane(a, 0.5): the hyperplane's projection, then, within
+    the hyperplane, the projection onto the circle around ``c = 0.5 a / |a|^2`` of radius
+    ``sqrt(1 - |c|^2)`` (Dykstra converges to it linearly, not in finitely many steps)."""
+    a = _A12
+    c = 0.5 * a / (a @ a)
+    h = x - (x @ a - 0.5) / (a @ a) * a
+    rho = (1 - c @ c).sqrt()
+    d = h - c
+    return c + d * (rho / torch.maximum(rho, d.norm()))
 
 
 @dataclass(frozen=True)
@@ -189,8 +197,8 @@ SCALED: list[Scaled] = [
     ),
     Scaled(
         "intersection",
-        lambda s: pf.intersection(pf.nonneg(), pf.l2_ball(1.0 * s)),
-        expect=lambda x, t, s: _l2_ball_of_positive_part(x, t),
+        lambda s: pf.intersection(pf.l2_ball(1.0 * s), pf.hyperplane(_A12, 0.5 * s)),
+        expect=lambda x, t, s: _ball_cap(x),
         params=lambda dtype: torch.randn(12, generator=torch.Generator().manual_seed(3), dtype=D).to(dtype),
         acc=(1e-6, 1e-5),
     ),
