@@ -12,13 +12,17 @@ which converges to the exact prox of the sum for closed convex ``f, g``; for mor
 ``f_1 + (f_2 + ... + f_m)``. For indicators it is Dykstra's cyclic projection algorithm (any number
 of sets, Boyle & Dykstra 1986), whose limit is the projection onto the intersection (not merely a
 point of it). It stops after ``iters`` iterations or, eagerly, once every prox of a cycle returns
-the cycle's output and the previous output to within ``tol * (||x_n|| + ||x_0||)`` (``+ 1`` in
-place of ``||x_0||`` when every term is an indicator: the output's scale is the sets'; tested
+the cycle's output and the previous output to within ``tol * (||x_n|| + ||x_0||)``, or, when
+every term is an indicator, ``tol * ||x_n|| + 16 eps ||x_0||`` (relative to the output, the
+sets' scale, down to the rounding of iterates computed from points of the input's size; tested
 every 4 cycles, a host read; traced or under ``torch.func`` transforms the full ``iters`` run,
 with no host reads). ``tol`` is raised to ``16 eps`` of the computing dtype where it is finer.
-Tests compare the output to closed forms and scipy at the default ``tol = 1e-10`` (agreement to
-about ``1e-6`` relative or better: the iteration converges linearly for polyhedral sets, more
-slowly in degenerate cases).
+Both rules are relative, so the accuracy does not depend on the scale: with the input, the
+weights and the sets scaled by ``s`` (``1e-6`` to ``1e6``), the output is ``s`` times the unscaled
+one to ``1e-6 (||x|| + s)`` in float64 and ``1e-5 (||x|| + s)`` in float32
+(``tests/test_scale.py``). Tests compare the output to closed forms and scipy at the default
+``tol = 1e-10`` (agreement to about ``1e-6`` relative or better: the iteration converges
+linearly for polyhedral sets, more slowly in degenerate cases).
 
 References: P. L. Combettes and J.-C. Pesquet, *Proximal splitting methods in signal processing*,
 2011; H. H. Bauschke and P. L. Combettes, *A Dykstra-like algorithm for two monotone operators*,
@@ -71,9 +75,12 @@ def _cyclic_dykstra(proxes, leaves, iters: int, tol: float, offsets=None, sets: 
         # the iteration keeps x_n + sum_i p_i = x (what makes its limit the prox at x): start there
         x = [a - sum(u[j] for u in inc) for j, a in enumerate(acc)]
     eager = not traceable(*leaves)
-    tol = max(tol, 16 * torch.finfo(acc[0].dtype).eps)  # no finer than the dtype resolves
-    # sets: the output's scale is the sets' (absolute accuracy tol * (||z|| + 1), as value tests)
-    n0 = torch.ones((), dtype=acc[0].dtype, device=acc[0].device) if sets else _norm(acc)
+    eps = torch.finfo(acc[0].dtype).eps
+    tol = max(tol, 16 * eps)  # no finer than the dtype resolves
+    # functions: relative to the input and output, tol * (||z|| + ||x||); sets: relative to the
+    # output (the sets' scale), tol * ||z||, with the input's rounding as a floor: every iterate
+    # is computed from x_n + p_i, of the size of x, to about eps * ||x||
+    n0 = _norm(acc) * (16 * eps / tol if sets else 1.0)
     for it in range(iters):
         outs = []
         cur = x
@@ -102,7 +109,8 @@ class sum_of(Prox):  # noqa: N801
     iterations, ``tol`` (default ``1e-10``, raised to ``16 eps`` of the dtype) is the relative
     stopping tolerance. ``value(z) = sum_i f_i(z)``, where every indicator among the ``f_i`` (a
     projection) counts ``z`` as a member when its projection moves ``z`` by at most
-    ``feas_tol * (||z|| + 1)`` (default ``sqrt(tol)``): the output of the last prox of a cycle
+    ``feas_tol * ||z||`` (default ``sqrt(tol)``; relative, so a set of any scale is tested at its
+    own scale, and ``0`` is a member only of sets that contain it): the output of the last prox of a cycle
     lies in its set, the others only up to the iteration's accuracy. Warm starts:
     :meth:`solve`. Use a closed form where one exists
     (``elastic_net``, ``fused_lasso``, ``sparse_group_lasso``).
@@ -173,7 +181,7 @@ class sum_of(Prox):  # noqa: N801
             if op.is_projection:
                 q = _tree.flatten(op(p, 1.0), self._name())[0]
                 d = _norm([a.to(_tree.acc_dtype(a)) - b.to(_tree.acc_dtype(b)) for a, b in zip(leaves, q)])
-                total = total + indicator(d <= self.feas_tol * (_norm(leaves) + 1), total.dtype)
+                total = total + indicator(d <= self.feas_tol * _norm(leaves), total.dtype)
             else:
                 total = total + op.value(p).to(total.dtype)
         return total
@@ -189,7 +197,7 @@ class intersection(sum_of):  # noqa: N801
     ``sets`` are projections (operators with ``is_projection``); the algorithm is
     :class:`sum_of`'s, which for indicators is Dykstra's cyclic projection algorithm: its limit
     is the projection onto the intersection (not merely a point of it). ``value(z)`` is ``0`` when
-    every set's projection moves ``z`` by at most ``feas_tol * (||z|| + 1)``.
+    every set's projection moves ``z`` by at most ``feas_tol * ||z||``.
 
     Example:
         >>> import torch, proxfunc as pf
