@@ -378,7 +378,9 @@ class tv2d(Prox):  # noqa: N801
     stops (eagerly, tested every 10 iterations, a host read) once
     ``gap <= (tol * (||x|| + lam))^2 / 2``, so ``||z - z*|| <= tol * (||x|| + lam)`` for every
     image; otherwise (traced, ``torch.func``) after ``iters`` iterations (default 1000). Default
-    ``tol = 1e-6``. Warm start: ``z, state = op.solve(x, t, state)`` returns the dual ``p`` to
+    ``tol = 1e-6``. The bound is relative to ``||x|| + lam``, so it holds at every scale: with
+    ``x`` and ``reg`` scaled by ``s`` the output is ``s`` times the unscaled one to that accuracy.
+    Warm start: ``z, state = op.solve(x, t, state)`` returns the dual ``p`` to
     pass to the next call (e.g. the next outer iteration of a solver). ``reg >= 0`` float or 0-d
     tensor.
 
