@@ -12,13 +12,17 @@ which converges to the exact prox of the sum for closed convex ``f, g``; for mor
 ``f_1 + (f_2 + ... + f_m)``. For indicators it is Dykstra's cyclic projection algorithm (any number
 of sets, Boyle & Dykstra 1986), whose limit is the projection onto the intersection (not merely a
 point of it). It stops after ``iters`` iterations or, eagerly, once every prox of a cycle returns
-the cycle's output and the previous output to within ``tol * (||x_n|| + ||x_0||)`` (``+ 1`` in
-place of ``||x_0||`` when every term is an indicator: the output's scale is the sets'; tested
+the cycle's output and the previous output to within ``tol * (||x_n|| + ||x_0||)``, or, when
+every term is an indicator, ``tol * ||x_n|| + 16 eps ||x_0||`` (relative to the output, the
+sets' scale, down to the rounding of iterates computed from points of the input's size; tested
 every 4 cycles, a host read; traced or under ``torch.func`` transforms the full ``iters`` run,
 with no host reads). ``tol`` is raised to ``16 eps`` of the computing dtype where it is finer.
-Tests compare the output to closed forms and scipy at the default ``tol = 1e-10`` (agreement to
-about ``1e-6`` relative or better: the iteration converges linearly for polyhedral sets, more
-slowly in degenerate cases).
+Both rules are relative, so the accuracy does not depend on the scale: with the input, the
+weights and the sets scaled by ``s`` (``1e-6`` to ``1e6``), the output is ``s`` times the unscaled
+one to ``1e-6 (||x|| + s)`` in float64 and ``1e-5 (||x|| + s)`` in float32
+(``tests/test_scale.py``). Tests compare the output to closed forms and scipy at the default
+``tol = 1e-10`` (agreement to about ``1e-6`` relative or better: the iteration converges
+linearly for polyhedral sets, more slowly in degenerate cases).
 
 References: P. L. Combettes and J.-C. Pesquet, *Proximal splitting methods in signal processing*,
 2011; H. H. Bauschke and P. L. Combettes, *A Dykstra-like algorithm for two monotone operators*,
@@ -29,6 +33,7 @@ problems*, IEEE Trans. Image Process. 2009; A. Chambolle, 2004.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -70,9 +75,12 @@ def _cyclic_dykstra(proxes, leaves, iters: int, tol: float, offsets=None, sets: 
         # the iteration keeps x_n + sum_i p_i = x (what makes its limit the prox at x): start there
         x = [a - sum(u[j] for u in inc) for j, a in enumerate(acc)]
     eager = not traceable(*leaves)
-    tol = max(tol, 16 * torch.finfo(acc[0].dtype).eps)  # no finer than the dtype resolves
-    # sets: the output's scale is the sets' (absolute accuracy tol * (||z|| + 1), as value tests)
-    n0 = torch.ones((), dtype=acc[0].dtype, device=acc[0].device) if sets else _norm(acc)
+    eps = torch.finfo(acc[0].dtype).eps
+    tol = max(tol, 16 * eps)  # no finer than the dtype resolves
+    # functions: relative to the input and output, tol * (||z|| + ||x||); sets: relative to the
+    # output (the sets' scale), tol * ||z||, with the input's rounding as a floor: every iterate
+    # is computed from x_n + p_i, of the size of x, to about eps * ||x||
+    n0 = _norm(acc) * (16 * eps / tol if sets else 1.0)
     for it in range(iters):
         outs = []
         cur = x
@@ -101,7 +109,8 @@ class sum_of(Prox):  # noqa: N801
     iterations, ``tol`` (default ``1e-10``, raised to ``16 eps`` of the dtype) is the relative
     stopping tolerance. ``value(z) = sum_i f_i(z)``, where every indicator among the ``f_i`` (a
     projection) counts ``z`` as a member when its projection moves ``z`` by at most
-    ``feas_tol * (||z|| + 1)`` (default ``sqrt(tol)``): the output of the last prox of a cycle
+    ``feas_tol * ||z||`` (default ``sqrt(tol)``; relative, so a set of any scale is tested at its
+    own scale, and ``0`` is a member only of sets that contain it): the output of the last prox of a cycle
     lies in its set, the others only up to the iteration's accuracy. Warm starts:
     :meth:`solve`. Use a closed form where one exists
     (``elastic_net``, ``fused_lasso``, ``sparse_group_lasso``).
@@ -172,7 +181,7 @@ class sum_of(Prox):  # noqa: N801
             if op.is_projection:
                 q = _tree.flatten(op(p, 1.0), self._name())[0]
                 d = _norm([a.to(_tree.acc_dtype(a)) - b.to(_tree.acc_dtype(b)) for a, b in zip(leaves, q)])
-                total = total + indicator(d <= self.feas_tol * (_norm(leaves) + 1), total.dtype)
+                total = total + indicator(d <= self.feas_tol * _norm(leaves), total.dtype)
             else:
                 total = total + op.value(p).to(total.dtype)
         return total
@@ -188,7 +197,7 @@ class intersection(sum_of):  # noqa: N801
     ``sets`` are projections (operators with ``is_projection``); the algorithm is
     :class:`sum_of`'s, which for indicators is Dykstra's cyclic projection algorithm: its limit
     is the projection onto the intersection (not merely a point of it). ``value(z)`` is ``0`` when
-    every set's projection moves ``z`` by at most ``feas_tol * (||z|| + 1)``.
+    every set's projection moves ``z`` by at most ``feas_tol * ||z||``.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -219,6 +228,9 @@ def _simplex_theta(V: torch.Tensor) -> torch.Tensor:
     return css.gather(-1, rho - 1) / rho.to(V.dtype)
 
 
+_PHASE_TOL = 1e-3  # birkhoff: the row sums' accuracy in the phases before the last
+
+
 class birkhoff(Projection):  # noqa: N801
     """Projection onto the Birkhoff polytope (doubly stochastic matrices), batched.
 
@@ -229,17 +241,25 @@ class birkhoff(Projection):  # noqa: N801
     exact block coordinate ascent alternates ``a_i`` = the unit-simplex threshold of row ``i`` of
     ``X - 1 b^T`` (then every row of ``Z`` sums to 1) and ``b_j`` = that of column ``j`` of
     ``X - a 1^T`` (then every column does). It stops when, after a column step, every row sum is
-    within ``tol`` of 1 (tested every 8 iterations, a host read; traced, after ``iters``
-    iterations, default 1000). The output is entrywise ``>= 0`` exactly, its columns sum to 1 up to
-    rounding and its rows to within ``tol`` (default ``1e-10``; at least ``16 eps``). Computed in
-    float64 for float32 and lower inputs. ``value`` is ``0`` when every entry is ``>= 0`` and
-    every row and column sum is within ``feas_tol`` (default ``sqrt(tol)``) of 1. Not Sinkhorn's
-    scaling, which is not the Euclidean projection.
+    within ``tol + 4 n eps max|X|`` of 1 (tested every 4 iterations, a host read; traced, after
+    ``iters`` iterations, default 1000): ``tol`` (default ``1e-10``; at least ``16 eps``) plus the
+    rounding of the entries ``X - a - b``, whose absolute error is about ``eps max|X|``. The
+    output is entrywise ``>= 0`` exactly, its columns sum to 1 up to rounding and its rows to within that
+    tolerance, at every scale of ``X``. Computed in float64 for float32 and lower inputs
+    (``eps`` is float64's). ``value`` is ``0`` when every entry is ``>= 0`` and every row and
+    column sum is within ``feas_tol`` (default ``sqrt(tol)``) of 1. Not Sinkhorn's scaling, which
+    is not the Euclidean projection.
 
-    Convergence: each iteration moves the dual variables by about the scale of ``Z`` (1), so an
-    input far outside the polytope (``|X|`` about ``1e3 * n`` or more, whose projection is near a
-    permutation matrix) needs iterations in proportion to ``|X|``; with ``iters`` exhausted the
-    output is nonnegative with exact column sums and ``value`` reports the row sums' miss.
+    Scale: each iteration moves the dual variables by about the scale of ``Z`` (1), so on its own
+    the iteration needs a number of steps in proportion to ``max|X| / n`` once ``X`` is far outside
+    the polytope (its projection near a permutation matrix). Eagerly, an input with
+    ``max|X| > 4n`` is therefore solved as ``X / 2^k, X / 2^(k-1), ..., X`` (``2^k`` about
+    ``max|X| / (4n)``), each phase starting from the previous phase's dual variables doubled and
+    stopping at row sums within ``1e-3`` (the last at the tolerance above), ``iters`` bounding
+    each phase: a few tens of iterations per phase at any scale (``X`` of ``1e9`` takes about 30
+    phases). Traced, the iteration runs from zero duals for ``iters`` iterations; with ``iters``
+    exhausted the output is nonnegative with exact column sums and ``value`` reports the row
+    sums' miss.
 
     Example:
         >>> import torch, proxfunc as pf
@@ -270,15 +290,28 @@ class birkhoff(Projection):  # noqa: N801
                 continue
             X = x.to(torch.float64) if x.device.type != "mps" else x.to(torch.float32)
             eager = not traceable(x)
-            tol = max(self.tol, 16 * torch.finfo(X.dtype).eps)
+            n, eps = X.shape[-1], torch.finfo(X.dtype).eps
+            tol = max(self.tol, 16 * eps)
+            phases = 0
+            if eager:  # one host read: the input's scale
+                big = float(X.abs().amax())
+                if math.isfinite(big):
+                    # the entries X - a - b carry a rounding error of about eps * max|X|
+                    tol += 4 * n * eps * big
+                    phases = math.ceil(math.log2(big / (4 * n))) if big > 4 * n else 0
+            a = torch.zeros_like(X[..., :, :1])  # (..., n, 1)
             b = torch.zeros_like(X[..., :1, :])  # (..., 1, n)
-            for it in range(self.iters):
-                a = _simplex_theta(X - b)  # (..., n, 1): rows
-                b = _simplex_theta((X - a).transpose(-1, -2)).transpose(-1, -2)  # columns
-                if eager and it % 8 == 7:
-                    rows = torch.clamp_min(X - a - b, 0).sum(dim=-1)
-                    if bool(((rows - 1).abs() <= tol).all()):
-                        break
+            for k in range(phases, -1, -1):  # X / 2^k, the duals of the previous phase doubled
+                Xk = X * 2.0**-k if k else X
+                a, b = (2 * a, 2 * b) if k < phases else (a, b)
+                ktol = tol if k == 0 else max(tol, _PHASE_TOL)
+                for it in range(self.iters):
+                    a = _simplex_theta(Xk - b)  # (..., n, 1): rows
+                    b = _simplex_theta((Xk - a).transpose(-1, -2)).transpose(-1, -2)  # columns
+                    if eager and it % 4 == 3:
+                        rows = torch.clamp_min(Xk - a - b, 0).sum(dim=-1)
+                        if bool(((rows - 1).abs() <= ktol).all()):
+                            break
             out.append(torch.clamp_min(X - a - b, 0).to(x.dtype))
         return out
 
@@ -345,7 +378,9 @@ class tv2d(Prox):  # noqa: N801
     stops (eagerly, tested every 10 iterations, a host read) once
     ``gap <= (tol * (||x|| + lam))^2 / 2``, so ``||z - z*|| <= tol * (||x|| + lam)`` for every
     image; otherwise (traced, ``torch.func``) after ``iters`` iterations (default 1000). Default
-    ``tol = 1e-6``. Warm start: ``z, state = op.solve(x, t, state)`` returns the dual ``p`` to
+    ``tol = 1e-6``. The bound is relative to ``||x|| + lam``, so it holds at every scale: with
+    ``x`` and ``reg`` scaled by ``s`` the output is ``s`` times the unscaled one to that accuracy.
+    Warm start: ``z, state = op.solve(x, t, state)`` returns the dual ``p`` to
     pass to the next call (e.g. the next outer iteration of a solver). ``reg >= 0`` float or 0-d
     tensor.
 

@@ -160,4 +160,4 @@ CASES += [
 ]
 # The iterative operators (sum_of, intersection, birkhoff, tv2d) have float tolerances that are not
 # differentiable hyperparameters and an eager early stop that a trace does not take: they are
-# tested in tests/test_catalog_combine.py and tests/test_catalog_value.py.
+# tested in tests/test_catalog_combine.py, tests/test_catalog_value.py and tests/test_scale.py.
