@@ -16,8 +16,9 @@ implementation that computes the same values:
 ``"kernel"``
     a hand-written kernel for a layout it covers (linf1's row groups: C on the CPU,
     Triton on CUDA; l1's soft threshold of many tensors in one C call on the CPU, from
-    ``min_numel`` entries in all; :mod:`proxfunc.kernels`). A kernel is kept only where ``benchmarks/``
-    shows it at least 1.5x faster than the ``"aten"`` implementation.
+    ``min_numel`` entries in all; :mod:`proxfunc.kernels`). A kernel is kept only where
+    ``benchmarks/`` shows it at least 1.5x faster than the ``"aten"`` implementation on its
+    work (the README there gives each kernel's gain on whole calls and steps too).
 
 :func:`select` is the decision, for every operator: it knows every condition (tensor type,
 device, dtype, layout, grad mode, tracing, the threshold's type) and nothing else does.
