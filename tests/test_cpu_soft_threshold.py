@@ -191,4 +191,4 @@ def test_gcc_builds_it_with_openmp():
     real = os.path.basename(os.path.realpath(CC))
     if sys.platform != "linux" or "gcc" not in real:
         pytest.skip(f"the compiler is {real} on {sys.platform}; the OpenMP build is checked with gcc on Linux")
-    assert soft_cpu.threaded(), _cc.why(soft_cpu.SPEC.name)
+    assert soft_cpu._KERNEL.threaded(), _cc.why(soft_cpu.SPEC.name)

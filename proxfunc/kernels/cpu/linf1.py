@@ -32,7 +32,7 @@ cache, in one pass per step (timings: ``benchmarks/``).
 splits its rows into ``torch.get_num_threads()`` blocks of consecutive rows, one a thread of
 an OpenMP team (built with ``-fopenmp``, see :mod:`._cc`: the threads of the OpenMP runtime
 torch has loaded); each group is computed by one thread, so the bits do not depend on the
-split. Without OpenMP (:func:`threaded` is false), and in a forked child (GNU OpenMP's
+split. Without OpenMP (``_KERNEL.threaded()`` is false), and in a forked child (GNU OpenMP's
 threads do not survive a fork), the call runs on the calling thread.
 """
 
@@ -45,7 +45,7 @@ import torch
 from ...dispatch import KernelSpec
 from . import _cc
 
-__all__ = ["SPEC", "available", "threaded", "run", "PARALLEL_NUMEL"]
+__all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL"]
 
 _NAME = "linf1_rows"
 #: Work (entries, all parts together) above which the rows are split over torch's threads.
@@ -212,15 +212,8 @@ _KERNEL, _SYMBOLS = _cc.per_dtype(
 )
 
 
-def available() -> bool:
-    """Whether the C kernel is built and loaded (it is built at the first call)."""
-    return _KERNEL.available()
-
-
-def threaded() -> bool:
-    """Whether the loaded kernel was built with OpenMP: only then does a call above
-    :data:`PARALLEL_NUMEL` entries run on torch's threads (otherwise on the calling one)."""
-    return _KERNEL.threaded()
+#: Whether the C kernel is built and loaded (it is built at the first call).
+available = _KERNEL.available
 
 
 #: What the kernel takes (checked by :func:`proxfunc.dispatch.select` before :func:`run`).

@@ -16,7 +16,7 @@ input's sign). ``t = 0`` is the identity.
 cut into ``torch.get_num_threads()`` runs of equal length over the concatenated tensors, one
 a thread of an OpenMP team: built with ``-fopenmp`` (see :mod:`._cc`), the library shares the
 OpenMP runtime torch has loaded, whose threads are already running (a hand-off of about a
-microsecond). Without OpenMP (:func:`threaded` is false) the whole call runs on the calling
+microsecond). Without OpenMP (``_KERNEL.threaded()`` is false) the whole call runs on the calling
 thread, as it does in a forked child (GNU OpenMP's threads do not survive a fork: a
 parallel region there would wait for them forever). Each entry is computed alone, so the
 bits do not depend on the split.
@@ -33,7 +33,7 @@ import torch
 from ...dispatch import KernelSpec
 from . import _cc
 
-__all__ = ["SPEC", "available", "threaded", "run", "PARALLEL_NUMEL", "MIN_NUMEL"]
+__all__ = ["SPEC", "available", "run", "PARALLEL_NUMEL", "MIN_NUMEL"]
 
 _NAME = "soft_threshold"
 #: Entries (all tensors together) above which a call is split over torch's threads: about
@@ -109,15 +109,8 @@ _KERNEL, _SYMBOLS = _cc.per_dtype(
 )
 
 
-def available() -> bool:
-    """Whether the C kernel is built and loaded (it is built at the first call)."""
-    return _KERNEL.available()
-
-
-def threaded() -> bool:
-    """Whether the loaded kernel was built with OpenMP: only then does a call above
-    :data:`PARALLEL_NUMEL` entries run on torch's threads (otherwise on the calling one)."""
-    return _KERNEL.threaded()
+#: Whether the C kernel is built and loaded (it is built at the first call).
+available = _KERNEL.available
 
 
 #: What the kernel takes (checked by :func:`proxfunc.dispatch.select` before :func:`run`):
