@@ -307,8 +307,9 @@ def _survey(
     """Raise ``ValueError`` for an inference tensor outside inference mode; with ``overlap``,
     return whether no two tensors share a byte of memory (ties, overlapping views).
 
-    Conservative: a non-contiguous tensor claims its whole storage, and an empty tensor
-    lying inside another's span counts as an overlap (the caller then computes and copies).
+    Conservative: a non-contiguous tensor claims its whole storage, and (for such targets) an
+    empty tensor lying inside another's span counts as an overlap (the caller then computes and
+    copies).
     """
     if tensors is None:
         tensors = [t for _, t in items]
@@ -324,10 +325,17 @@ def _survey(
         contiguous = all(map(_CONTIGUOUS, tensors))
     if contiguous:  # each tensor's own bytes, read with C-level map
         starts = list(map(_DATA_PTR, tensors))
-        spans = sorted(zip(starts, map(operator.add, starts, map(_nbytes, tensors))))
+        ends = sorted(map(operator.add, starts, map(_nbytes, tensors)))
+        starts.sort()
+        if starts[0] != 0:
+            # Spans [b, e) are disjoint exactly when, both sorted, each end is at most the next
+            # begin (at any address, the begins up to it minus the ends up to it count the spans
+            # covering it): no pairing of begins with ends needed.
+            return all(map(operator.le, ends[:-1], starts[1:]))
+        spans = []  # a DTensor or empty tensor among them: its local shard, below
     else:
         spans = sorted(map(_span, tensors))
-    if spans[0][0] == 0:  # a DTensor (its own data_ptr() is 0) or an empty tensor: local shards
+    if not spans or spans[0][0] == 0:  # a DTensor (its own data_ptr() is 0) or an empty tensor: local shards
         spans = sorted(_span(_local(t)) for t in tensors)
     begins, ends = zip(*spans)
     return all(map(operator.le, ends[:-1], begins[1:]))  # each span ends before the next begins
