@@ -36,6 +36,7 @@ from .sets import (
 from .smooth import huber, max_entry, neg_entropy, quadratic, ridge, sum_largest
 from .solvers import ProxGradResult, ProxGradState, ProximalGradient, prox_adam, prox_sgd, proximal_gradient
 from .tv import fused_lasso, tv1d
+from .working_sets import LeastSquaresResult, least_squares
 
 __version__ = "0.1.0.dev0"
 
@@ -70,6 +71,8 @@ __all__ = [
     "ProxGradState",
     "ProxGradResult",
     "argmin",
+    "least_squares",
+    "LeastSquaresResult",
     "prox_sgd",
     "prox_adam",
     # catalog: smooth terms and order statistics
