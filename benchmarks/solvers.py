@@ -22,7 +22,9 @@ search evaluates ``fun`` at its trial point, so it pays for a gradient it does n
 uses it), FISTA with ``quadratic=True`` (one evaluation of ``fun`` and its gradient an
 iteration: the gradient at the extrapolated point is combined from the last two), and
 ``run_compiled`` (the whole loop as one ``while_loop``
-graph; its compile time is printed, not counted). Times are the best of ``--rounds`` runs,
+graph; its compile time is printed, not counted), and ``pf.least_squares`` (working sets: an
+active-set solve for l1, FISTA and Newton on the support for l21, on the Gram matrix of a few
+columns of ``X``; ``its`` are its passes over ``X``). Times are the best of ``--rounds`` runs,
 interleaved with scikit-learn's in the same process; ``ratio`` is the row's time over
 scikit-learn's time measured in the same run. ``its``: iterations (FISTA against ISTA).
 """
@@ -103,6 +105,7 @@ def variants(Xt, Yt, alpha, multi, compile_on):
         "pf FISTA quadratic v_and_g": lambda tol: pf.proximal_gradient(
             value_and_grad, start, prox, tol=tol, maxiter=100_000, value_and_grad=True, quadratic=True
         ),
+        "pf least_squares": lambda tol: pf.least_squares(Xt, Yt, prox, tol=tol),
     }
     if compile_on:
         solver = pf.ProximalGradient(lambda w, X_, Y_: 0.5 * ((X_ @ w - Y_) ** 2).sum() / n, prox)

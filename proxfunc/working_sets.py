@@ -126,15 +126,22 @@ def _structure(prox: Prox | None, wshape: torch.Size, like: torch.Tensor):
 
 def _violation(kind: str, W: torch.Tensor, G: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor | None):
     """Each feature's distance from its optimality condition (``G`` the smooth gradient)."""
+    return _score(kind, W, G, lam, mu).clamp_min(0)
+
+
+def _score(kind: str, W: torch.Tensor, G: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor | None):
+    """Each feature's optimality residual where positive; for a zero feature that satisfies its
+    condition, the (negative) margin ``|g_j| - lam_j`` by which it does: how close it is to
+    entering the solution."""
     if kind == "elementwise":
         g = G + mu * W
-        v = torch.where(W != 0, (g + lam * W.sign()).abs(), (g.abs() - lam).clamp_min(0))
+        v = torch.where(W != 0, (g + lam * W.sign()).abs(), g.abs() - lam)
         return v.amax(dim=1)
     norms = W.norm(dim=1, keepdim=True)
     alive = norms > 0
     moved = torch.where(alive, G + lam[:, None] * W / torch.where(alive, norms, 1), G)
     vn = moved.norm(dim=1)
-    return torch.where(alive[:, 0], vn, (vn - lam).clamp_min(0))
+    return torch.where(alive[:, 0], vn, vn - lam)
 
 
 # ------------------------------------------------------------------- restricted problems
@@ -409,16 +416,18 @@ def least_squares(
     for it in range(1, maxiter + 1):
         iterations = it
         G = xt(R) if support.numel() else -XtY
-        viol = _violation(kind, W, G, lam, mu)
-        err = float(viol.max()) / scale if p else 0.0
+        score = _score(kind, W, G, lam, mu)
+        err = max(float(score.max()), 0.0) / scale if p else 0.0
         if err <= tol_eff:
             break
-        # the working set grows by the worst violators outside it: at least doubling the
-        # support, and at least 64 features while there are as many violators
+        # while features outside the working set violate their conditions, it grows by the worst
+        # of them and then the zero features closest to entering (largest margin): at least
+        # doubling the support, and at least 64 features
         outside = torch.ones(p, dtype=torch.bool, device=X.device)
         outside[ws] = False
-        cand = torch.where(outside & (viol > tol_eff * scale), viol, -1.0)
-        grow = min(max(64, 2 * support.numel()), int((cand > 0).sum()))
+        cand = torch.where(outside, score, -math.inf)
+        violators = int((cand > tol_eff * scale).sum())
+        grow = min(max(64, 2 * support.numel()), p - ws.numel()) if violators else 0
         if not grow and stalled:
             break  # the working set's problem is solved to rounding and nothing is left to add
         stalled = not grow
