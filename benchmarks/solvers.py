@@ -24,9 +24,9 @@ iteration: the gradient at the extrapolated point is combined from the last two)
 ``run_compiled`` (the whole loop as one ``while_loop``
 graph; its compile time is printed, not counted), and ``pf.least_squares`` (working sets: an
 active-set solve for l1, FISTA and Newton on the support for l21, on the Gram matrix of a few
-columns of ``X``; ``its`` are its passes over ``X``). Times are the best of ``--rounds`` runs,
-interleaved with scikit-learn's in the same process; ``ratio`` is the row's time over
-scikit-learn's time measured in the same run. ``its``: iterations (FISTA against ISTA).
+columns of ``X``; ``its`` are its working-set solves, each followed by a pass over ``X``).
+Times are the best of ``--rounds`` runs, interleaved with scikit-learn's in the same process;
+``ratio`` is the row's time over scikit-learn's time measured in the same run. ``its``: iterations (FISTA against ISTA).
 """
 
 from __future__ import annotations

@@ -67,8 +67,8 @@ class LeastSquaresResult:
     Attributes:
         params: the solution ``w`` (shape ``(p,)`` for a vector ``y``, ``(p, T)`` for ``T``
             targets; the dtype of ``X``).
-        iterations: outer iterations (passes over ``X``) for the working-set methods, proximal
-            gradient iterations for the fallback.
+        iterations: working-set solves (each followed by a pass over ``X`` that checks every
+            feature), proximal gradient iterations for the fallback.
         error: the largest optimality residual of a feature (its distance from satisfying
             ``0 in grad_j + subgradient_j``) over ``||X^T y||_inf / n``; the fallback reports the
             gradient-mapping norm over the same scale.
@@ -357,7 +357,7 @@ def least_squares(
             ``reg``, along a regularisation path) saves passes over ``X``.
         tol: stop when every feature's optimality residual is at most ``tol`` times
             ``||X^T y||_inf / n``; the floor is 50 rounding units of the computing dtype.
-        maxiter: the most outer iterations (passes over ``X``); the fallback's iteration
+        maxiter: the most working-set solves; the fallback's iteration
             limit is ``1000 * maxiter``.
 
     Returns:
@@ -412,13 +412,12 @@ def least_squares(
     gram = torch.zeros((0, 0), dtype=dtype, device=X.device)  # and their Gram matrix / n
     support = torch.nonzero((W != 0).any(dim=1)).flatten()
     R = Xc[:, support] @ W[support] - Y if support.numel() else -Y
-    err, iterations, stalled = math.inf, 0, False
-    for it in range(1, maxiter + 1):
-        iterations = it
+    iterations, stalled = 0, False
+    while True:  # each round: check every feature (a pass over X), then solve on the working set
         G = xt(R) if support.numel() else -XtY
         score = _score(kind, W, G, lam, mu)
         err = max(float(score.max()), 0.0) / scale if p else 0.0
-        if err <= tol_eff:
+        if err <= tol_eff or iterations == maxiter:
             break
         # while features outside the working set violate their conditions, it grows by the worst
         # of them and then the zero features closest to entering (largest margin): at least
@@ -458,6 +457,7 @@ def least_squares(
         W[ws] = Wws
         R = Xws @ Wws - Y
         support = ws  # nonzero rows lie in the working set
+        iterations += 1
     method = "active set" if kind == "elementwise" else "group newton"
     return done(W, R, iterations, err, method, ws)
 

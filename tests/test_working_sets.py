@@ -83,9 +83,22 @@ def test_lasso_zero_solution_above_lambda_max(diabetes):
     X, y = diabetes
     lam_max = float(np.abs(X.T @ y).max() / X.shape[0])
     res = pf.least_squares(torch.tensor(X), torch.tensor(y), pf.l1(lam_max * 1.001))
-    assert res.converged and res.iterations == 1 and not res.params.any()
+    assert res.converged and res.iterations == 0 and not res.params.any()
     res = pf.least_squares(torch.tensor(X), torch.tensor(y), pf.l1(lam_max * 0.99))
     assert res.converged and int((res.params != 0).sum()) == 1
+
+
+def test_error_is_that_of_the_returned_solution(wide):
+    """Stopped by maxiter, the result's error and value are those of the params it returns."""
+    X, y = map(torch.tensor, wide)
+    for maxiter in (1, 2, 100):
+        res = pf.least_squares(X, y, pf.l1(0.005), maxiter=maxiter)
+        viol, scale = _lasso_kkt(X, y, res.params, 0.005)
+        assert res.error == pytest.approx(viol / scale, rel=1e-9, abs=1e-15)
+        assert res.iterations <= maxiter and res.converged == (res.error <= 1e-10)
+        assert res.value == pytest.approx(
+            float(0.5 * ((X @ res.params - y) ** 2).mean() + 0.005 * res.params.abs().sum())
+        )
 
 
 def test_wide_underdetermined_lasso(wide):
