@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _facts
 from ._base import _PLAIN_TENSORS, _is_compiling
 
 __all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "reference_only", "Choice", "KernelSpec"]
@@ -179,29 +180,42 @@ def select(
     choice = _CHOICE.get()
     if choice == REFERENCE or not leaves:
         return Choice(REFERENCE, t)
-    ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
-    if not _eager(ts, meta=False):
-        return Choice(REFERENCE, t)
-    if all(map(_IS_CPU, leaves)):  # the common case, without building a device object a leaf
-        devices = _CPU
-    else:  # a tensor t is on the CPU (_float_threshold) or refused
-        devices = set(map(_DEVICE, leaves))
-        if any(d.type == "meta" for d in devices):
+    # The in-place layer asks about the same tensors (a model's parameters) at every step: their
+    # facts are remembered (_facts.of: one C++ check of their metadata); otherwise read here.
+    facts = _facts.of(leaves) if in_place else None
+    if facts is None:
+        ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
+        if not _eager(ts, meta=False):
             return Choice(REFERENCE, t)
-    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
-        return Choice(REFERENCE, t)
+        if all(map(_IS_CPU, leaves)):  # the common case, without building a device object a leaf
+            devices = _CPU
+        else:  # a tensor t is on the CPU (_float_threshold) or refused
+            devices = set(map(_DEVICE, leaves))
+            if any(d.type == "meta" for d in devices):
+                return Choice(REFERENCE, t)
+        if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
+            return Choice(REFERENCE, t)
+    else:  # plain, strided, not meta, outside transforms: only t is left to ask
+        if isinstance(t, torch.Tensor) and not _eager([t], meta=False):
+            return Choice(REFERENCE, t)
+        devices = _CPU if facts.cpu else facts.devices
+        if torch.is_grad_enabled() and (facts.requires_grad or (isinstance(t, torch.Tensor) and t.requires_grad)):
+            return Choice(REFERENCE, t)
     tf = _float_threshold(t)
     if tf is None or not tf >= 0:
         return Choice(REFERENCE, t)
-    dtypes = set(map(_DTYPE, leaves))
+    dtypes = set(map(_DTYPE, leaves)) if facts is None else facts.dtypes
     if not all(tf <= _largest(d) for d in dtypes):  # ATen refuses it; the reference's answer
         return Choice(REFERENCE, t)
     first = leaves[0]
     same = len(dtypes) == 1 and len(devices) == 1
-    contiguous = in_place and same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))
+    if facts is None:
+        contiguous = in_place and same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))
+    else:
+        contiguous = same and facts.contiguous and first.dtype in _FAST_DTYPES
     if in_place and not contiguous:
         return Choice(REFERENCE, t)
-    if choice == "auto" and kernel is not None and same and _fits(kernel, leaves, dims, contiguous):
+    if choice == "auto" and kernel is not None and same and _fits(kernel, leaves, dims, contiguous, facts):
         return Choice(KERNEL, tf)
     return Choice(ATEN, tf)
 
@@ -223,16 +237,19 @@ def _largest(dtype: torch.dtype) -> float:
     return got
 
 
-def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int] | None, contiguous: bool) -> bool:
+def _fits(
+    spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int] | None, contiguous: bool, facts: Any = None
+) -> bool:
     """The layout ``spec`` declares (the caller has checked one dtype and device, and
     ``contiguous``, when true, of every leaf): contiguous tensors of a dtype it takes on its
     device; for row groups (``dims``, each leaf's group dim, all 0) at most ``max_parts``
-    tensors with one row count and ``max_group`` entries a group."""
+    tensors with one row count and ``max_group`` entries a group. ``facts``: the leaves'
+    remembered :class:`proxfunc._facts.Facts`, when the caller has them."""
     first = leaves[0]
     if first.device.type != spec.device or first.dtype not in spec.dtypes:
         return False
     if spec.layout == "entries":
-        if spec.min_numel and sum(map(_NUMEL, leaves)) < spec.min_numel:
+        if spec.min_numel and (sum(map(_NUMEL, leaves)) if facts is None else facts.numel) < spec.min_numel:
             return False
         return (contiguous or all(map(_CONTIGUOUS, leaves))) and spec.available()
     if dims is None or len(leaves) > spec.max_parts:
