@@ -166,6 +166,7 @@ def select(
     in_place: bool = False,
     kernel: KernelSpec | None = None,
     dims: list[int] | None = None,
+    facts: _facts.Facts | None = None,
 ) -> Choice:
     """The implementation of an operator on ``leaves`` with threshold ``t`` (its ``reg *
     step``, a float or a tensor), and ``t`` as that implementation takes it.
@@ -173,7 +174,8 @@ def select(
     ``in_place``: the in-place layer asks whether the operator may write into ``leaves``
     itself (float32/float64, contiguous, one dtype and device); ``"reference"`` then means
     "compute the new values and copy them". ``kernel`` and ``dims`` (each leaf's group dim):
-    a kernel that could compute this call, taken when its declared layout holds.
+    a kernel that could compute this call, taken when its declared layout holds. ``facts``
+    (with ``in_place``): :func:`proxfunc._facts.of` ``(leaves)``, when the caller has asked it.
     """
     if _is_compiling():
         return Choice(REFERENCE, t)
@@ -182,7 +184,10 @@ def select(
         return Choice(REFERENCE, t)
     # The in-place layer asks about the same tensors (a model's parameters) at every step: their
     # facts are remembered (_facts.of: one C++ check of their metadata); otherwise read here.
-    facts = _facts.of(leaves) if in_place else None
+    if not in_place:
+        facts = None
+    elif facts is None:
+        facts = _facts.of(leaves)
     if facts is None:
         ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
         if not _eager(ts, meta=False):
