@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
@@ -50,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _facts
-from ._base import _PLAIN_TENSORS, _is_compiling
+from ._base import _PLAIN_TENSORS, _is_compiling, is_concrete
 
 __all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "reference_only", "Choice", "KernelSpec"]
 
@@ -147,6 +149,45 @@ def _eager(ts: list[torch.Tensor], meta: bool = True) -> bool:
     if _IS_WRAPPED is None or (_current_level is not None and _current_level() is None):
         return True  # no torch.func transform is running: nothing is wrapped
     return not any(map(_IS_WRAPPED, ts))
+
+
+_F32 = struct.Struct("f")
+#: The smallest normal magnitude of the dtypes :func:`host_product` computes in.
+_NORMAL = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
+
+
+def host_product(reg: Any, step: Any) -> Any:
+    """``reg * step``, the threshold of a scalar ``reg`` and a step: for a Python float ``reg``
+    and a 0-d float32/float64 ``step`` that :func:`select` reads on the host (a plain tensor
+    on the CPU holding real values, outside transforms, nothing to differentiate), the Python
+    float ``float(reg * step)`` is, computed on the host without making the 0-d tensor: ATen
+    multiplies in the step's dtype, ``reg`` rounded to it and the product rounded once (for
+    float32: the exact product of two float32 values, a double, rounded to float32). Anything
+    else, subnormal values included (``torch.set_flush_denormal`` changes ATen's product
+    there), gets ``reg * step`` itself.
+
+    For callers whose ``"reference"`` choice recomputes from ``step`` (the in-place layer's
+    writers): the reference implementations compute with the tensor."""
+    if type(reg) is not float or type(step) not in _PLAIN_TENSORS:
+        return reg * step
+    dtype = step.dtype
+    tiny = _NORMAL.get(dtype)
+    if tiny is None or step.dim() != 0 or not step.is_cpu or (torch.is_grad_enabled() and step.requires_grad):
+        return reg * step
+    if not is_concrete(step):
+        return reg * step
+    s = float(step)
+    if dtype is torch.float32:
+        try:
+            r = _F32.unpack(_F32.pack(reg))[0]
+            x = _F32.unpack(_F32.pack(r * s))[0]
+        except OverflowError:  # beyond float32: ATen's product is inf (the reference's case)
+            return reg * step
+    else:
+        r, x = reg, reg * s
+    if not (tiny <= abs(s) < math.inf and tiny <= abs(r) < math.inf and tiny <= abs(x) < math.inf):
+        return reg * step
+    return x
 
 
 def _float_threshold(t: Any) -> float | None:

@@ -185,7 +185,8 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
         else:
             leaves, facts = self._leaves_of(args), None
         kernel = _SOFT_KERNELS.get(leaves[0].device.type) if leaves else None
-        impl, tf = dispatch.select(leaves, self.reg * step, in_place=True, kernel=kernel, facts=facts)
+        t = dispatch.host_product(self.reg, step)  # a float for a step select would read on the host
+        impl, tf = dispatch.select(leaves, t, in_place=True, kernel=kernel, facts=facts)
         if impl == dispatch.REFERENCE:
             return None
         if impl == dispatch.KERNEL:
