@@ -9,7 +9,7 @@ C++ ``TensorGuards`` (the check ``torch.compile`` runs on its inputs at every ca
 from the tensors the answers were read from, compares each tensor's Python type, dispatch
 keys (device type, layout, inference and autograd state, ``torch.func`` and Python
 wrappers), dtype, device, ``requires_grad``, sizes and strides with the recorded ones, about
-0.06 us a tensor. Every answer is a function of those, so it holds for any list of tensors
+0.07 us a tensor. Every answer is a function of those, so it holds for any list of tensors
 that passes the check, whichever objects they are: a parameter replaced, resized, given
 another dtype or device (``p.data = ...``, ``resize_``, ``set_``), or with ``requires_grad``
 toggled, fails the check and is read afresh. Where the data lies (``data_ptr``) is not
@@ -18,8 +18,8 @@ among them: callers read it at every call.
 :func:`of` remembers the answers for the :data:`SLOTS` lists met last, and answers only for
 plain tensors (``Tensor``/``Parameter``, strided, not on the meta device) outside
 ``torch.compile`` and ``torch.func`` transforms; it returns ``None`` otherwise (and on a
-torch without ``TensorGuards`` or ``torch.compiler.is_compiling``), and the caller asks its
-questions itself.
+torch without ``TensorGuards`` or ``torch.compiler.is_compiling``, or whose guards fail a
+self-test of the changes above), and the caller asks its questions itself.
 """
 
 from __future__ import annotations
@@ -40,6 +40,31 @@ try:
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover - a torch without dynamo's C++ guards
     _TensorGuards = None
+
+
+def _guard(ts: list[torch.Tensor]) -> Any:
+    """A ``TensorGuards`` of ``ts`` with every size and stride static (``None`` when torch's
+    constructor takes other arguments)."""
+    try:
+        return _TensorGuards(*ts, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except Exception:  # pragma: no cover - another TensorGuards signature
+        return None
+
+
+def _self_test() -> bool:
+    """Whether this torch's guards tell apart what the answers depend on (checked once)."""
+    x = torch.zeros(4, 3)
+    g = _guard([x])
+    if g is None or not g.check(x):
+        return False  # pragma: no cover
+    others = [x.t().contiguous().t(), torch.zeros(12), torch.zeros(4, 3, dtype=torch.float64)]
+    others += [torch.zeros(4, 3, requires_grad=True), torch.zeros(4, 3).to_sparse(), torch.zeros(4, 3, device="meta")]
+    with torch.inference_mode():
+        others.append(torch.zeros(4, 3))
+    return not any(g.check(o) for o in others)
+
+
+_USABLE: list[bool] = []  # [the self-test's answer], once asked
 
 _functorch = getattr(torch._C, "_functorch", None)
 _current_level = getattr(_functorch, "maybe_current_level", None)
@@ -100,19 +125,18 @@ def of(ts: list[torch.Tensor]) -> Facts | None:
     docstring)."""
     if not ts or _TensorGuards is None or _compiling is None or _compiling():
         return None
-    if _current_level is not None and _current_level() is not None:
-        return None  # inside a torch.func transform
+    if _current_level is None or _current_level() is not None:
+        return None  # inside a torch.func transform (or a torch that cannot tell)
     key = (len(ts), id(ts[0]), id(ts[-1]))
     got = _SEEN.get(key)
     if got is not None and got[0].check(*ts):
         return got[1]
     if not set(map(type, ts)) <= PLAIN_TENSORS or set(map(_LAYOUT, ts)) != {torch.strided} or any(map(_IS_META, ts)):
         return None
-    try:
-        guard = _TensorGuards(*ts, dynamic_dims_sizes=None, dynamic_dims_strides=None)
-        if not guard.check(*ts):  # pragma: no cover - a guard that fails its own tensors: unusable
-            return None
-    except Exception:  # pragma: no cover - another TensorGuards signature: nothing is remembered
+    if not _USABLE:
+        _USABLE.append(_self_test())
+    guard = _guard(ts) if _USABLE[0] else None
+    if guard is None or not guard.check(*ts):
         return None
     facts = Facts(ts)
     _SEEN.pop(key, None)

@@ -324,3 +324,15 @@ def test_tensor_lr_step_is_bitwise_the_tensor_threshold(dtype):
         for k, v in model.named_parameters():
             assert torch.equal(v.detach(), want[k]), k
     assert math.isfinite(float(lr))
+
+
+def test_guards_pass_their_self_test_and_without_them_nothing_is_remembered(monkeypatch):
+    assert _facts._self_test()  # this torch's guards tell every change above apart
+    monkeypatch.setattr(_facts, "_USABLE", [False])
+    monkeypatch.setattr(_facts, "_SEEN", {})
+    ts = [torch.randn(4)]
+    assert _facts.of(ts) is None and not _facts._SEEN
+    model = _model()
+    for _ in range(2):
+        _check_step(model)
+        _check_step(dict(model.named_parameters()), step=torch.tensor(0.3))
