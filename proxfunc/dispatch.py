@@ -34,7 +34,11 @@ dtype and step type (``tests/test_dispatch.py``).
 
 A 0-d tensor threshold (``reg * step`` with a tensor ``step``) on the CPU is read once on the
 host, so it takes the same fast paths as a Python float; on other devices it keeps the
-reference, which needs no synchronisation.
+reference, which needs no synchronisation. l1's in-place step computes that threshold on the
+host (:func:`host_product`: the float the 0-d tensor product holds, bit for bit), and its
+questions about the tensors (types, layout, dtypes, contiguity, sizes) are answered from
+what was read of them at an earlier step when a C++ check of their metadata passes
+(:mod:`proxfunc._facts`).
 """
 
 from __future__ import annotations
