@@ -106,6 +106,9 @@ def check_hyper(
     (not under ``torch.compile`` tracing or inside a ``torch.func`` transform), so a
     hyperparameter may be a batched or grad-tracking tensor. ``scalar`` requires 0-d.
     """
+    if type(value) is float:  # the common case, without the checks of other types
+        _check_number(f"{owner}: {name}", value, min_value, strict, allow_inf)
+        return value
     where = f"{owner}: {name}"
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{where} must be a real number or a floating tensor, got {type(value).__name__}")

@@ -244,19 +244,24 @@ class partition(Prox):  # noqa: N801
         except TypeError:
             return out
 
-    def _split(self, params: Any, step: Hyper, in_place: bool) -> tuple[dict[str, Any], list[Any]]:
+    def _split(
+        self, params: Any, step: Hyper, in_place: bool, names: list[str] | None = None
+    ) -> tuple[dict[str, Any], list[Any]]:
         """``(new values of the names some rule covers, writers)``; no writers unless ``in_place``.
 
         Each batch of :meth:`_layout` goes to its operator's :meth:`Prox._prox_batch` once. With
         ``in_place`` (the in-place layer, :func:`proxfunc.compat.apply_`) what it prepares
         writes those tensors itself and is returned among the writers, called after every new
         value was computed; otherwise, and where it prepares nothing, the new values are computed.
+        ``names``: the keys of ``params`` when the caller knows every value is a floating tensor.
         """
         step = check_step("partition", step)
         params = self._mapping(params)
         changed: dict[str, Any] = {}
         writers: list[Any] = []
-        for op, groups, joint in self._layout(parameter_keys(params, "partition")):
+        if names is None:
+            names = parameter_keys(params, "partition")
+        for op, groups, joint in self._layout(names):
             args = [tuple(params[n] for n in g) if joint else params[g[0]] for g in groups]
             run = op._prox_batch(args, step, in_place) if in_place or len(args) > 1 else None
             if run is not None and in_place:

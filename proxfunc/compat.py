@@ -17,12 +17,13 @@ apply, in place, the exact prox of ``reg * g`` with step ``lr`` to ``parameter``
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _facts
 from . import groups as _groups
 from . import norms as _norms
 from ._base import _PLAIN_TENSORS, Hyper, Prox, _is_compiling, check_step
@@ -42,37 +43,46 @@ __all__ = [
 ]
 
 
-def _targets(target: Any) -> tuple[Any, list[tuple[Any, torch.Tensor]]]:
-    """The pytree of tensors handed to the operator and written into, and its ``(key, tensor)`` list.
+def _targets(target: Any) -> tuple[Any, list[Any], list[torch.Tensor], _facts.Facts | None]:
+    """The pytree of tensors handed to the operator and written into, the keys and the tensors
+    written into (two lists, in one order), and the tensors' :class:`proxfunc._facts.Facts`
+    when they were asked (else ``None``).
 
     The tensors themselves, not detached copies: ``apply_`` runs under ``torch.no_grad()``,
     so nothing is recorded, and an operator handing a tensor back unchanged is recognised
     by identity.
     """
     if isinstance(target, nn.Module):
-        items = _named_parameters(target)
-        return dict(items), items
+        names, tensors = _named_parameters(target)
+        return dict(zip(names, tensors)), names, tensors, None
     if isinstance(target, torch.Tensor):
-        return target, [(0, target)]
+        return target, [0], [target], None
     if isinstance(target, Mapping):
-        values = target.values()
-        if set(map(type, values)) <= _PLAIN_TENSORS and all(map(_IS_FLOATING, values)):
-            return dict(target), list(target.items())  # a module's or optimizer's parameters
+        values = list(target.values())
+        facts = _facts.of(values)
+        if facts.floating if facts is not None else _plain_floating(values):
+            return dict(target), list(target), values, facts  # a module's or optimizer's parameters
         items = [(k, v) for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
         # the operator sees the tree a functional call gets, integer/bool buffers included (it
         # passes them through: the same rule both ways, e.g. for a pytree group_dim)
         tree = {k: v for k, v in target.items() if isinstance(v, torch.Tensor) and not v.is_complex()}
-        return tree, items
+        return tree, [k for k, _ in items], [v for _, v in items], None
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
         seq = tuple(target)
         for i, t in enumerate(seq):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"apply_: target[{i}] must be a tensor, got {type(t).__name__}")
-        return seq, [(i, t) for i, t in enumerate(seq) if t is not None]
+        keys = [i for i, t in enumerate(seq) if t is not None]
+        return seq, keys, [seq[i] for i in keys], None
     raise TypeError(
         "apply_: target must be an nn.Module, a state_dict (mapping of names to tensors), "
         f"a tensor or a sequence of tensors, got {type(target).__name__}"
     )
+
+
+def _plain_floating(values: list[Any]) -> bool:
+    """Every value a plain floating tensor (``Tensor`` or ``Parameter``)."""
+    return set(map(type, values)) <= _PLAIN_TENSORS and all(map(_IS_FLOATING, values))
 
 
 _MODULE_WALK = (nn.Module.named_parameters, nn.Module.named_modules, nn.Module._named_members)
@@ -86,26 +96,36 @@ def _walkable(cls: type) -> bool:
     return ok
 
 
-def _named_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``list(module.named_parameters())``: the same names, tensors and order (pre-order, each
-    tensor once, under its first name), walked directly: ``named_parameters()``'s generators
-    cost a large part of an in-place step on a model of small layers. Modules that override
-    how they list their parameters or submodules get ``named_parameters()`` itself."""
-    out: list[tuple[str, torch.Tensor]] = []
+def _named_parameters(module: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """``module.named_parameters()`` as two lists, names and tensors: the same names, tensors
+    and order (pre-order, each tensor once, under its first name), walked directly:
+    ``named_parameters()``'s generators cost a large part of an in-place step on a model of
+    small layers. Modules that override how they list their parameters or submodules get
+    ``named_parameters()`` itself."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
     seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", module)]
+    pop, push = stack.pop, stack.append
     while stack:
-        prefix, m = stack.pop()
-        if type(m) not in _WALKABLE and not _walkable(type(m)):
-            return list(module.named_parameters())
-        for k, p in m._parameters.items():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                out.append((prefix + k, p))
-        for k, c in reversed(m._modules.items()):
-            if c is not None:
-                stack.append((prefix + k + ".", c))
-    return out
+        prefix, m = pop()
+        cls = type(m)
+        if cls not in _WALKABLE and not _walkable(cls):
+            items = list(module.named_parameters())
+            return [k for k, _ in items], [p for _, p in items]
+        ps = m._parameters
+        if ps:
+            for k, p in ps.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    names.append(prefix + k)
+                    tensors.append(p)
+        ms = m._modules
+        if ms:
+            for k, c in reversed(ms.items()):
+                if c is not None:
+                    push((prefix + k + ".", c))
+    return names, tensors
 
 
 def _pairs(new: Any, old: Any, where: tuple = ()) -> list[tuple[torch.Tensor, torch.Tensor, tuple]]:
@@ -168,26 +188,32 @@ def _prepare(op: Prox, target: Any, step: Hyper) -> Callable[[], None]:
     it commits any."""
     if not isinstance(op, Prox):
         raise TypeError(f"apply_: op must be a proxfunc operator, got {type(op).__name__}")
-    params, items = _targets(target)
-    with torch.no_grad():
-        if _is_compiling():  # traced: the graph computes the new values and copies them
+    params, keys, tensors, facts = _targets(target)
+    if _is_compiling():  # traced: the graph computes the new values and copies them
+        with torch.no_grad():
             traced = _pairs(op(params, step), params)
 
-            def commit_traced() -> None:
-                with torch.no_grad():
-                    for d, n, _ in traced:
-                        d.copy_(n)
+        def commit_traced() -> None:
+            with torch.no_grad():
+                for d, n, _ in traced:
+                    d.copy_(n)
 
-            return commit_traced
-        tensors = [t for _, t in items]
-        contiguous = all(map(_CONTIGUOUS, tensors))
+        return commit_traced
+    grad = torch.is_grad_enabled()
+    _set_grad_enabled(False)  # torch.no_grad(), without its context manager's cost
+    try:
+        if facts is None:
+            facts = _facts.of(tensors)
+        contiguous = facts.contiguous if facts is not None else all(map(_CONTIGUOUS, tensors))
         if not contiguous:  # no contiguous tensor overlaps itself
-            _refuse_overlapping_elements(items)
-        pairs, writers = _compute(op, params, step)
+            _refuse_overlapping_elements(list(zip(keys, tensors)))
+        # every value a floating tensor: the keys are what a partition would find asking each
+        plain = facts is not None and facts.floating and isinstance(params, dict) and len(params) == len(keys)
+        pairs, writers = _compute(op, params, step, keys if plain else None)
         # Refuse inference tensors and, when writers would update tensors in place, make sure
         # no two tensors share memory (with tied weights a writer would apply the prox twice):
         # then every value is computed first and copied.
-        disjoint = _survey(items, overlap=True, tensors=tensors, contiguous=contiguous)
+        disjoint = _survey(zip(keys, tensors), overlap=True, tensors=tensors, contiguous=contiguous, facts=facts)
         if not disjoint and writers:
             pairs, writers = _pairs(op(params, step), params), []
         for i, (d, n, where) in enumerate(pairs):
@@ -198,15 +224,21 @@ def _prepare(op: Prox, target: Any, step: Hyper) -> Callable[[], None]:
                 at = "".join(f"[{k!r}]" for k in where) or "<tensor>"
                 raise RuntimeError(f"apply_: {op!r} returned a mismatched value for {at}")  # pragma: no cover
         if not disjoint:
-            _check_aliases(op, pairs, items)
+            _check_aliases(op, pairs, list(zip(keys, tensors)))
+    finally:
+        _set_grad_enabled(grad)
 
     def commit() -> None:
         # nothing below can fail, so the update is all-or-nothing
-        with torch.no_grad():
+        grad = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
             for d, n, _ in pairs:
                 d.copy_(n)
             for w in writers:
                 w()
+        finally:
+            _set_grad_enabled(grad)
 
     return commit
 
@@ -282,15 +314,16 @@ def _placed(d: torch.Tensor, n: Any) -> torch.Tensor | None:
     return n
 
 
-def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
+def _compute(op: Prox, params: Any, step: Hyper, names: list[Any] | None = None) -> tuple[list, list]:
     """``(pairs to copy, writers)``: an operator may overwrite the tensors itself.
 
     The writers (no new tensor, no copy: what :meth:`Prox._prox_batch` prepares in place, for
     the whole target or per rule inside a partition) are handed out here and kept only if
-    :func:`_survey` finds no two tensors sharing memory.
+    :func:`_survey` finds no two tensors sharing memory. ``names``: the keys of ``params``
+    when every value is a floating tensor (what a partition would find asking each).
     """
     if isinstance(op, partition) and isinstance(params, Mapping):
-        changed, writers = op._split(params, step, in_place=True)
+        changed, writers = op._split(params, step, in_place=True, names=names)
         return [(params[k], v, (k,)) for k, v in changed.items() if v is not params[k]], writers
     writer = op._prox_batch([params], check_step(op._name(), step), True)
     if writer is not None:
@@ -299,21 +332,25 @@ def _compute(op: Prox, params: Any, step: Hyper) -> tuple[list, list]:
 
 
 def _survey(
-    items: list[tuple[Any, torch.Tensor]],
+    items: Iterable[tuple[Any, torch.Tensor]],
     overlap: bool,
     tensors: list[torch.Tensor] | None = None,
     contiguous: bool | None = None,
+    facts: _facts.Facts | None = None,
 ) -> bool:
     """Raise ``ValueError`` for an inference tensor outside inference mode; with ``overlap``,
     return whether no two tensors share a byte of memory (ties, overlapping views).
 
     Conservative: a non-contiguous tensor claims its whole storage, and (for such targets) an
     empty tensor lying inside another's span counts as an overlap (the caller then computes and
-    copies).
+    copies). ``facts``: the tensors' :class:`proxfunc._facts.Facts`, when the caller has them
+    (their sizes, and the answer for the data pointers seen last).
     """
     if tensors is None:
         tensors = [t for _, t in items]
-    if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):
+    if not torch.is_inference_mode_enabled() and (
+        facts.inference if facts is not None else any(map(torch.Tensor.is_inference, tensors))
+    ):
         k = next(k for k, t in items if t.is_inference())
         raise ValueError(
             f"apply_: target[{k!r}] is an inference tensor (made under torch.inference_mode()); "
@@ -322,16 +359,25 @@ def _survey(
     if not overlap or len(tensors) < 2:
         return True
     if contiguous is None:
-        contiguous = all(map(_CONTIGUOUS, tensors))
+        contiguous = facts.contiguous if facts is not None else all(map(_CONTIGUOUS, tensors))
     if contiguous:  # each tensor's own bytes, read with C-level map
         starts = list(map(_DATA_PTR, tensors))
-        ends = sorted(map(operator.add, starts, map(_nbytes, tensors)))
-        starts.sort()
-        if starts[0] != 0:
+        if facts is not None:
+            seen = facts.disjoint
+            if seen is not None and seen[0] == starts:  # the same sizes at the same places
+                return seen[1]
+            ends = sorted(map(operator.add, starts, facts.nbytes))
+        else:
+            ends = sorted(map(operator.add, starts, map(_nbytes, tensors)))
+        begins = sorted(starts)
+        if begins[0] != 0:
             # Spans [b, e) are disjoint exactly when, both sorted, each end is at most the next
             # begin (at any address, the begins up to it minus the ends up to it count the spans
             # covering it): no pairing of begins with ends needed.
-            return all(map(operator.le, ends[:-1], starts[1:]))
+            disjoint = all(map(operator.le, ends[:-1], begins[1:]))
+            if facts is not None:
+                facts.disjoint = (starts, disjoint)
+            return disjoint
         spans = []  # a DTensor or empty tensor among them: its local shard, below
     else:
         spans = sorted(map(_span, tensors))
@@ -357,6 +403,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 _CONTIGUOUS, _DATA_PTR, _IS_FLOATING = torch.Tensor.is_contiguous, torch.Tensor.data_ptr, torch.Tensor.is_floating_point
+_set_grad_enabled = torch._C._set_grad_enabled
 
 #: ``t.nbytes`` (torch >= 2.1: one attribute read) or ``numel * element_size`` (torch 2.0).
 _nbytes = operator.attrgetter("nbytes") if hasattr(torch.Tensor, "nbytes") else (lambda t: t.numel() * t.element_size())

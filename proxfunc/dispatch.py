@@ -34,14 +34,20 @@ dtype and step type (``tests/test_dispatch.py``).
 
 A 0-d tensor threshold (``reg * step`` with a tensor ``step``) on the CPU is read once on the
 host, so it takes the same fast paths as a Python float; on other devices it keeps the
-reference, which needs no synchronisation.
+reference, which needs no synchronisation. l1's in-place step computes that threshold on the
+host (:func:`host_product`: the float the 0-d tensor product holds, bit for bit), and its
+questions about the tensors (types, layout, dtypes, contiguity, sizes) are answered from
+what was read of them at an earlier step when a C++ check of their metadata passes
+(:mod:`proxfunc._facts`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
@@ -49,7 +55,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._base import _PLAIN_TENSORS, _is_compiling
+from . import _facts
+from ._base import _PLAIN_TENSORS, _is_compiling, is_concrete
 
 __all__ = ["IMPLEMENTATIONS", "implementation", "current", "select", "reference_only", "Choice", "KernelSpec"]
 
@@ -148,6 +155,45 @@ def _eager(ts: list[torch.Tensor], meta: bool = True) -> bool:
     return not any(map(_IS_WRAPPED, ts))
 
 
+_F32 = struct.Struct("f")
+#: The smallest normal magnitude of the dtypes :func:`host_product` computes in.
+_NORMAL = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
+
+
+def host_product(reg: Any, step: Any) -> Any:
+    """``reg * step``, the threshold of a scalar ``reg`` and a step: for a Python float ``reg``
+    and a 0-d float32/float64 ``step`` that :func:`select` reads on the host (a plain tensor
+    on the CPU holding real values, outside transforms, nothing to differentiate), the Python
+    float ``float(reg * step)`` is, computed on the host without making the 0-d tensor: ATen
+    multiplies in the step's dtype, ``reg`` rounded to it and the product rounded once (for
+    float32: the exact product of two float32 values, a double, rounded to float32). Anything
+    else, subnormal values included (``torch.set_flush_denormal`` changes ATen's product
+    there), gets ``reg * step`` itself.
+
+    For callers whose ``"reference"`` choice recomputes from ``step`` (the in-place layer's
+    writers): the reference implementations compute with the tensor."""
+    if type(reg) is not float or type(step) not in _PLAIN_TENSORS:
+        return reg * step
+    dtype = step.dtype
+    tiny = _NORMAL.get(dtype)
+    if tiny is None or step.dim() != 0 or not step.is_cpu or (torch.is_grad_enabled() and step.requires_grad):
+        return reg * step
+    if not is_concrete(step):
+        return reg * step
+    s = float(step)
+    if dtype is torch.float32:
+        try:
+            r = _F32.unpack(_F32.pack(reg))[0]
+            x = _F32.unpack(_F32.pack(r * s))[0]
+        except OverflowError:  # beyond float32: ATen's product is inf (the reference's case)
+            return reg * step
+    else:
+        r, x = reg, reg * s
+    if not (tiny <= abs(s) < math.inf and tiny <= abs(r) < math.inf and tiny <= abs(x) < math.inf):
+        return reg * step
+    return x
+
+
 def _float_threshold(t: Any) -> float | None:
     """``t`` as a Python float when it can be read for free: a float, or a concrete 0-d CPU
     tensor (checked by the caller's :func:`_eager`); ``None`` otherwise."""
@@ -165,6 +211,7 @@ def select(
     in_place: bool = False,
     kernel: KernelSpec | None = None,
     dims: list[int] | None = None,
+    facts: _facts.Facts | None = None,
 ) -> Choice:
     """The implementation of an operator on ``leaves`` with threshold ``t`` (its ``reg *
     step``, a float or a tensor), and ``t`` as that implementation takes it.
@@ -172,36 +219,53 @@ def select(
     ``in_place``: the in-place layer asks whether the operator may write into ``leaves``
     itself (float32/float64, contiguous, one dtype and device); ``"reference"`` then means
     "compute the new values and copy them". ``kernel`` and ``dims`` (each leaf's group dim):
-    a kernel that could compute this call, taken when its declared layout holds.
+    a kernel that could compute this call, taken when its declared layout holds. ``facts``
+    (with ``in_place``): :func:`proxfunc._facts.of` ``(leaves)``, when the caller has asked it.
     """
     if _is_compiling():
         return Choice(REFERENCE, t)
     choice = _CHOICE.get()
     if choice == REFERENCE or not leaves:
         return Choice(REFERENCE, t)
-    ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
-    if not _eager(ts, meta=False):
-        return Choice(REFERENCE, t)
-    if all(map(_IS_CPU, leaves)):  # the common case, without building a device object a leaf
-        devices = _CPU
-    else:  # a tensor t is on the CPU (_float_threshold) or refused
-        devices = set(map(_DEVICE, leaves))
-        if any(d.type == "meta" for d in devices):
+    # The in-place layer asks about the same tensors (a model's parameters) at every step: their
+    # facts are remembered (_facts.of: one C++ check of their metadata); otherwise read here.
+    if not in_place:
+        facts = None
+    elif facts is None:
+        facts = _facts.of(leaves)
+    if facts is None:
+        ts = [*leaves, t] if isinstance(t, torch.Tensor) else leaves
+        if not _eager(ts, meta=False):
             return Choice(REFERENCE, t)
-    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
-        return Choice(REFERENCE, t)
+        if all(map(_IS_CPU, leaves)):  # the common case, without building a device object a leaf
+            devices = _CPU
+        else:  # a tensor t is on the CPU (_float_threshold) or refused
+            devices = set(map(_DEVICE, leaves))
+            if any(d.type == "meta" for d in devices):
+                return Choice(REFERENCE, t)
+        if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
+            return Choice(REFERENCE, t)
+    else:  # plain, strided, not meta, outside transforms: only t is left to ask
+        if isinstance(t, torch.Tensor) and not _eager([t], meta=False):
+            return Choice(REFERENCE, t)
+        devices = _CPU if facts.cpu else facts.devices
+        if torch.is_grad_enabled() and (facts.requires_grad or (isinstance(t, torch.Tensor) and t.requires_grad)):
+            return Choice(REFERENCE, t)
     tf = _float_threshold(t)
     if tf is None or not tf >= 0:
         return Choice(REFERENCE, t)
-    dtypes = set(map(_DTYPE, leaves))
+    dtypes = set(map(_DTYPE, leaves)) if facts is None else facts.dtypes
     if not all(tf <= _largest(d) for d in dtypes):  # ATen refuses it; the reference's answer
         return Choice(REFERENCE, t)
     first = leaves[0]
     same = len(dtypes) == 1 and len(devices) == 1
-    contiguous = in_place and same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))
+    if facts is None:
+        contiguous = in_place and same and first.dtype in _FAST_DTYPES and all(map(_CONTIGUOUS, leaves))
+    else:
+        contiguous = same and facts.contiguous and first.dtype in _FAST_DTYPES
     if in_place and not contiguous:
         return Choice(REFERENCE, t)
-    if choice == "auto" and kernel is not None and same and _fits(kernel, leaves, dims, contiguous):
+    if choice == "auto" and kernel is not None and same and _fits(kernel, leaves, dims, contiguous, facts):
         return Choice(KERNEL, tf)
     return Choice(ATEN, tf)
 
@@ -223,16 +287,19 @@ def _largest(dtype: torch.dtype) -> float:
     return got
 
 
-def _fits(spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int] | None, contiguous: bool) -> bool:
+def _fits(
+    spec: KernelSpec, leaves: list[torch.Tensor], dims: list[int] | None, contiguous: bool, facts: Any = None
+) -> bool:
     """The layout ``spec`` declares (the caller has checked one dtype and device, and
     ``contiguous``, when true, of every leaf): contiguous tensors of a dtype it takes on its
     device; for row groups (``dims``, each leaf's group dim, all 0) at most ``max_parts``
-    tensors with one row count and ``max_group`` entries a group."""
+    tensors with one row count and ``max_group`` entries a group. ``facts``: the leaves'
+    remembered :class:`proxfunc._facts.Facts`, when the caller has them."""
     first = leaves[0]
     if first.device.type != spec.device or first.dtype not in spec.dtypes:
         return False
     if spec.layout == "entries":
-        if spec.min_numel and sum(map(_NUMEL, leaves)) < spec.min_numel:
+        if spec.min_numel and (sum(map(_NUMEL, leaves)) if facts is None else facts.numel) < spec.min_numel:
             return False
         return (contiguous or all(map(_CONTIGUOUS, leaves))) and spec.available()
     if dims is None or len(leaves) > spec.max_parts:

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from . import _tree, dispatch
+from . import _facts, _tree, dispatch
 from ._base import Hyper, Prox, check_hyper, check_hyper_tree, is_scalar_hyper
 from ._util import block_scale, hyper_tensor, leaf_hypers, scaled_norm, weighted_sum, zeros_like_value
 from .kernels import threshold
@@ -177,9 +177,16 @@ class l1(Elementwise):  # noqa: N801 - public operator names are lower case, lik
             return None
         if not in_place:
             return super()._prox_batch(args, step, in_place)
-        leaves = self._leaves_of(args)
+        # a partition's pattern rule hands the same tensors (a model's parameters) every step:
+        # their facts are remembered (proxfunc._facts), and shared with select
+        facts = _facts.of(args)
+        if facts is not None and facts.floating:
+            leaves = list(args)
+        else:
+            leaves, facts = self._leaves_of(args), None
         kernel = _SOFT_KERNELS.get(leaves[0].device.type) if leaves else None
-        impl, tf = dispatch.select(leaves, self.reg * step, in_place=True, kernel=kernel)
+        t = dispatch.host_product(self.reg, step)  # a float for a step select would read on the host
+        impl, tf = dispatch.select(leaves, t, in_place=True, kernel=kernel, facts=facts)
         if impl == dispatch.REFERENCE:
             return None
         if impl == dispatch.KERNEL:

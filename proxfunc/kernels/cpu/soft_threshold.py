@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import array
 import ctypes
-from operator import methodcaller
 
 import torch
 
+from ... import _facts
 from ...dispatch import KernelSpec
 from . import _cc
 
@@ -126,10 +126,14 @@ SPEC = KernelSpec(
     min_numel=MIN_NUMEL,
 )
 
-_DATA_PTR, _NUMEL = methodcaller("data_ptr"), methodcaller("numel")
+_DATA_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
 # A span array is built from a flat int64 array (three 8-byte fields a span, in order): an
 # order of magnitude cheaper than constructing the Structures one by one.
 assert ctypes.sizeof(_Span) == 24 and [getattr(_Span, f).offset for f in ("src", "dst", "numel")] == [0, 8, 16]
+
+# The last in-place call's spans: (data pointers, sizes, flat int64 array, span array over it).
+# A step writes into the same tensors at the same places: their spans are built once.
+_LAST: tuple[list[int], tuple[int, ...], array.array, ctypes.Array] | None = None
 
 
 def run(leaves: list[torch.Tensor], t: float, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -139,16 +143,31 @@ def run(leaves: list[torch.Tensor], t: float, out: list[torch.Tensor] | None = N
     The layout is :data:`SPEC`'s, checked by :func:`proxfunc.dispatch.select`: contiguous CPU
     tensors of one dtype in ``SPEC.dtypes``, ``0 <= t`` within the dtype's range,
     :func:`available`."""
+    global _LAST
     first = leaves[0]
     assert first.dtype in _SYMBOLS and 0 <= t, "outside SPEC"
     if t == 0:  # the identity (``-0.0`` kept, as the other implementations keep it)
         return out if out is not None else [x.clone() for x in leaves]
-    dst = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in leaves] if out is None else out
-    src_ptrs = array.array("q", map(_DATA_PTR, leaves))
-    sizes = array.array("q", map(_NUMEL, leaves))
-    flat = _flat(src_ptrs, src_ptrs if out is leaves else array.array("q", map(_DATA_PTR, dst)), sizes)
+    src = list(map(_DATA_PTR, leaves))
+    if out is leaves:  # in place: the sizes remembered with the tensors' metadata (_facts)
+        facts = _facts.of(leaves)
+        sizes = facts.numels if facts is not None else tuple(map(_NUMEL, leaves))
+        last = _LAST
+        if last is not None and last[0] == src and last[1] == sizes:
+            spans = last[3]
+        else:
+            flat = _flat(array.array("q", src), array.array("q", src), array.array("q", sizes))
+            spans = _array(flat)
+            _LAST = (src, sizes, flat, spans)  # the flat array lives as long as the spans over it
+        dst = out
+    else:
+        dst = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in leaves] if out is None else out
+        sizes = tuple(map(_NUMEL, leaves))
+        src_ptrs = array.array("q", src)
+        flat = _flat(src_ptrs, array.array("q", map(_DATA_PTR, dst)), array.array("q", sizes))
+        spans = _array(flat)
     threads = _cc.threads_for(sum(sizes), PARALLEL_NUMEL)
-    _KERNEL.function(_SYMBOLS[first.dtype])(_array(flat), len(leaves), threads, t)
+    _KERNEL.function(_SYMBOLS[first.dtype])(spans, len(leaves), threads, t)
     if out is not None:
         _cc.bump(out)
     return dst
