@@ -5,7 +5,8 @@
     F(w) = ||X w - y||^2 / (2 n) + g(w),        n = X.shape[0],
 
 scikit-learn's scaling of ``Lasso``, ``ElasticNet`` and ``MultiTaskLasso``, for a vector ``y``
-(``w`` has ``p = X.shape[1]`` entries) or a matrix ``Y`` of ``T`` targets (``W`` is ``p x T``).
+(``w`` has ``p = X.shape[1]`` entries) or a matrix ``Y`` of ``T`` targets (``W`` is ``p x T``),
+with an unpenalised intercept when asked (``fit_intercept=True``).
 Sparse solutions touch few columns of ``X``, so the solver works on a **working set** of
 features (the approach of Johnson & Guestrin's BLITZ and Massias et al.'s CELER/skglm): each
 outer iteration computes the gradient ``X^T (X w - y) / n`` of every feature (one pass over
@@ -77,6 +78,8 @@ class LeastSquaresResult:
         method: ``"active set"``, ``"group newton"``, ``"lstsq"`` or ``"proximal gradient"``.
         working_set: the features of the last working set, in the order they were added (a
             1-d int64 tensor; every feature for ``"lstsq"`` and ``"proximal gradient"``).
+        intercept: with ``fit_intercept=True``, ``b`` (0-d for a vector ``y``, ``T`` entries
+            for ``T`` targets; the dtype of ``X``); ``None`` otherwise.
     """
 
     params: torch.Tensor
@@ -86,6 +89,7 @@ class LeastSquaresResult:
     converged: bool
     method: str
     working_set: torch.Tensor
+    intercept: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- penalties
@@ -340,10 +344,12 @@ def least_squares(
     prox: Prox | None = None,
     *,
     init: torch.Tensor | None = None,
+    fit_intercept: bool = False,
     tol: float = 1e-10,
     maxiter: int = 100,
 ) -> LeastSquaresResult:
-    """Minimise ``||X w - y||^2 / (2 n) + g(w)`` (``n = X.shape[0]``) on working sets.
+    """Minimise ``||X w + b - y||^2 / (2 n) + g(w)`` (``n = X.shape[0]``; ``b = 0`` unless
+    ``fit_intercept``) on working sets.
 
     Args:
         X: the design matrix, ``n x p``, float32 or float64 (float16/bfloat16 are solved in
@@ -355,14 +361,18 @@ def least_squares(
             or any other operator (solved by :func:`proxfunc.proximal_gradient`).
         init: the starting point (zeros by default); a good one (the solution at a nearby
             ``reg``, along a regularisation path) saves passes over ``X``.
+        fit_intercept: also fit an unpenalised intercept ``b`` (one per target), as
+            scikit-learn's ``fit_intercept=True``: the problem is solved on centred data, the
+            centring applied to the working set's columns and to each pass over ``X`` (``X``
+            itself is not copied), and ``b = mean(y) - mean(X) w``.
         tol: stop when every feature's optimality residual is at most ``tol`` times
             ``||X^T y||_inf / n``; the floor is 50 rounding units of the computing dtype.
         maxiter: the most working-set solves; the fallback's iteration
             limit is ``1000 * maxiter``.
 
     Returns:
-        a :class:`LeastSquaresResult` (``.params``, ``.iterations``, ``.error``, ``.value``,
-        ``.converged``, ``.method``, ``.working_set``).
+        a :class:`LeastSquaresResult` (``.params``, ``.intercept``, ``.iterations``, ``.error``,
+        ``.value``, ``.converged``, ``.method``, ``.working_set``).
 
     Example (a weighted lasso: the first feature unpenalised)::
 
@@ -373,11 +383,18 @@ def least_squares(
         res.params, res.converged
     """
     _check(X, y, init, tol, maxiter)
+    if not isinstance(fit_intercept, bool):
+        raise TypeError(f"least_squares: fit_intercept must be a bool, got {type(fit_intercept).__name__}")
     dtype = acc_dtype(X)
     Xc, Yc = X.to(dtype), y.to(dtype)
     vector = Yc.dim() == 1
     Y = Yc[:, None] if vector else Yc
     n, p = Xc.shape
+    # with an intercept the problem is that of the centred data; X is centred implicitly
+    xmean = Xc.mean(0) if fit_intercept else None
+    ymean = Y.mean(0) if fit_intercept else None
+    if fit_intercept:
+        Y = Y - ymean
     wshape = torch.Size((p,) + tuple(y.shape[1:]))
     W = torch.zeros((p, Y.shape[1]), dtype=dtype, device=X.device)
     if init is not None:
@@ -387,10 +404,21 @@ def least_squares(
     def done(W2, R, iterations, err, method, ws):
         w = W2[:, 0] if vector else W2
         value = 0.5 * float((R * R).sum()) / n + (0.0 if prox is None else float(prox.value(w)))
-        return LeastSquaresResult(w.to(X.dtype), iterations, err, value, err <= tol_eff, method, ws)
+        b = None
+        if fit_intercept:
+            b = ymean - xmean @ W2
+            b = (b[0] if vector else b).to(X.dtype)
+        return LeastSquaresResult(w.to(X.dtype), iterations, err, value, err <= tol_eff, method, ws, b)
 
-    def xt(R):  # X^T R / n, one pass over X (R^T X: the layout BLAS reads X in order)
-        return (R[:, 0] @ Xc)[:, None] / n if R.shape[1] == 1 else (R.T @ Xc).T / n
+    def xt(R):  # X^T R / n (centred X), one pass over X (R^T X: the layout BLAS reads X in order)
+        out = (R[:, 0] @ Xc)[:, None] if R.shape[1] == 1 else (R.T @ Xc).T
+        if fit_intercept:
+            out = out - xmean[:, None] * R.sum(0)
+        return out / n
+
+    def columns(idx):  # the (centred) columns idx of X
+        cols = Xc.index_select(1, idx)
+        return cols - xmean[idx] if fit_intercept else cols
 
     XtY = xt(Y)
     scale = float(XtY.abs().max()) if p else 0.0
@@ -398,20 +426,22 @@ def least_squares(
         scale = 1.0
     everything = torch.arange(p, device=X.device)
     if prox is None:
-        W = torch.linalg.lstsq(Xc.cpu(), Y.cpu(), driver="gelsd").solution.to(X.device)
-        R = Xc @ W - Y
+        Xs = Xc - xmean if fit_intercept else Xc
+        W = torch.linalg.lstsq(Xs.cpu(), Y.cpu(), driver="gelsd").solution.to(X.device)
+        R = Xs @ W - Y
         return done(W, R, 1, float(xt(R).abs().max()) / scale, "lstsq", everything)
     if not isinstance(prox, Prox):
         raise TypeError(f"least_squares: prox must be a proxfunc operator or None, got {type(prox).__name__}")
     kind, lam, mu = _structure(prox, wshape, Xc)
     if kind is None:
-        return _fallback(Xc, Y, prox, W, vector, tol_eff * scale, maxiter, scale, done, everything)
+        Xs = Xc - xmean if fit_intercept else Xc
+        return _fallback(Xs, Y, prox, W, vector, tol_eff * scale, maxiter, scale, done, everything)
 
     ws = torch.zeros(0, dtype=torch.long, device=X.device)  # the working set, in order of entry
     Xws = Xc[:, :0]  # its columns of X
     gram = torch.zeros((0, 0), dtype=dtype, device=X.device)  # and their Gram matrix / n
     support = torch.nonzero((W != 0).any(dim=1)).flatten()
-    R = Xc[:, support] @ W[support] - Y if support.numel() else -Y
+    R = columns(support) @ W[support] - Y if support.numel() else -Y
     iterations, stalled = 0, False
     while True:  # each round: check every feature (a pass over X), then solve on the working set
         G = xt(R) if support.numel() else -XtY
@@ -432,7 +462,7 @@ def least_squares(
         stalled = not grow
         if grow:
             new = torch.topk(cand, grow).indices.sort().values  # ascending: a gather in memory order
-            Xnew = Xc.index_select(1, new)
+            Xnew = columns(new)
             cross = Xws.T @ Xnew / n
             gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, Xnew.T @ Xnew / n], 1)], 0)
             ws, Xws = torch.cat([ws, new]), torch.cat([Xws, Xnew], 1)

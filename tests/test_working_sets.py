@@ -216,6 +216,47 @@ def test_other_operators_fall_back_to_proximal_gradient(diabetes):
     np.testing.assert_allclose(res.params.numpy(), ref, atol=1e-8)
 
 
+def test_intercept_matches_sklearn(diabetes, multitask):
+    """fit_intercept=True on data far from centred: scikit-learn's fit_intercept=True."""
+    X, y = diabetes
+    X, y = X + np.linspace(-2.0, 5.0, X.shape[1]), y + 3.0
+    res = pf.least_squares(torch.tensor(X), torch.tensor(y), pf.l1(0.01), fit_intercept=True)
+    sk = Lasso(alpha=0.01, tol=1e-14, max_iter=10**6).fit(X, y)
+    assert res.converged and res.intercept.shape == ()
+    np.testing.assert_allclose(res.params.numpy(), sk.coef_, rtol=1e-7, atol=1e-9)
+    assert float(res.intercept) == pytest.approx(sk.intercept_, rel=1e-10)
+    res = pf.least_squares(torch.tensor(X), torch.tensor(y), pf.elastic_net(0.01, 1.0), fit_intercept=True)
+    sk = ElasticNet(alpha=0.02, l1_ratio=0.5, tol=1e-14, max_iter=10**6).fit(X, y)
+    np.testing.assert_allclose(res.params.numpy(), sk.coef_, rtol=1e-7, atol=1e-9)
+    assert float(res.intercept) == pytest.approx(sk.intercept_, rel=1e-10)
+    X2, Y2 = multitask
+    X2, Y2 = X2 + 3.0, Y2 + np.arange(4.0)
+    res = pf.least_squares(torch.tensor(X2), torch.tensor(Y2), pf.l21(0.05), fit_intercept=True)
+    sk = MultiTaskLasso(alpha=0.05, tol=1e-14, max_iter=10**6).fit(X2, Y2)
+    np.testing.assert_allclose(res.params.numpy(), sk.coef_.T, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(res.intercept.numpy(), sk.intercept_, rtol=1e-9, atol=1e-12)
+    # the objective reported is that of X w + b
+    r = X2 @ res.params.numpy() + res.intercept.numpy() - Y2
+    pen = 0.05 * np.sqrt((res.params.numpy() ** 2).sum(1)).sum()
+    assert res.value == pytest.approx(0.5 * (r * r).sum() / X2.shape[0] + pen, rel=1e-12)
+
+
+def test_intercept_without_penalty_and_in_the_fallback(diabetes):
+    X, y = diabetes
+    X, y = X + 2.0, y - 1.0
+    ones = np.hstack([X, np.ones((X.shape[0], 1))])
+    res = pf.least_squares(torch.tensor(X), torch.tensor(y), fit_intercept=True)
+    ref = np.linalg.lstsq(ones, y, rcond=None)[0]
+    np.testing.assert_allclose(res.params.numpy(), ref[:-1], rtol=1e-9)
+    assert float(res.intercept) == pytest.approx(ref[-1], rel=1e-9)
+    res = pf.least_squares(torch.tensor(X), torch.tensor(y), pf.box(-0.3, 0.4), fit_intercept=True, tol=1e-12)
+    lo, hi = np.r_[np.full(10, -0.3), -np.inf], np.r_[np.full(10, 0.4), np.inf]
+    ref = lsq_linear(ones, y, bounds=(lo, hi), tol=1e-14).x
+    assert res.method == "proximal gradient"
+    np.testing.assert_allclose(res.params.numpy(), ref[:-1], atol=1e-8)
+    assert float(res.intercept) == pytest.approx(ref[-1], abs=1e-8)
+
+
 def test_warm_start_from_a_nearby_reg(diabetes):
     X, y = map(torch.tensor, diabetes)
     cold = pf.least_squares(X, y, pf.l1(0.011))
@@ -285,6 +326,7 @@ def test_kkt_at_every_scale(n, p, frac, scale, seed):
         (lambda X, y: pf.least_squares(X, y, pf.l1(0.1), tol=0.0), ValueError, "tol"),
         (lambda X, y: pf.least_squares(X, y, pf.l1(0.1), maxiter=0), ValueError, "maxiter"),
         (lambda X, y: pf.least_squares(X, y, "l1"), TypeError, "prox"),
+        (lambda X, y: pf.least_squares(X, y, pf.l1(0.1), fit_intercept=1), TypeError, "fit_intercept"),
         (lambda X, y: pf.least_squares(X, y, pf.l1(0.1), init=torch.zeros(3, dtype=D)), ValueError, "init"),
         (lambda X, y: pf.least_squares(X, y, pf.l1(torch.ones(3, dtype=D))), ValueError, "reg"),
     ],
