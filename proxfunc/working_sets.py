@@ -52,10 +52,11 @@ from typing import Any
 
 import torch
 
-from ._base import Prox, is_concrete
+from ._base import Prox, check_hyper, is_concrete
 from ._tree import acc_dtype
+from ._util import block_scale
 from .groups import l21
-from .norms import elastic_net, l1
+from .norms import elastic_net, l1, soft_threshold
 from .solvers import proximal_gradient
 
 __all__ = ["least_squares", "LeastSquaresResult"]
@@ -138,14 +139,18 @@ def _score(kind: str, W: torch.Tensor, G: torch.Tensor, lam: torch.Tensor, mu: t
     condition, the (negative) margin ``|g_j| - lam_j`` by which it does: how close it is to
     entering the solution."""
     if kind == "elementwise":
-        g = G + mu * W
-        v = torch.where(W != 0, (g + lam * W.sign()).abs(), g.abs() - lam)
-        return v.amax(dim=1)
+        return _entry_score(W, G + mu * W, lam).amax(dim=1)
     norms = W.norm(dim=1, keepdim=True)
     alive = norms > 0
     moved = torch.where(alive, G + lam[:, None] * W / torch.where(alive, norms, 1), G)
     vn = moved.norm(dim=1)
     return torch.where(alive[:, 0], vn, vn - lam)
+
+
+def _entry_score(w: torch.Tensor, g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """:func:`_score` of each entry of an elementwise penalty (``g``: the gradient of the smooth
+    part, ``mu w`` included)."""
+    return torch.where(w != 0, (g + lam * w.sign()).abs(), g.abs() - lam)
 
 
 # ------------------------------------------------------------------- restricted problems
@@ -171,7 +176,7 @@ def _feature_sign(Q, c, lam, mu, x, tol_abs, max_steps):
     for _ in range(max_steps):
         g = Qm @ x - c
         nz = x != 0
-        viol = torch.where(nz, (g + lam * x.sign()).abs(), (g.abs() - lam).clamp_min(0))
+        viol = _entry_score(x, g, lam).clamp_min(0)
         worst = int(viol.argmax())
         if float(viol[worst]) <= tol_abs:
             return x, True
@@ -202,12 +207,6 @@ def _feature_sign(Q, c, lam, mu, x, tol_abs, max_steps):
         if not moved:  # no strict decrease left (a singular sign system, or rounding)
             return x, False
     return x, False
-
-
-def _block_scale(V: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Row ``j`` of ``V`` scaled by ``max(1 - t_j / ||V_j||, 0)`` (the l21 prox of rows)."""
-    n = V.norm(dim=1, keepdim=True)
-    return V * (1 - t[:, None] / torch.where(n > 0, n, 1)).clamp_min(0) * (n > 0)
 
 
 def _group_value(W, Q, C, lam):
@@ -279,9 +278,9 @@ def _gram_fista(kind, Q, C, lam, mu, W, tol_abs, max_steps):
     t_lam = lam * s
 
     def prox(V):
-        if kind == "rows":
-            return _block_scale(V, t_lam)
-        return V.sign() * (V.abs() - t_lam).clamp_min(0) / (1 + mu * s)
+        if kind == "rows":  # l21's block soft threshold of each row
+            return V * block_scale(V.norm(dim=1), t_lam)[:, None]
+        return soft_threshold(V, t_lam) / (1 + mu * s)
 
     def live(V):
         return V.norm(dim=1) > 0 if kind == "rows" else V != 0
@@ -309,7 +308,8 @@ def _gram_fista(kind, Q, C, lam, mu, W, tol_abs, max_steps):
 
 
 # ------------------------------------------------------------------------------ the solver
-def _check(X: Any, y: Any, init: Any, tol: Any, maxiter: Any) -> None:
+def _check(X: Any, y: Any, init: Any, tol: Any, maxiter: Any) -> float:
+    """The arguments' checks; returns ``tol`` as a float."""
     owner = "least_squares"
     for name, t in (("X", X), ("y", y)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -332,10 +332,10 @@ def _check(X: Any, y: Any, init: Any, tol: Any, maxiter: Any) -> None:
         shape = (X.shape[1],) + tuple(y.shape[1:])
         if not isinstance(init, torch.Tensor) or not init.is_floating_point() or tuple(init.shape) != shape:
             raise ValueError(f"{owner}: init must be a tensor of shape {shape}, got {getattr(init, 'shape', init)!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0 or not math.isfinite(tol):
-        raise ValueError(f"{owner}: tol must be a positive finite number, got {tol!r}")
+    tol = float(check_hyper(owner, "tol", tol, strict=True))
     if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1:
         raise ValueError(f"{owner}: maxiter must be a positive int, got {maxiter!r}")
+    return tol
 
 
 def least_squares(
@@ -382,7 +382,7 @@ def least_squares(
         res = pf.least_squares(X, y, pf.l1(reg))
         res.params, res.converged
     """
-    _check(X, y, init, tol, maxiter)
+    tol = _check(X, y, init, tol, maxiter)
     if not isinstance(fit_intercept, bool):
         raise TypeError(f"least_squares: fit_intercept must be a bool, got {type(fit_intercept).__name__}")
     dtype = acc_dtype(X)
