@@ -78,8 +78,7 @@ def is_concrete(t: torch.Tensor) -> bool:
         return True  # a plain tensor outside every torch.func transform: no wrapper, not fake
     if _dist.is_dtensor(t):  # a rank holds a shard: its local values are not the tensor's
         return False
-    functorch = getattr(torch._C, "_functorch", None)
-    if functorch is not None and functorch.is_functorch_wrapped_tensor(t):
+    if _functorch_c is not None and _functorch_c.is_functorch_wrapped_tensor(t):
         return False
     try:
         from torch._subclasses.fake_tensor import is_fake

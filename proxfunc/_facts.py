@@ -18,8 +18,8 @@ among them: callers read it at every call.
 :func:`of` remembers the answers for the :data:`SLOTS` lists met last, and answers only for
 plain tensors (``Tensor``/``Parameter``, strided, not on the meta device) outside
 ``torch.compile`` and ``torch.func`` transforms; it returns ``None`` otherwise (and on a
-torch without ``TensorGuards`` or ``torch.compiler.is_compiling``, or whose guards fail a
-self-test of the changes above), and the caller asks its questions itself.
+torch without ``TensorGuards`` or a way to tell that no transform is running, or whose guards
+fail a self-test of the changes above), and the caller asks its questions itself.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ._base import _is_compiling, _no_transform
 from ._dist import PLAIN_TENSORS
 
 __all__ = ["Facts", "of", "SLOTS"]
@@ -65,10 +66,6 @@ def _self_test() -> bool:
 
 
 _USABLE: list[bool] = []  # [the self-test's answer], once asked
-
-_functorch = getattr(torch._C, "_functorch", None)
-_current_level = getattr(_functorch, "maybe_current_level", None)
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 
 _LAYOUT, _DTYPE, _DEVICE = operator.attrgetter("layout"), operator.attrgetter("dtype"), operator.attrgetter("device")
 _IS_META, _IS_CPU = operator.attrgetter("is_meta"), operator.attrgetter("is_cpu")
@@ -123,9 +120,9 @@ def of(ts: list[torch.Tensor]) -> Facts | None:
     """The :class:`Facts` of ``ts`` (a list of tensors, or of anything: then ``None``), the
     remembered ones when their guard passes; ``None`` where they are not kept (see the module
     docstring)."""
-    if not ts or _TensorGuards is None or _compiling is None or _compiling():
+    if not ts or _TensorGuards is None or _is_compiling():
         return None
-    if _current_level is None or _current_level() is not None:
+    if not _no_transform():
         return None  # inside a torch.func transform (or a torch that cannot tell)
     key = (len(ts), id(ts[0]), id(ts[-1]))
     got = _SEEN.get(key)
